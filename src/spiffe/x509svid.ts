@@ -1,0 +1,310 @@
+import { createPrivateKey, type KeyObject, X509Certificate } from 'node:crypto';
+import type { X509Bundle, X509BundleSource } from './bundle.ts';
+import { type CertInfo, inspect, KU, nameConstraintViolation } from './certinfo.ts';
+import { SpiffeError, X509ErrorCode } from './errors.ts';
+import { SpiffeId } from './id.ts';
+import { decodeCertificates } from './pem.ts';
+
+/** An X.509-SVID with its private key: what a workload holds and presents. */
+export interface X509Svid {
+  readonly id: SpiffeId;
+  /** Leaf first, then any intermediates; never the trust anchor. */
+  readonly certificates: readonly X509Certificate[];
+  readonly privateKey: KeyObject;
+  /** Workload API hint (e.g. `internal`), when the issuer set one. */
+  readonly hint?: string;
+}
+
+/** What a successful verification proves. */
+export interface VerifiedX509Svid {
+  readonly id: SpiffeId;
+  /** The verified path: leaf, intermediates, and last the authority from the bundle. */
+  readonly verifiedChain: readonly X509Certificate[];
+}
+
+/** An X509BundleSource that can also list all its bundles, which lets errors name a wrong trust domain. */
+interface ListableX509Source extends X509BundleSource {
+  x509Bundles(): Iterable<X509Bundle>;
+}
+
+/** Longest path (leaf to anchor) we will build; SPIFFE deployments use two to four. */
+const MAX_PATH_LENGTH = 8;
+
+function err(code: X509ErrorCode, message: string, cause?: unknown): SpiffeError {
+  return new SpiffeError(code, message, { cause });
+}
+
+/** Parses certificates from PEM or DER (one or several concatenated), leaf first. */
+export function parseCertificates(data: string | Uint8Array): X509Certificate[] {
+  try {
+    return decodeCertificates(data).map((der) => new X509Certificate(der));
+  } catch (cause) {
+    throw err(X509ErrorCode.Parse, `cannot parse certificates: ${(cause as Error).message}`, cause);
+  }
+}
+
+/** Parses a PKCS#8 private key, PEM (`BEGIN PRIVATE KEY`) or DER. Encrypted keys are refused. */
+export function parsePrivateKey(data: string | Uint8Array): KeyObject {
+  const text = typeof data === 'string' ? data : null;
+  const isPem = text !== null || Buffer.from(data).subarray(0, 64).toString('latin1').includes('-----BEGIN');
+  try {
+    if (isPem) {
+      const pem = text ?? Buffer.from(data).toString('latin1');
+      const label = /-----BEGIN ([A-Z ]+)-----/.exec(pem)?.[1];
+      if (label !== 'PRIVATE KEY') {
+        throw new Error(`expected a PKCS#8 "PRIVATE KEY" PEM block, found "${label ?? 'none'}"`);
+      }
+      return createPrivateKey({ key: pem, format: 'pem' });
+    }
+    return createPrivateKey({ key: Buffer.from(data), format: 'der', type: 'pkcs8' });
+  } catch (cause) {
+    // OpenSSL's messages never include key bytes, so they are safe to pass on.
+    throw err(X509ErrorCode.KeyParse, `cannot parse private key: ${(cause as Error).message}`, cause);
+  }
+}
+
+/**
+ * Parses an X.509-SVID: its chain (leaf first) and its PKCS#8 key, PEM or DER. Checks the leaf rules, the
+ * signing-certificate rules for any intermediates, and that the key belongs to the leaf. Does not check trust:
+ * that is `verifyX509Svid`'s job, against the bundle of the SVID's trust domain.
+ */
+export function parseX509Svid(chain: string | Uint8Array, key: string | Uint8Array, hint?: string): X509Svid {
+  const certificates = parseCertificates(chain);
+  const leaf = certificates[0];
+  if (leaf === undefined) throw err(X509ErrorCode.EmptyChain, 'SVID chain holds no certificate');
+  const id = checkLeaf(inspectOrThrow(leaf, 'leaf'));
+  certificates.slice(1).forEach((cert, i) => {
+    checkSigning(inspectOrThrow(cert, `intermediate ${i + 1}`), `intermediate ${i + 1}`);
+  });
+  const privateKey = parsePrivateKey(key);
+  if (!leaf.checkPrivateKey(privateKey)) {
+    throw err(X509ErrorCode.KeyMismatch, `private key does not match the leaf certificate of ${id}`);
+  }
+  return hint === undefined ? { id, certificates, privateKey } : { id, certificates, privateKey, hint };
+}
+
+function inspectOrThrow(cert: X509Certificate, what: string): CertInfo {
+  try {
+    return inspect(cert);
+  } catch (cause) {
+    throw err(
+      X509ErrorCode.Parse,
+      `${what} certificate has a malformed extension: ${(cause as Error).message}`,
+      cause,
+    );
+  }
+}
+
+/** X509-SVID §2, §3.1, §4, §5.2: the leaf rules. Returns the leaf's SPIFFE ID. */
+function checkLeaf(leaf: CertInfo): SpiffeId {
+  if (leaf.uriSans.length === 0) throw err(X509ErrorCode.NoUriSan, 'leaf certificate has no URI SAN');
+  if (leaf.uriSans.length > 1) {
+    throw err(
+      X509ErrorCode.MultipleUriSans,
+      `leaf certificate has ${leaf.uriSans.length} URI SANs; exactly one is allowed`,
+    );
+  }
+  const uri = leaf.uriSans[0] as string;
+  let id: SpiffeId;
+  try {
+    id = SpiffeId.parse(uri);
+  } catch (cause) {
+    if (!(cause instanceof SpiffeError)) throw cause;
+    // Keep the ID rule's own code (ERR_ID_*): it names exactly what is wrong with the URI SAN.
+    throw new SpiffeError(cause.code, `leaf URI SAN is not a valid SPIFFE ID: ${cause.message}`, { cause });
+  }
+  if (id.isRoot)
+    throw err(X509ErrorCode.LeafRootPath, `leaf SPIFFE ID ${id} has no path; leaf IDs must name a workload`);
+  if (leaf.isCa) throw err(X509ErrorCode.LeafCa, `leaf certificate of ${id} has the CA flag set`);
+  const ku = leaf.keyUsage ?? 0;
+  if (ku & KU.keyCertSign)
+    throw err(X509ErrorCode.LeafKeyCertSign, `leaf certificate of ${id} has keyCertSign set`);
+  if (ku & KU.cRLSign) throw err(X509ErrorCode.LeafCrlSign, `leaf certificate of ${id} has cRLSign set`);
+  if (!(ku & KU.digitalSignature)) {
+    throw err(
+      X509ErrorCode.LeafNoDigitalSignature,
+      `leaf certificate of ${id} lacks the digitalSignature key usage`,
+    );
+  }
+  return id;
+}
+
+/** X509-SVID §3.2, §4.1, §4.3: the signing-certificate rules. */
+function checkSigning(ca: CertInfo, what: string): void {
+  if (!ca.isCa)
+    throw err(
+      X509ErrorCode.SigningNotCa,
+      `${what} certificate is not a CA (basicConstraints cA is not true)`,
+    );
+  // A trust anchor without a key usage extension is tolerated (old organisation roots); a present one must allow signing.
+  if (ca.keyUsage !== undefined && !(ca.keyUsage & KU.keyCertSign)) {
+    throw err(X509ErrorCode.SigningNoKeyCertSign, `${what} certificate lacks the keyCertSign key usage`);
+  }
+  for (const uri of ca.uriSans) {
+    if (!uri.startsWith('spiffe://')) continue;
+    const afterAuthority = uri.indexOf('/', 'spiffe://'.length);
+    if (afterAuthority !== -1) {
+      throw err(X509ErrorCode.SigningIdHasPath, `${what} certificate carries SPIFFE ID ${uri} with a path`);
+    }
+  }
+}
+
+function checkTime(info: CertInfo, what: string, now: number): void {
+  if (now < info.notBefore) {
+    throw err(
+      X509ErrorCode.NotYetValid,
+      `${what} certificate is not valid before ${info.cert.validFromDate.toISOString()}`,
+    );
+  }
+  if (now > info.notAfter) {
+    throw err(X509ErrorCode.Expired, `${what} certificate expired at ${info.cert.validToDate.toISOString()}`);
+  }
+}
+
+function issued(child: CertInfo, parent: CertInfo): boolean {
+  // checkIssued: names, key identifiers, and the parent's key usage, by OpenSSL; then the signature itself.
+  return child.cert.checkIssued(parent.cert) && child.cert.verify(parent.cert.publicKey);
+}
+
+/** RFC 5280 path checks over a built path (leaf first, anchor last). */
+function checkPath(path: readonly CertInfo[], id: SpiffeId, now: number): void {
+  for (let i = 0; i < path.length; i++) {
+    const info = path[i] as CertInfo;
+    const what = i === 0 ? 'leaf' : i === path.length - 1 ? 'trust anchor' : `intermediate ${i}`;
+    if (info.unhandledCritical.length > 0) {
+      throw err(
+        X509ErrorCode.UnhandledCriticalExtension,
+        `${what} certificate has unhandled critical extension(s) ${info.unhandledCritical.join(', ')}`,
+      );
+    }
+    checkTime(info, what, now);
+    if (i === 0) continue;
+    checkSigning(info, what);
+    // Non-self-issued intermediates between this CA and the leaf (RFC 5280 §4.2.1.9).
+    const below = path.slice(1, i).filter((c) => !c.selfIssued).length;
+    if (info.pathLen !== undefined && below > info.pathLen) {
+      throw err(
+        X509ErrorCode.PathLength,
+        `${what} certificate allows ${info.pathLen} intermediate(s) below it, the path has ${below}`,
+      );
+    }
+    if (info.nameConstraints !== undefined) {
+      for (let j = 0; j < i; j++) {
+        const subject = path[j] as CertInfo;
+        if (j > 0 && subject.selfIssued) continue;
+        const violation = nameConstraintViolation(info.nameConstraints, subject);
+        if (violation !== undefined) {
+          throw err(
+            X509ErrorCode.NameConstraints,
+            `${what} certificate's name constraints reject ${id}: ${violation}`,
+          );
+        }
+      }
+    }
+  }
+}
+
+/**
+ * Depth-first path building from the leaf to any anchor, through the presented intermediates.
+ * Returns the first path that passes every check, or throws the first check failure met.
+ */
+function buildPath(
+  leaf: CertInfo,
+  intermediates: readonly CertInfo[],
+  anchors: readonly CertInfo[],
+  id: SpiffeId,
+  now: number,
+): CertInfo[] | undefined {
+  let firstFailure: SpiffeError | undefined;
+  const visit = (path: CertInfo[]): CertInfo[] | undefined => {
+    const current = path[path.length - 1] as CertInfo;
+    for (const anchor of anchors) {
+      if (!issued(current, anchor)) continue;
+      const candidate = [...path, anchor];
+      try {
+        checkPath(candidate, id, now);
+        return candidate;
+      } catch (e) {
+        firstFailure ??= e as SpiffeError;
+      }
+    }
+    if (path.length + 1 >= MAX_PATH_LENGTH) return undefined;
+    for (const next of intermediates) {
+      if (path.includes(next) || !issued(current, next)) continue;
+      const found = visit([...path, next]);
+      if (found !== undefined) return found;
+    }
+    return undefined;
+  };
+  const found = visit([leaf]);
+  if (found === undefined && firstFailure !== undefined) throw firstFailure;
+  return found;
+}
+
+function hasListing(source: X509BundleSource): source is ListableX509Source {
+  return typeof (source as Partial<ListableX509Source>).x509Bundles === 'function';
+}
+
+/**
+ * Verifies a peer's X.509-SVID chain (leaf first, as presented in TLS) against the bundle of the trust domain
+ * *that the leaf claims*, and no other: a CA trusted for another trust domain never vouches for this one.
+ * Returns the SPIFFE ID and the verified path, or throws a `SpiffeError` whose code names the rule broken.
+ */
+export function verifyX509Svid(
+  chain: readonly X509Certificate[],
+  bundles: X509BundleSource,
+  now: Date = new Date(),
+): VerifiedX509Svid {
+  const leafCert = chain[0];
+  if (leafCert === undefined) throw err(X509ErrorCode.EmptyChain, 'peer presented no certificate');
+  const leaf = inspectOrThrow(leafCert, 'leaf');
+  const id = checkLeaf(leaf);
+  const intermediates = chain.slice(1).map((c, i) => inspectOrThrow(c, `intermediate ${i + 1}`));
+  const bundle = bundles.getX509Bundle(id.trustDomain);
+  if (bundle === undefined || bundle.authorities.length === 0) {
+    throw err(
+      X509ErrorCode.NoBundle,
+      `no X.509 bundle (or an empty one) for trust domain "${id.trustDomain}" of ${id}`,
+    );
+  }
+  const anchors = bundle.authorities.map((c) => inspectOrThrow(c, 'trust anchor'));
+  const path = buildPath(leaf, intermediates, anchors, id, now.getTime());
+  if (path !== undefined) return { id, verifiedChain: path.map((p) => p.cert) };
+
+  // Failure path only: say whether another trust domain's authority signed it (a cross-domain forgery).
+  if (hasListing(bundles)) {
+    for (const other of bundles.x509Bundles()) {
+      if (other.trustDomain.equals(id.trustDomain)) continue;
+      const otherAnchors = other.authorities.map((c) => inspectOrThrow(c, 'trust anchor'));
+      if (reachesAnchor(leaf, intermediates, otherAnchors)) {
+        throw err(
+          X509ErrorCode.WrongTrustDomain,
+          `${id} claims trust domain "${id.trustDomain}" but was issued by an authority of "${other.trustDomain}"`,
+        );
+      }
+    }
+  }
+  throw err(
+    X509ErrorCode.Untrusted,
+    `${id} does not chain to any authority of trust domain "${id.trustDomain}"`,
+  );
+}
+
+function reachesAnchor(
+  leaf: CertInfo,
+  intermediates: readonly CertInfo[],
+  anchors: readonly CertInfo[],
+): boolean {
+  const seen = new Set<CertInfo>();
+  const visit = (current: CertInfo, depth: number): boolean => {
+    if (anchors.some((a) => issued(current, a))) return true;
+    if (depth >= MAX_PATH_LENGTH) return false;
+    for (const next of intermediates) {
+      if (seen.has(next) || !issued(current, next)) continue;
+      seen.add(next);
+      if (visit(next, depth + 1)) return true;
+    }
+    return false;
+  };
+  return visit(leaf, 1);
+}
