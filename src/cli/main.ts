@@ -1,0 +1,145 @@
+#!/usr/bin/env node
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import {
+  BundleSet,
+  parseCertificates,
+  SpiffeBundle,
+  SpiffeError,
+  TrustDomain,
+  verifyX509Svid,
+  X509Bundle,
+} from '../spiffe/index.ts';
+
+/** Exit codes: 0 success, 1 refused or failed, 2 bad usage, 3 not built yet. */
+const EXIT = { ok: 0, refused: 1, usage: 2, notBuilt: 3 } as const;
+
+class UsageError extends Error {}
+
+const USAGE = `kube-svid-proxy: SPIFFE mTLS front door for kube-apiserver
+
+Usage: kube-svid-proxy <command> [flags]
+
+Commands:
+  svid verify CHAIN --bundle TD=FILE [--bundle TD=FILE ...] [--at TIME]
+        Verify an X.509-SVID chain (PEM or DER, leaf first) against the bundle of the trust domain its
+        leaf claims. FILE is a SPIFFE bundle (JSON) or PEM CA certificates. Prints the SPIFFE ID, or the
+        error code of the rule the SVID breaks (exit 1).
+  version       Print the version.
+  help          Print this help.
+
+Not built yet (each prints what it will be and exits 3):
+  serve         the proxy (mTLS in, impersonation out)
+  agent         the bundled Workload API agent
+  api           Workload API client (fetch x509|jwt|bundles, validate jwt)
+  policy        policy check | explain | rbac
+  credential    kubectl exec credential plugin
+  bundle        bundle endpoint and federation tools
+`;
+
+const NOT_BUILT: Record<string, string> = {
+  serve: 'the proxy (SPIFFE mTLS termination, policy, impersonation to kube-apiserver) is not built yet',
+  agent: 'the bundled Workload API agent (local CA, attestation, SVID rotation) is not built yet',
+  api: 'the Workload API client commands (api fetch x509|jwt|bundles, api validate jwt) are not built yet',
+  policy: 'the policy commands (policy check | explain | rbac) are not built yet',
+  credential: 'the kubectl exec credential plugin is not built yet',
+  bundle: 'the bundle endpoint and federation commands are not built yet',
+  client: 'the client-mode listener is not built yet',
+};
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as {
+    version: string;
+  };
+  return pkg.version;
+}
+
+function readBundle(spec: string): SpiffeBundle {
+  const eq = spec.indexOf('=');
+  if (eq <= 0 || eq === spec.length - 1) {
+    throw new UsageError(`--bundle expects TRUST_DOMAIN=FILE, got ${JSON.stringify(spec)}`);
+  }
+  const trustDomain = TrustDomain.parse(spec.slice(0, eq));
+  const file = spec.slice(eq + 1);
+  const data = readFileSync(file);
+  const text = data.toString('utf8').trimStart();
+  if (text.startsWith('{')) {
+    return SpiffeBundle.parse(trustDomain, text, {
+      onIgnoredKey: (i, why) => process.stderr.write(`note: ${file}: keys[${i}] ignored: ${why}\n`),
+    });
+  }
+  return new SpiffeBundle(trustDomain, { x509Authorities: X509Bundle.parse(trustDomain, data).authorities });
+}
+
+function svidVerify(args: string[]): number {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: { bundle: { type: 'string', multiple: true }, at: { type: 'string' } },
+  });
+  if (positionals.length !== 1) throw new UsageError('svid verify takes exactly one CHAIN file');
+  if (values.bundle === undefined || values.bundle.length === 0) {
+    throw new UsageError('svid verify needs at least one --bundle TRUST_DOMAIN=FILE');
+  }
+  const at = values.at === undefined ? new Date() : new Date(values.at);
+  if (Number.isNaN(at.getTime())) throw new UsageError(`--at is not a date: ${JSON.stringify(values.at)}`);
+  const bundles = new BundleSet(values.bundle.map(readBundle));
+  const chain = parseCertificates(readFileSync(positionals[0] as string));
+  const { id, verifiedChain } = verifyX509Svid(chain, bundles, at);
+  const leaf = verifiedChain[0];
+  process.stdout.write(`OK ${id}\n`);
+  process.stdout.write(`  trust domain: ${id.trustDomain}\n`);
+  if (leaf !== undefined) process.stdout.write(`  expires:      ${leaf.validToDate.toISOString()}\n`);
+  process.stdout.write(
+    `  path:         ${verifiedChain.length} certificates, ending at ${verifiedChain.at(-1)?.subject.replaceAll('\n', ', ')}\n`,
+  );
+  return EXIT.ok;
+}
+
+function main(argv: string[]): number {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case undefined:
+      case 'help':
+      case '--help':
+      case '-h':
+        process.stdout.write(USAGE);
+        return command === undefined ? EXIT.usage : EXIT.ok;
+      case 'version':
+      case '--version':
+        process.stdout.write(`kube-svid-proxy ${version()}\n`);
+        return EXIT.ok;
+      case 'svid':
+        if (rest[0] === 'verify') return svidVerify(rest.slice(1));
+        throw new UsageError(`unknown svid subcommand ${JSON.stringify(rest[0] ?? '')} (expected: verify)`);
+      default: {
+        const what = NOT_BUILT[command];
+        if (what === undefined) throw new UsageError(`unknown command ${JSON.stringify(command)}`);
+        process.stderr.write(
+          `kube-svid-proxy ${command}: ${what}.\n` +
+            'What exists today: the SPIFFE library (kube-svid-proxy/spiffe) and `kube-svid-proxy svid verify`.\n' +
+            'See README.md, "Status".\n',
+        );
+        return EXIT.notBuilt;
+      }
+    }
+  } catch (e) {
+    if (
+      e instanceof UsageError ||
+      (e instanceof TypeError && 'code' in e && String(e.code).startsWith('ERR_PARSE_ARGS'))
+    ) {
+      process.stderr.write(`kube-svid-proxy: ${e.message}\nRun 'kube-svid-proxy help' for usage.\n`);
+      return EXIT.usage;
+    }
+    if (e instanceof SpiffeError) {
+      process.stderr.write(`REFUSED ${e.code}: ${e.message}\n`);
+      return EXIT.refused;
+    }
+    const err = e as NodeJS.ErrnoException;
+    process.stderr.write(`kube-svid-proxy: ${err.code === undefined ? '' : `${err.code}: `}${err.message}\n`);
+    return EXIT.refused;
+  }
+}
+
+process.exitCode = main(process.argv.slice(2));
