@@ -29,6 +29,24 @@ export type JwtSvidAlgorithm = (typeof JWT_SVID_ALGORITHMS)[number];
 const ALLOWED_HEADERS: ReadonlySet<string> = new Set(['alg', 'kid', 'typ']);
 const ALLOWED_ALGORITHMS: ReadonlySet<string> = new Set(JWT_SVID_ALGORITHMS);
 
+/** The curve each ES algorithm needs (RFC 7518 §3.4), by OpenSSL name. */
+const EC_CURVES: Readonly<Record<string, string>> = {
+  ES256: 'prime256v1',
+  ES384: 'secp384r1',
+  ES512: 'secp521r1',
+};
+
+/**
+ * Whether `key` can verify `alg`. Checked before jose runs, so that a header naming an algorithm the bundle key
+ * cannot do is refused as an algorithm error, whatever the crypto layer would have thrown.
+ * RSA-PSS-only keys (`rsa-pss`) are not supported: bundles carry plain RSA keys, which serve both RS* and PS*.
+ */
+function keyFitsAlgorithm(key: KeyObject, alg: string): boolean {
+  if (alg.startsWith('ES'))
+    return key.asymmetricKeyType === 'ec' && key.asymmetricKeyDetails?.namedCurve === EC_CURVES[alg];
+  return key.asymmetricKeyType === 'rsa';
+}
+
 /** Default clock-skew leeway on `exp` and `nbf`, and the most a caller may ask for. */
 export const DEFAULT_JWT_LEEWAY_SECONDS = 30;
 export const MAX_JWT_LEEWAY_SECONDS = 300;
@@ -76,13 +94,8 @@ function err(code: JwtErrorCode, message: string, cause?: unknown): SpiffeError 
 
 function defaultAlgorithm(key: KeyObject): JwtSvidAlgorithm {
   if (key.asymmetricKeyType === 'rsa') return 'RS256';
-  if (key.asymmetricKeyType === 'rsa-pss') return 'PS256';
-  if (key.asymmetricKeyType === 'ec') {
-    const curve = key.asymmetricKeyDetails?.namedCurve;
-    if (curve === 'prime256v1') return 'ES256';
-    if (curve === 'secp384r1') return 'ES384';
-    if (curve === 'secp521r1') return 'ES512';
-  }
+  const curve = key.asymmetricKeyType === 'ec' ? key.asymmetricKeyDetails?.namedCurve : undefined;
+  for (const [alg, c] of Object.entries(EC_CURVES)) if (c === curve) return alg as JwtSvidAlgorithm;
   throw err(
     JwtErrorCode.Mint,
     `a ${key.asymmetricKeyType ?? key.type} key cannot sign a JWT-SVID (allowed: ${JWT_SVID_ALGORITHMS.join(', ')})`,
@@ -179,6 +192,14 @@ function inspectToken(token: string): Inspected {
     throw err(JwtErrorCode.Type, `token typ ${JSON.stringify(typ)} is neither "JWT" nor "JOSE"`);
   }
   if (typeof payload.sub !== 'string') throw err(JwtErrorCode.Subject, 'token has no sub claim');
+  const { aud } = payload;
+  if (
+    aud !== undefined &&
+    typeof aud !== 'string' &&
+    !(Array.isArray(aud) && aud.every((a) => typeof a === 'string'))
+  ) {
+    throw err(JwtErrorCode.Audience, 'aud must be a string or an array of strings');
+  }
   let id: SpiffeId;
   try {
     id = SpiffeId.parse(payload.sub);
@@ -228,6 +249,9 @@ export async function verifyJwtSvid(
       `no JWT authority with kid "${kid}" in the bundle of "${id.trustDomain}"`,
     );
   }
+  if (!keyFitsAlgorithm(key, alg)) {
+    throw err(JwtErrorCode.Algorithm, `JWT-SVID of ${id}: key "${kid}" of the bundle cannot verify ${alg}`);
+  }
   let payload: JWTPayload;
   try {
     ({ payload } = await jwtVerify(token, key, {
@@ -257,8 +281,10 @@ function mapJoseError(cause: unknown, id: SpiffeId, kid: string, alg: string): S
           cause,
         );
       case 'nbf':
-      case 'iat':
-        return err(JwtErrorCode.NotYetValid, `JWT-SVID of ${id} is not valid yet: ${cause.message}`, cause);
+        if (cause.reason === 'check_failed') {
+          return err(JwtErrorCode.NotYetValid, `JWT-SVID of ${id} is not valid yet: ${cause.message}`, cause);
+        }
+        return err(JwtErrorCode.Malformed, `JWT-SVID of ${id}: claim nbf: ${cause.message}`, cause);
       default:
         return err(
           JwtErrorCode.Malformed,
@@ -274,8 +300,7 @@ function mapJoseError(cause: unknown, id: SpiffeId, kid: string, alg: string): S
       cause,
     );
   }
-  if (cause instanceof TypeError || cause instanceof joseErrors.JOSENotSupported) {
-    // jose refuses a key that cannot do the header's algorithm (say, an EC key for RS256).
+  if (cause instanceof joseErrors.JOSENotSupported) {
     return err(JwtErrorCode.Algorithm, `JWT-SVID of ${id}: key "${kid}" cannot verify ${alg}`, cause);
   }
   return err(JwtErrorCode.Malformed, `JWT-SVID of ${id}: ${(cause as Error).message}`, cause);
