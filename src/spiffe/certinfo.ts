@@ -2,7 +2,7 @@ import type { X509Certificate } from 'node:crypto';
 import { AsnConvert } from '@peculiar/asn1-schema';
 import {
   BasicConstraints,
-  Certificate,
+  Extensions,
   type GeneralName,
   id_ce_authorityKeyIdentifier,
   id_ce_basicConstraints,
@@ -65,7 +65,7 @@ const cache = new WeakMap<X509Certificate, CertInfo>();
 export function inspect(cert: X509Certificate): CertInfo {
   const hit = cache.get(cert);
   if (hit !== undefined) return hit;
-  const parsed = AsnConvert.parse(cert.raw, Certificate);
+  const extensionsDer = findExtensions(cert.raw);
   const uriSans: string[] = [];
   const dnsSans: string[] = [];
   let isCa = false;
@@ -73,7 +73,8 @@ export function inspect(cert: X509Certificate): CertInfo {
   let keyUsage: number | undefined;
   let nameConstraints: NameConstraintSet | undefined;
   const unhandledCritical: string[] = [];
-  for (const ext of parsed.tbsCertificate.extensions ?? []) {
+  const extensions = extensionsDer === undefined ? [] : AsnConvert.parse(extensionsDer, Extensions);
+  for (const ext of extensions) {
     const value = ext.extnValue.buffer;
     switch (ext.extnID) {
       case id_ce_basicConstraints: {
@@ -178,4 +179,45 @@ export function nameConstraintViolation(nc: NameConstraintSet, subject: CertInfo
 function uriHost(uri: string): string | undefined {
   const m = /^[a-zA-Z][a-zA-Z0-9+.-]*:\/\/(?:[^@/?#]*@)?([^:/?#]+)/.exec(uri);
   return m?.[1]?.toLowerCase();
+}
+
+interface Tlv {
+  readonly tag: number;
+  readonly start: number;
+  readonly contentStart: number;
+  readonly end: number;
+}
+
+function readTlv(der: Uint8Array, offset: number): Tlv {
+  if (offset + 2 > der.length) throw new Error('truncated DER');
+  const tag = der[offset] as number;
+  const first = der[offset + 1] as number;
+  let length = first;
+  let contentStart = offset + 2;
+  if (first >= 0x80) {
+    const n = first & 0x7f;
+    if (n === 0 || n > 4 || contentStart + n > der.length) throw new Error('bad DER length');
+    length = 0;
+    for (let i = 0; i < n; i++) length = length * 256 + (der[contentStart + i] as number);
+    contentStart += n;
+  }
+  const end = contentStart + length;
+  if (end > der.length) throw new Error('truncated DER');
+  return { tag, start: offset, contentStart, end };
+}
+
+/**
+ * The DER of a certificate's `extensions` (RFC 5280 §4.1: the [3] EXPLICIT field of TBSCertificate), found by
+ * walking TLV headers, so only that part goes through the (slow) ASN.1 schema parser. OpenSSL has already
+ * parsed the certificate as a whole when node:crypto built the X509Certificate.
+ */
+function findExtensions(der: Uint8Array): Uint8Array | undefined {
+  const certificate = readTlv(der, 0);
+  const tbs = readTlv(der, certificate.contentStart);
+  for (let offset = tbs.contentStart; offset < tbs.end; ) {
+    const field = readTlv(der, offset);
+    if (field.tag === 0xa3) return der.subarray(field.contentStart, field.end);
+    offset = field.end;
+  }
+  return undefined;
 }
