@@ -73,7 +73,7 @@ describe('SpiffeBundle JSON codec', () => {
       ],
     );
     assert.equal(
-      (doc.keys[0]?.x5c as string[]).length,
+      (doc.keys[0]?.x5c as string[] | undefined)?.length,
       1,
       'an x509-svid entry carries exactly one certificate',
     );
