@@ -29,6 +29,46 @@ interface ListableX509Source extends X509BundleSource {
 
 /** Longest path (leaf to anchor) we will build; SPIFFE deployments use two to four. */
 const MAX_PATH_LENGTH = 8;
+/**
+ * Work limits for one verification, against chains crafted to make path building explode (say, many CA
+ * certificates that all issue each other). Go's crypto/x509 stops at 100 signature checks too.
+ */
+const MAX_SIGNATURE_CHECKS = 100;
+const MAX_PATH_VISITS = 1000;
+
+/** Per-verification memory of issuer checks, and the work budget they draw on. */
+class PathSearch {
+  readonly #issued = new Map<CertInfo, Map<CertInfo, boolean>>();
+  #signatureChecks = 0;
+  #visits = 0;
+
+  /** Did `parent` issue `child`? Names, key identifiers and key usage by OpenSSL, then the signature. */
+  issued(child: CertInfo, parent: CertInfo): boolean {
+    let known = this.#issued.get(child);
+    if (known === undefined) this.#issued.set(child, (known = new Map()));
+    const hit = known.get(parent);
+    if (hit !== undefined) return hit;
+    let result = child.cert.checkIssued(parent.cert);
+    if (result) {
+      if (++this.#signatureChecks > MAX_SIGNATURE_CHECKS)
+        this.#giveUp(`${MAX_SIGNATURE_CHECKS} signature checks`);
+      result = child.cert.verify(parent.cert.publicKey);
+    }
+    known.set(parent, result);
+    return result;
+  }
+
+  visit(): void {
+    if (++this.#visits > MAX_PATH_VISITS) this.#giveUp(`${MAX_PATH_VISITS} candidate paths`);
+  }
+
+  #giveUp(what: string): never {
+    throw err(
+      X509ErrorCode.Untrusted,
+      `path building gave up after ${what}: the presented chain is not a plausible SVID chain`,
+    );
+  }
+}
 
 function err(code: X509ErrorCode, message: string, cause?: unknown): SpiffeError {
   return new SpiffeError(code, message, { cause });
@@ -74,7 +114,7 @@ export function parseX509Svid(chain: string | Uint8Array, key: string | Uint8Arr
   if (leaf === undefined) throw err(X509ErrorCode.EmptyChain, 'SVID chain holds no certificate');
   const id = checkLeaf(inspectOrThrow(leaf, 'leaf'));
   certificates.slice(1).forEach((cert, i) => {
-    checkSigning(inspectOrThrow(cert, `intermediate ${i + 1}`), `intermediate ${i + 1}`);
+    checkSigning(inspectOrThrow(cert, `intermediate ${i + 1}`), `intermediate ${i + 1}`, false);
   });
   const privateKey = parsePrivateKey(key);
   if (!leaf.checkPrivateKey(privateKey)) {
@@ -130,14 +170,15 @@ function checkLeaf(leaf: CertInfo): SpiffeId {
 }
 
 /** X509-SVID §3.2, §4.1, §4.3: the signing-certificate rules. */
-function checkSigning(ca: CertInfo, what: string): void {
-  if (!ca.isCa)
+function checkSigning(ca: CertInfo, what: string, isAnchor: boolean): void {
+  if (!ca.isCa) {
     throw err(
       X509ErrorCode.SigningNotCa,
       `${what} certificate is not a CA (basicConstraints cA is not true)`,
     );
-  // A trust anchor without a key usage extension is tolerated (old organisation roots); a present one must allow signing.
-  if (ca.keyUsage !== undefined && !(ca.keyUsage & KU.keyCertSign)) {
+  }
+  // Only a trust anchor may lack the key usage extension (old organisation roots); where present it must allow signing.
+  if (ca.keyUsage === undefined ? !isAnchor : !(ca.keyUsage & KU.keyCertSign)) {
     throw err(X509ErrorCode.SigningNoKeyCertSign, `${what} certificate lacks the keyCertSign key usage`);
   }
   for (const uri of ca.uriSans) {
@@ -161,11 +202,6 @@ function checkTime(info: CertInfo, what: string, now: number): void {
   }
 }
 
-function issued(child: CertInfo, parent: CertInfo): boolean {
-  // checkIssued: names, key identifiers, and the parent's key usage, by OpenSSL; then the signature itself.
-  return child.cert.checkIssued(parent.cert) && child.cert.verify(parent.cert.publicKey);
-}
-
 /** RFC 5280 path checks over a built path (leaf first, anchor last). */
 function checkPath(path: readonly CertInfo[], id: SpiffeId, now: number): void {
   for (let i = 0; i < path.length; i++) {
@@ -179,7 +215,7 @@ function checkPath(path: readonly CertInfo[], id: SpiffeId, now: number): void {
     }
     checkTime(info, what, now);
     if (i === 0) continue;
-    checkSigning(info, what);
+    checkSigning(info, what, i === path.length - 1);
     // Non-self-issued intermediates between this CA and the leaf (RFC 5280 §4.2.1.9).
     const below = path.slice(1, i).filter((c) => !c.selfIssued).length;
     if (info.pathLen !== undefined && below > info.pathLen) {
@@ -209,6 +245,7 @@ function checkPath(path: readonly CertInfo[], id: SpiffeId, now: number): void {
  * Returns the first path that passes every check, or throws the first check failure met.
  */
 function buildPath(
+  search: PathSearch,
   leaf: CertInfo,
   intermediates: readonly CertInfo[],
   anchors: readonly CertInfo[],
@@ -217,9 +254,10 @@ function buildPath(
 ): CertInfo[] | undefined {
   let firstFailure: SpiffeError | undefined;
   const visit = (path: CertInfo[]): CertInfo[] | undefined => {
+    search.visit();
     const current = path[path.length - 1] as CertInfo;
     for (const anchor of anchors) {
-      if (!issued(current, anchor)) continue;
+      if (!search.issued(current, anchor)) continue;
       const candidate = [...path, anchor];
       try {
         checkPath(candidate, id, now);
@@ -230,7 +268,7 @@ function buildPath(
     }
     if (path.length + 1 >= MAX_PATH_LENGTH) return undefined;
     for (const next of intermediates) {
-      if (path.includes(next) || !issued(current, next)) continue;
+      if (path.includes(next) || !search.issued(current, next)) continue;
       const found = visit([...path, next]);
       if (found !== undefined) return found;
     }
@@ -255,6 +293,7 @@ export function verifyX509Svid(
   bundles: X509BundleSource,
   now: Date = new Date(),
 ): VerifiedX509Svid {
+  if (Number.isNaN(now.getTime())) throw new RangeError('verifyX509Svid: now is not a valid Date');
   const leafCert = chain[0];
   if (leafCert === undefined) throw err(X509ErrorCode.EmptyChain, 'peer presented no certificate');
   const leaf = inspectOrThrow(leafCert, 'leaf');
@@ -268,7 +307,7 @@ export function verifyX509Svid(
     );
   }
   const anchors = bundle.authorities.map((c) => inspectOrThrow(c, 'trust anchor'));
-  const path = buildPath(leaf, intermediates, anchors, id, now.getTime());
+  const path = buildPath(new PathSearch(), leaf, intermediates, anchors, id, now.getTime());
   if (path !== undefined) return { id, verifiedChain: path.map((p) => p.cert) };
 
   // Failure path only: say whether another trust domain's authority signed it (a cross-domain forgery).
@@ -276,7 +315,7 @@ export function verifyX509Svid(
     for (const other of bundles.x509Bundles()) {
       if (other.trustDomain.equals(id.trustDomain)) continue;
       const otherAnchors = other.authorities.map((c) => inspectOrThrow(c, 'trust anchor'));
-      if (reachesAnchor(leaf, intermediates, otherAnchors)) {
+      if (reachesAnchor(new PathSearch(), leaf, intermediates, otherAnchors)) {
         throw err(
           X509ErrorCode.WrongTrustDomain,
           `${id} claims trust domain "${id.trustDomain}" but was issued by an authority of "${other.trustDomain}"`,
@@ -291,16 +330,17 @@ export function verifyX509Svid(
 }
 
 function reachesAnchor(
+  search: PathSearch,
   leaf: CertInfo,
   intermediates: readonly CertInfo[],
   anchors: readonly CertInfo[],
 ): boolean {
   const seen = new Set<CertInfo>();
   const visit = (current: CertInfo, depth: number): boolean => {
-    if (anchors.some((a) => issued(current, a))) return true;
+    if (anchors.some((a) => search.issued(current, a))) return true;
     if (depth >= MAX_PATH_LENGTH) return false;
     for (const next of intermediates) {
-      if (seen.has(next) || !issued(current, next)) continue;
+      if (seen.has(next) || !search.issued(current, next)) continue;
       seen.add(next);
       if (visit(next, depth + 1)) return true;
     }
