@@ -45,7 +45,10 @@ class PathSearch {
   /** Did `parent` issue `child`? Names, key identifiers and key usage by OpenSSL, then the signature. */
   issued(child: CertInfo, parent: CertInfo): boolean {
     let known = this.#issued.get(child);
-    if (known === undefined) this.#issued.set(child, (known = new Map()));
+    if (known === undefined) {
+      known = new Map();
+      this.#issued.set(child, known);
+    }
     const hit = known.get(parent);
     if (hit !== undefined) return hit;
     let result = child.cert.checkIssued(parent.cert);
