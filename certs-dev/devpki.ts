@@ -96,7 +96,7 @@ interface LeafSpec {
 }
 
 /** 16 random bytes, hex, high bit cleared so the DER INTEGER is positive. */
-function randomSerial(): string {
+export function randomSerial(): string {
   const bytes = randomBytes(16);
   bytes[0] = (bytes[0] ?? 0) & 0x7f;
   return bytes.toString('hex');

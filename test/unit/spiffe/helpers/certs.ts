@@ -5,7 +5,7 @@
  */
 // Must stay first: @peculiar/x509 (via tsyringe) refuses to load without a Reflect metadata polyfill.
 import 'reflect-metadata';
-import { X509Certificate as NodeX509Certificate, randomBytes, webcrypto } from 'node:crypto';
+import { X509Certificate as NodeX509Certificate, webcrypto } from 'node:crypto';
 import { AsnConvert } from '@peculiar/asn1-schema';
 import {
   GeneralName,
@@ -16,6 +16,7 @@ import {
   NameConstraints,
 } from '@peculiar/asn1-x509';
 import * as x509 from '@peculiar/x509';
+import { randomSerial } from '../../../../certs-dev/devpki.ts';
 
 x509.cryptoProvider.set(webcrypto);
 
@@ -45,12 +46,6 @@ export interface TestIssuer {
 export interface TestLeaf {
   readonly node: NodeX509Certificate;
   readonly keyPem: string;
-}
-
-function randomSerial(): string {
-  const bytes = randomBytes(16);
-  bytes[0] = (bytes[0] ?? 0) & 0x7f;
-  return bytes.toString('hex');
 }
 
 /** A fresh P-256 key pair (pass it as `keys` to several certificates to make them share a key). */
