@@ -15,6 +15,7 @@ import {
   NameConstraints,
   SubjectAlternativeName,
 } from '@peculiar/asn1-x509';
+import { readTlv } from './der.ts';
 
 /** RFC 5280 key usage bits, as @peculiar/asn1-x509 numbers them. */
 export const KU = {
@@ -179,31 +180,6 @@ export function nameConstraintViolation(nc: NameConstraintSet, subject: CertInfo
 function uriHost(uri: string): string | undefined {
   const m = /^[a-zA-Z][a-zA-Z0-9+.-]*:\/\/(?:[^@/?#]*@)?([^:/?#]+)/.exec(uri);
   return m?.[1]?.toLowerCase();
-}
-
-interface Tlv {
-  readonly tag: number;
-  readonly start: number;
-  readonly contentStart: number;
-  readonly end: number;
-}
-
-function readTlv(der: Uint8Array, offset: number): Tlv {
-  if (offset + 2 > der.length) throw new Error('truncated DER');
-  const tag = der[offset] as number;
-  const first = der[offset + 1] as number;
-  let length = first;
-  let contentStart = offset + 2;
-  if (first >= 0x80) {
-    const n = first & 0x7f;
-    if (n === 0 || n > 4 || contentStart + n > der.length) throw new Error('bad DER length');
-    length = 0;
-    for (let i = 0; i < n; i++) length = length * 256 + (der[contentStart + i] as number);
-    contentStart += n;
-  }
-  const end = contentStart + length;
-  if (end > der.length) throw new Error('truncated DER');
-  return { tag, start: offset, contentStart, end };
 }
 
 /**

@@ -1,3 +1,5 @@
+import { readTlv } from './der.ts';
+
 /**
  * Splits PEM (any number of CERTIFICATE blocks; any other block type is an error, so a key pasted into a
  * bundle file is noticed) or DER (one or several concatenated certificates) into DER certificates.
@@ -28,31 +30,19 @@ export function decodePem(text: string): { label: string; der: Buffer }[] {
   return blocks;
 }
 
-function looksLikePem(data: Uint8Array): boolean {
+/** True when the first 4 KiB of `data` hold a PEM BEGIN line. */
+export function looksLikePem(data: Uint8Array): boolean {
   return Buffer.from(data.subarray(0, 4096)).toString('latin1').includes('-----BEGIN ');
 }
 
 /** Splits concatenated DER SEQUENCEs by their outer length (the Workload API sends chains this way). */
 function splitDer(buf: Buffer): Buffer[] {
   const out: Buffer[] = [];
-  let offset = 0;
-  while (offset < buf.length) {
-    if (buf[offset] !== 0x30 || offset + 2 > buf.length) throw new Error(`no DER SEQUENCE at byte ${offset}`);
-    const first = buf[offset + 1] as number;
-    let length = first;
-    let header = 2;
-    if (first >= 0x80) {
-      const n = first & 0x7f;
-      if (n === 0 || n > 4 || offset + 2 + n > buf.length)
-        throw new Error(`bad DER length at byte ${offset}`);
-      length = 0;
-      for (let i = 0; i < n; i++) length = length * 256 + (buf[offset + 2 + i] as number);
-      header = 2 + n;
-    }
-    const end = offset + header + length;
-    if (end > buf.length) throw new Error(`DER certificate at byte ${offset} is truncated`);
-    out.push(buf.subarray(offset, end));
-    offset = end;
+  for (let offset = 0; offset < buf.length; ) {
+    const tlv = readTlv(buf, offset);
+    if (tlv.tag !== 0x30) throw new Error(`no DER SEQUENCE at byte ${offset}`);
+    out.push(buf.subarray(offset, tlv.end));
+    offset = tlv.end;
   }
   if (out.length === 0) throw new Error('no certificate found');
   return out;

@@ -3,7 +3,7 @@ import type { X509Bundle, X509BundleSource } from './bundle.ts';
 import { type CertInfo, inspect, KU, nameConstraintViolation } from './certinfo.ts';
 import { SpiffeError, X509ErrorCode } from './errors.ts';
 import { SpiffeId } from './id.ts';
-import { decodeCertificates } from './pem.ts';
+import { decodeCertificates, looksLikePem } from './pem.ts';
 
 /** An X.509-SVID with its private key: what a workload holds and presents. */
 export interface X509Svid {
@@ -88,11 +88,9 @@ export function parseCertificates(data: string | Uint8Array): X509Certificate[] 
 
 /** Parses a PKCS#8 private key, PEM (`BEGIN PRIVATE KEY`) or DER. Encrypted keys are refused. */
 export function parsePrivateKey(data: string | Uint8Array): KeyObject {
-  const text = typeof data === 'string' ? data : null;
-  const isPem = text !== null || Buffer.from(data).subarray(0, 64).toString('latin1').includes('-----BEGIN');
   try {
-    if (isPem) {
-      const pem = text ?? Buffer.from(data).toString('latin1');
+    if (typeof data === 'string' || looksLikePem(data)) {
+      const pem = typeof data === 'string' ? data : Buffer.from(data).toString('latin1');
       const label = /-----BEGIN ([A-Z ]+)-----/.exec(pem)?.[1];
       if (label !== 'PRIVATE KEY') {
         throw new Error(`expected a PKCS#8 "PRIVATE KEY" PEM block, found "${label ?? 'none'}"`);
