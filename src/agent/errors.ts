@@ -1,0 +1,37 @@
+/**
+ * Every refusal in the agent is an `AgentError` with a stable `code`, like `SpiffeError` in the SPIFFE layer.
+ * Logs key on the code; the message names the file, line and column or the value at fault.
+ */
+
+export const AgentErrorCode = {
+  /** A selector string is not `type:value`, or its type is unknown. */
+  Selector: 'ERR_AGENT_SELECTOR',
+  /** The registration entries file cannot be read, parsed or validated. */
+  Entries: 'ERR_AGENT_ENTRIES',
+  /** The agent configuration file is invalid. */
+  Config: 'ERR_AGENT_CONFIG',
+  /** The calling process could not be identified (it exited, its PID was reused, /proc was unreadable). */
+  Attestation: 'ERR_AGENT_ATTESTATION',
+  /** The kubelet could not be asked, or did not know the caller's pod. */
+  Kubelet: 'ERR_AGENT_KUBELET',
+  /** The CA key or certificate files are unusable. */
+  Ca: 'ERR_AGENT_CA',
+  /** SO_PEERCRED is unavailable (the native addon is not built, or the platform is not Linux). */
+  PeerCred: 'ERR_AGENT_PEERCRED',
+} as const;
+
+export type AgentErrorCode = (typeof AgentErrorCode)[keyof typeof AgentErrorCode];
+
+export class AgentError extends Error {
+  readonly code: AgentErrorCode;
+
+  constructor(code: AgentErrorCode, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = 'AgentError';
+    this.code = code;
+  }
+}
+
+export function isAgentError(err: unknown, code?: AgentErrorCode): err is AgentError {
+  return err instanceof AgentError && (code === undefined || err.code === code);
+}
