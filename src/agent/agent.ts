@@ -1,0 +1,288 @@
+import { EventEmitter } from 'node:events';
+import type { Logger } from 'pino';
+import { type WatchedFile, watchFile } from '../config/watch.ts';
+import { BundleSet, SpiffeBundle } from '../spiffe/bundle.ts';
+import { type SpiffeId, TrustDomain } from '../spiffe/id.ts';
+import { type JwtSvid, verifyJwtSvid } from '../spiffe/jwtsvid.ts';
+import type { PeerCredentials } from '../workload/peercred.ts';
+import { assertPeerCredAvailable } from '../workload/peercred.ts';
+import { type WorkloadApiBackend, WorkloadApiServer, type WorkloadState } from '../workload/server.ts';
+import { K8sAttestor, type K8sAttestorOptions } from './attestors/k8s.ts';
+import type { WorkloadAttestor } from './attestors/types.ts';
+import { UnixAttestor, type UnixAttestorOptions } from './attestors/unix.ts';
+import { LocalCa, loadUpstreamAuthority, type UpstreamFiles } from './ca.ts';
+import { type EntriesWatcher, type EntrySet, type RegistrationEntry, watchEntries } from './entries.ts';
+import { AgentError, AgentErrorCode } from './errors.ts';
+import { type IssuedX509Svid, SvidIssuer } from './issuer.ts';
+import type { KeyType } from './keys.ts';
+import { formatSelector } from './selectors.ts';
+
+export interface AgentOptions {
+  readonly trustDomain: TrustDomain;
+  readonly socketPath: string;
+  /** Permissions of the socket file (default 0o777). */
+  readonly socketMode?: number;
+  readonly entriesFile: string;
+  readonly ca?: {
+    readonly keyType?: KeyType;
+    readonly ttlSeconds?: number;
+    readonly upstream?: UpstreamFiles;
+  };
+  readonly svid?: {
+    readonly keyType?: KeyType;
+    readonly x509TtlSeconds?: number;
+    readonly jwtTtlSeconds?: number;
+    /** Fraction of the lifetime by which rotation may come before half-life (default 0.1). */
+    readonly rotationJitter?: number;
+  };
+  readonly attestors?: {
+    /** The unix attestor always runs; these are its options. */
+    readonly unix?: UnixAttestorOptions;
+    /** Enables the k8s attestor. */
+    readonly k8s?: K8sAttestorOptions;
+  };
+  /** Federated trust domains: bundle files (SPIFFE bundle JSON), watched for changes. */
+  readonly federatedBundles?: ReadonlyMap<string, string>;
+  /** Re-read poll interval for watched files (default 5 s). */
+  readonly watchPollMs?: number;
+  readonly logger: Logger;
+}
+
+interface AgentEvents {
+  change: [];
+}
+
+/**
+ * The bundled agent: attests callers of the Workload API, matches them to registration entries, and serves
+ * them SVIDs from the local CA, pushing a new message whenever an SVID rotates, a bundle changes or the
+ * entries file is edited.
+ */
+export class WorkloadAgent implements WorkloadApiBackend {
+  readonly trustDomain: TrustDomain;
+  readonly ca: LocalCa;
+  readonly issuer: SvidIssuer;
+  readonly server: WorkloadApiServer;
+  readonly #log: Logger;
+  readonly #attestors: readonly WorkloadAttestor[];
+  readonly #events = new EventEmitter<AgentEvents>();
+  readonly #federated = new Map<string, SpiffeBundle>();
+  readonly #bundleWatchers: WatchedFile<SpiffeBundle>[] = [];
+  #entries!: EntriesWatcher;
+  #closed = false;
+
+  private constructor(options: AgentOptions, ca: LocalCa) {
+    this.trustDomain = options.trustDomain;
+    this.#log = options.logger;
+    this.ca = ca;
+    this.issuer = new SvidIssuer({
+      ca,
+      ...(options.svid?.keyType ? { keyType: options.svid.keyType } : {}),
+      ...(options.svid?.x509TtlSeconds ? { x509SvidTtlSeconds: options.svid.x509TtlSeconds } : {}),
+      ...(options.svid?.jwtTtlSeconds ? { jwtSvidTtlSeconds: options.svid.jwtTtlSeconds } : {}),
+      ...(options.svid?.rotationJitter !== undefined ? { jitter: options.svid.rotationJitter } : {}),
+    });
+    const attestors: WorkloadAttestor[] = [new UnixAttestor(options.attestors?.unix ?? {})];
+    if (options.attestors?.k8s) attestors.push(new K8sAttestor(options.attestors.k8s));
+    this.#attestors = attestors;
+    this.server = new WorkloadApiServer({
+      socketPath: options.socketPath,
+      backend: this,
+      logger: options.logger,
+      ...(options.socketMode !== undefined ? { socketMode: options.socketMode } : {}),
+    });
+    this.#events.setMaxListeners(0);
+  }
+
+  /** Loads everything, refusing to start on any invalid input, then listens on the socket. */
+  static async start(options: AgentOptions): Promise<WorkloadAgent> {
+    const log = options.logger;
+    assertPeerCredAvailable();
+    const upstream = options.ca?.upstream ? await loadUpstreamAuthority(options.ca.upstream) : undefined;
+    const ca = await LocalCa.create({
+      trustDomain: options.trustDomain,
+      ...(options.ca?.keyType ? { keyType: options.ca.keyType } : {}),
+      ...(options.ca?.ttlSeconds ? { caTtlSeconds: options.ca.ttlSeconds } : {}),
+      ...(upstream ? { upstream } : {}),
+    });
+    const agent = new WorkloadAgent(options, ca);
+    try {
+      await agent.#init(options);
+    } catch (err) {
+      await agent.close();
+      throw err;
+    }
+    log.info(
+      {
+        trustDomain: options.trustDomain.name,
+        socket: options.socketPath,
+        entries: agent.#entries.current.entries.length,
+        ca: upstream ? 'upstream (disk)' : 'self-signed',
+        caNotAfter: ca.active.notAfter.toISOString(),
+      },
+      'agent started',
+    );
+    return agent;
+  }
+
+  async #init(options: AgentOptions): Promise<void> {
+    const log = this.#log;
+    const ca = this.ca;
+    ca.on('bundle', (bundle) => {
+      log.info(
+        {
+          trustDomain: bundle.trustDomain.name,
+          sequence: bundle.sequence?.toString(),
+          authorities: bundle.x509Authorities.length,
+        },
+        'trust bundle changed',
+      );
+      this.#changed();
+    });
+    ca.on('activated', (slot) => {
+      log.info(
+        { generation: slot.generation, notAfter: slot.notAfter.toISOString() },
+        'CA rotated: new CA active',
+      );
+    });
+    this.issuer.on('rotated', (issued) => {
+      log.info(
+        { spiffeId: issued.id.toString(), notAfter: issued.notAfter.toISOString() },
+        'X509-SVID rotated',
+      );
+      this.#changed();
+    });
+    this.issuer.on('error', (err, spiffeId) => {
+      log.error({ spiffeId, err: { message: err.message } }, 'minting an SVID failed; will retry');
+    });
+    const pollIntervalMs = options.watchPollMs ?? 5000;
+    this.#entries = await watchEntries(options.entriesFile, {
+      trustDomain: options.trustDomain,
+      pollIntervalMs,
+      onChange: (set, previous) => {
+        this.issuer.retain(set.entries);
+        log.info(
+          { file: options.entriesFile, entries: set.entries.length, before: previous.entries.length },
+          'registration entries reloaded',
+        );
+        this.#changed();
+      },
+      onError: (err) => {
+        log.error(
+          { file: options.entriesFile, err: { code: err.code, message: err.message } },
+          'entries file rejected; keeping the last good entries',
+        );
+      },
+    });
+    for (const [name, file] of options.federatedBundles ?? []) {
+      await this.#watchFederatedBundle(name, file, pollIntervalMs);
+    }
+    ca.start();
+    await this.server.listen();
+  }
+
+  async #watchFederatedBundle(name: string, file: string, pollIntervalMs: number): Promise<void> {
+    const trustDomain = TrustDomain.parse(name);
+    if (trustDomain.equals(this.trustDomain)) {
+      throw new AgentError(AgentErrorCode.Config, `federated bundle ${name}: that is our own trust domain`);
+    }
+    const parse = (text: string): SpiffeBundle => SpiffeBundle.parse(trustDomain, text);
+    let watcher: WatchedFile<SpiffeBundle>;
+    try {
+      watcher = await watchFile(file, {
+        parse,
+        pollIntervalMs,
+        onChange: (bundle) => {
+          this.#log.info({ trustDomain: name, file }, 'federated bundle changed');
+          this.setFederatedBundle(bundle);
+        },
+        onError: (err) => {
+          this.#log.error(
+            { trustDomain: name, file, err: { message: err.message } },
+            'federated bundle rejected; keeping the last good one',
+          );
+        },
+      });
+    } catch (err) {
+      throw new AgentError(
+        AgentErrorCode.Config,
+        `federated bundle ${name} (${file}): ${(err as Error).message}`,
+        {
+          cause: err,
+        },
+      );
+    }
+    this.#bundleWatchers.push(watcher);
+    this.#federated.set(name, watcher.current);
+  }
+
+  /** Adds or replaces a federated trust domain's bundle (the federation fetcher will call this). */
+  setFederatedBundle(bundle: SpiffeBundle): void {
+    if (bundle.trustDomain.equals(this.trustDomain)) {
+      throw new AgentError(AgentErrorCode.Config, 'a federated bundle may not be for our own trust domain');
+    }
+    this.#federated.set(bundle.trustDomain.name, bundle);
+    this.#changed();
+  }
+
+  get entries(): EntrySet {
+    return this.#entries.current;
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#entries?.close();
+    for (const w of this.#bundleWatchers) w.close();
+    this.ca.close();
+    this.issuer.close();
+    await this.server.close();
+  }
+
+  #changed(): void {
+    this.#events.emit('change');
+  }
+
+  // WorkloadApiBackend
+
+  async attest(caller: PeerCredentials, signal: AbortSignal): Promise<ReadonlySet<string>> {
+    const results = await Promise.all(this.#attestors.map((a) => a.attest(caller, signal)));
+    const selectors = new Set(results.flat().map(formatSelector));
+    this.#log.debug({ pid: caller.pid, uid: caller.uid, selectors: [...selectors] }, 'caller attested');
+    return selectors;
+  }
+
+  async state(selectors: ReadonlySet<string>): Promise<WorkloadState> {
+    const entries = this.#entries.current.match(selectors);
+    const svids: IssuedX509Svid[] = await Promise.all(entries.map((e) => this.issuer.x509For(e)));
+    return { svids, bundle: this.ca.bundle, federatedBundles: this.#federatedFor(entries) };
+  }
+
+  subscribe(listener: () => void): () => void {
+    this.#events.on('change', listener);
+    return () => this.#events.off('change', listener);
+  }
+
+  async mintJwtSvids(
+    selectors: ReadonlySet<string>,
+    audience: readonly string[],
+    id?: SpiffeId,
+  ): Promise<JwtSvid[]> {
+    let entries = this.#entries.current.match(selectors);
+    if (id !== undefined) entries = entries.filter((e) => e.spiffeId.equals(id)).slice(0, 1);
+    return Promise.all(entries.map((e) => this.issuer.jwtFor(e, audience)));
+  }
+
+  async validateJwtSvid(selectors: ReadonlySet<string>, token: string, audience: string): Promise<JwtSvid> {
+    const entries = this.#entries.current.match(selectors);
+    const bundles = new BundleSet([this.ca.bundle, ...this.#federatedFor(entries)]);
+    return verifyJwtSvid(token, bundles, audience);
+  }
+
+  #federatedFor(entries: readonly RegistrationEntry[]): SpiffeBundle[] {
+    const names = new Set(entries.flatMap((e) => e.federatesWith.map((td) => td.name)));
+    return [...names]
+      .sort()
+      .map((name) => this.#federated.get(name))
+      .filter((b): b is SpiffeBundle => b !== undefined);
+  }
+}
