@@ -17,22 +17,9 @@
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
-import {
-  type Document,
-  isAlias,
-  isMap,
-  isScalar,
-  isSeq,
-  LineCounter,
-  type Node,
-  type Pair,
-  parseDocument,
-  type Scalar,
-  type YAMLMap,
-  type YAMLSeq,
-} from 'yaml';
-import { parseDuration } from '../config/duration.ts';
+import { isMap, type Node } from 'yaml';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
+import { describe, formatProblems, quote, readYaml, type YamlProblem, YamlReader } from '../config/yaml.ts';
 import { SpiffeError } from '../spiffe/errors.ts';
 import { SpiffeId, TrustDomain } from '../spiffe/id.ts';
 import { AgentError, AgentErrorCode } from './errors.ts';
@@ -57,11 +44,7 @@ export interface RegistrationEntry {
 }
 
 /** One thing wrong with an entries file; `line` and `column` are 1-based. */
-export interface EntryProblem {
-  readonly line: number;
-  readonly column: number;
-  readonly message: string;
-}
+export type EntryProblem = YamlProblem;
 
 /**
  * An entries file was refused. The message lists every problem, one a line, as `<file>:<line>:<col>: <what>`;
@@ -72,10 +55,7 @@ export class EntriesError extends AgentError {
   readonly problems: readonly EntryProblem[];
 
   constructor(file: string, problems: readonly EntryProblem[]) {
-    super(
-      AgentErrorCode.Entries,
-      problems.map((p) => `${file}:${p.line}:${p.column}: ${p.message}`).join('\n'),
-    );
+    super(AgentErrorCode.Entries, formatProblems(file, problems));
     this.name = 'EntriesError';
     this.file = file;
     this.problems = problems;
@@ -165,145 +145,17 @@ function dnsNameProblem(name: string): string | undefined {
   return undefined;
 }
 
-function quote(text: string): string {
-  return JSON.stringify(text.length > 80 ? `${text.slice(0, 80)}…` : text);
-}
-
-function describe(node: Node | null): string {
-  if (node === null) return 'nothing';
-  if (isMap(node)) return 'a map';
-  if (isSeq(node)) return 'a list';
-  if (isScalar(node)) {
-    const v = node.value;
-    if (v === null || v === undefined) return 'null';
-    if (typeof v === 'string') return `a string ${quote(v)}`;
-    if (typeof v === 'number' || typeof v === 'bigint') return `a number (${String(v)})`;
-    if (typeof v === 'boolean') return `a boolean (${String(v)})`;
-    return 'a scalar of an unsupported type';
-  }
-  return 'an alias';
-}
-
-class Parser {
-  readonly problems: EntryProblem[] = [];
-  readonly #lines: LineCounter;
-  readonly #doc: Document.Parsed;
+class Parser extends YamlReader {
   readonly #trustDomain: TrustDomain;
 
-  constructor(doc: Document.Parsed, lines: LineCounter, trustDomain: TrustDomain) {
-    this.#doc = doc;
-    this.#lines = lines;
+  constructor(reader: YamlReader, trustDomain: TrustDomain) {
+    super(reader.doc, reader.lineCounter);
+    this.problems.push(...reader.problems);
     this.#trustDomain = trustDomain;
   }
 
-  position(offset: number): { line: number; column: number } {
-    const { line, col } = this.#lines.linePos(offset);
-    return { line: Math.max(line, 1), column: Math.max(col, 1) };
-  }
-
-  offsetOf(node: Node | null, fallback: number): number {
-    return node?.range?.[0] ?? fallback;
-  }
-
-  report(offset: number, message: string): void {
-    this.problems.push({ ...this.position(offset), message });
-  }
-
-  /** Follows an alias to its anchored node; undefined (after reporting) when it leads nowhere. */
-  deref(node: Node | null, fallback: number): Node | null | undefined {
-    if (node === null || !isAlias(node)) return node;
-    const target = node.resolve(this.#doc);
-    if (target === undefined) {
-      this.report(this.offsetOf(node, fallback), `alias *${node.source} refers to no anchor`);
-      return undefined;
-    }
-    return target;
-  }
-
-  /**
-   * The pairs of a map with string keys from `allowed`, each key once; reports the others. Returns the value
-   * of each allowed key with the key's offset.
-   */
-  fields<K extends string>(
-    map: YAMLMap,
-    allowed: readonly K[],
-    where: string,
-  ): Map<K, { value: Node | null; keyOffset: number; valueOffset: number }> {
-    const out = new Map<K, { value: Node | null; keyOffset: number; valueOffset: number }>();
-    const mapOffset = this.offsetOf(map, 0);
-    for (const pair of map.items as Pair<Node | null, Node | null>[]) {
-      const keyNode = pair.key;
-      const keyOffset = this.offsetOf(keyNode, mapOffset);
-      const valueOffset = this.offsetOf(pair.value, keyOffset);
-      const key = keyNode !== null && isScalar(keyNode) ? keyNode.value : undefined;
-      if (typeof key !== 'string') {
-        this.report(keyOffset, `${where} keys must be strings, got ${describe(keyNode)}`);
-        continue;
-      }
-      if (!(allowed as readonly string[]).includes(key)) {
-        this.report(keyOffset, `unknown key ${quote(key)} in ${where} (allowed: ${allowed.join(', ')})`);
-        continue;
-      }
-      // Duplicate keys are refused by the YAML parser already (uniqueKeys).
-      out.set(key as K, { value: pair.value, keyOffset, valueOffset });
-    }
-    return out;
-  }
-
-  /** A string scalar, or undefined after reporting. */
-  string(node: Node | null, offset: number, what: string): string | undefined {
-    const target = this.deref(node, offset);
-    if (target === undefined) return undefined;
-    if (target !== null && isScalar(target) && typeof target.value === 'string') return target.value;
-    this.report(offset, `${what} must be a string, got ${describe(target)}`);
-    return undefined;
-  }
-
-  /** The items of a list, each with its own offset, or undefined after reporting. */
-  list(node: Node | null, offset: number, what: string): { node: Node | null; offset: number }[] | undefined {
-    const target = this.deref(node, offset);
-    if (target === undefined) return undefined;
-    if (target === null || !isSeq(target)) {
-      this.report(offset, `${what} must be a list, got ${describe(target)}`);
-      return undefined;
-    }
-    return (target as YAMLSeq<Node | null>).items.map((item) => ({
-      node: item,
-      offset: this.offsetOf(item, offset),
-    }));
-  }
-
-  duration(node: Node | null, offset: number, what: string): number | undefined {
-    const target = this.deref(node, offset);
-    if (target === undefined) return undefined;
-    const value = target !== null && isScalar(target) ? (target as Scalar).value : undefined;
-    if (typeof value !== 'string' && typeof value !== 'number') {
-      this.report(offset, `${what} must be a duration such as 1h, 5m or 30s, got ${describe(target)}`);
-      return undefined;
-    }
-    let seconds: number;
-    try {
-      seconds = parseDuration(value);
-    } catch (err) {
-      this.report(offset, `${what}: ${err instanceof Error ? err.message : String(err)}`);
-      return undefined;
-    }
-    if (!Number.isFinite(seconds)) {
-      this.report(offset, `${what} ${quote(String(value))} is too large`);
-      return undefined;
-    }
-    if (seconds < MIN_TTL_SECONDS) {
-      this.report(
-        offset,
-        `${what} ${quote(String(value))} is shorter than the minimum of ${MIN_TTL_SECONDS}s`,
-      );
-      return undefined;
-    }
-    return seconds;
-  }
-
   top(): RegistrationEntry[] {
-    const contents = this.#doc.contents as Node | null;
+    const contents = this.doc.contents as Node | null;
     const top = this.deref(contents, 0);
     if (top === undefined) return [];
     if (top === null || !isMap(top)) {
@@ -408,9 +260,10 @@ class Parser {
     // TTLs
     const x509Field = field('x509SvidTtl');
     const x509SvidTtlSeconds =
-      x509Field && this.duration(x509Field.value, x509Field.valueOffset, 'x509SvidTtl');
+      x509Field && this.duration(x509Field.value, x509Field.valueOffset, 'x509SvidTtl', MIN_TTL_SECONDS);
     const jwtField = field('jwtSvidTtl');
-    const jwtSvidTtlSeconds = jwtField && this.duration(jwtField.value, jwtField.valueOffset, 'jwtSvidTtl');
+    const jwtSvidTtlSeconds =
+      jwtField && this.duration(jwtField.value, jwtField.valueOffset, 'jwtSvidTtl', MIN_TTL_SECONDS);
 
     // dnsNames
     const dnsNames: string[] = [];
@@ -545,31 +398,9 @@ export function makeEntry(fields: Omit<RegistrationEntry, 'key'>): RegistrationE
  * problem found, each with its 1-based line and column; never anything else.
  */
 export function parseEntries(text: string, options: { file: string; trustDomain: TrustDomain }): EntrySet {
-  const lines = new LineCounter();
-  let doc: Document.Parsed;
-  try {
-    doc = parseDocument(text, { keepSourceTokens: true, lineCounter: lines, prettyErrors: false });
-  } catch (err) {
-    // The parser reports problems in doc.errors; this is for anything it did not foresee.
-    throw new EntriesError(options.file, [
-      {
-        line: 1,
-        column: 1,
-        message: `cannot parse YAML: ${err instanceof Error ? err.message : String(err)}`,
-      },
-    ]);
-  }
-  const parser = new Parser(doc, lines, options.trustDomain);
-  if (doc.errors.length > 0) {
-    // The tree after a syntax error is a guess: report the syntax alone.
-    for (const e of doc.errors) {
-      const message =
-        e.code === 'MULTIPLE_DOCS'
-          ? 'the file holds more than one YAML document ("---"); put every entry in one'
-          : (e.message.split('\n')[0] ?? e.message);
-      parser.report(e.pos[0], `YAML syntax: ${message}`);
-    }
-  } else {
+  const { reader, ok } = readYaml(text, 'the entries');
+  const parser = new Parser(reader, options.trustDomain);
+  if (ok) {
     let entries: RegistrationEntry[] = [];
     try {
       entries = parser.top();
@@ -578,11 +409,7 @@ export function parseEntries(text: string, options: { file: string; trustDomain:
     }
     if (parser.problems.length === 0) return new EntrySet(entries);
   }
-  const problems = parser.problems
-    .map((p, i) => ({ p, i }))
-    .sort((a, b) => a.p.line - b.p.line || a.p.column - b.p.column || a.i - b.i)
-    .map(({ p }) => p);
-  throw new EntriesError(options.file, problems);
+  throw new EntriesError(options.file, parser.sortedProblems());
 }
 
 /** Reads and parses an entries file. Throws `AgentError` (`ERR_AGENT_ENTRIES`); `EntriesError` if invalid. */
