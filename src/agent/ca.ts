@@ -226,7 +226,7 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
       changed = true;
     }
     const next = this.#next;
-    if (next !== undefined && now >= active.notBefore.getTime() + life * ACTIVATE_AT) {
+    if (next !== undefined && now >= this.#activateAt(active, next)) {
       this.#retired.push(active);
       this.#active = next;
       this.#next = undefined;
@@ -239,13 +239,29 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
     if (changed) this.#republish();
   }
 
+  /**
+   * When `next` may start signing: at 5/6 of the active CA's life, but never before peers had time to fetch the
+   * bundle that announces it (the normal gap of a third of a life, or half of what the active CA has left when
+   * the schedule was late, e.g. after a suspended host wakes up).
+   */
+  #activateAt(active: CaSlot, next: CaSlot): number {
+    const start = active.notBefore.getTime();
+    const life = active.notAfter.getTime() - start;
+    const published = next.notBefore.getTime() + BACKDATE_SECONDS * 1000;
+    const propagation = Math.min(
+      life * (ACTIVATE_AT - PREPARE_AT),
+      (active.notAfter.getTime() - published) / 2,
+    );
+    return Math.max(start + life * ACTIVATE_AT, published + propagation);
+  }
+
   #schedule(): void {
     if (this.#closed) return;
     const active = this.#active;
     const start = active.notBefore.getTime();
     const life = active.notAfter.getTime() - start;
     const due = [
-      this.#next === undefined ? start + life * PREPARE_AT : start + life * ACTIVATE_AT,
+      this.#next === undefined ? start + life * PREPARE_AT : this.#activateAt(active, this.#next),
       ...this.#retired.map((slot) => slot.notAfter.getTime()),
     ];
     const delay = Math.min(MAX_TIMER_MS, Math.max(0, Math.min(...due) - this.#now().getTime()));
@@ -433,6 +449,22 @@ export async function loadUpstreamAuthority(
       );
     }
     if (certificates[i + 1] === undefined) break;
+  }
+  // Our CA is one more CA under the signer: every CA above it must allow that (RFC 5280 §4.2.1.9).
+  const last = certificates.at(-1) as X509Certificate;
+  const root = roots.find((r) => last.checkIssued(r) && last.verify(r.publicKey));
+  let below = 1;
+  for (const cert of root === undefined ? certificates : [...certificates, root]) {
+    const pathLen = new x509.X509Certificate(cert.raw).getExtension(
+      x509.BasicConstraintsExtension,
+    )?.pathLength;
+    if (pathLen !== undefined && below > pathLen) {
+      fail(
+        `${files.certFile}: "${cert.subject}" has pathLenConstraint ${pathLen}, leaving no room for our CA below it`,
+      );
+    }
+    if (roots.some((r) => r.fingerprint256 === cert.fingerprint256)) break;
+    if (cert.issuer !== cert.subject) below++;
   }
   return { certificates, privateKey: privateKey as KeyObject, roots };
 }
