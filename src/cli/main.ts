@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
+import { isAgentError } from '../agent/errors.ts';
 import {
   BundleSet,
   parseCertificates,
@@ -10,11 +11,9 @@ import {
   verifyX509Svid,
   X509Bundle,
 } from '../spiffe/index.ts';
-
-/** Exit codes: 0 success, 1 refused or failed, 2 bad usage, 3 not built yet. */
-const EXIT = { ok: 0, refused: 1, usage: 2, notBuilt: 3 } as const;
-
-class UsageError extends Error {}
+import { AGENT_USAGE, agentCommand } from './agent.ts';
+import { API_USAGE, apiCommand } from './api.ts';
+import { EXIT, UsageError } from './common.ts';
 
 const USAGE = `kube-svid-proxy: SPIFFE mTLS front door for kube-apiserver
 
@@ -25,13 +24,11 @@ Commands:
         Verify an X.509-SVID chain (PEM or DER, leaf first) against the bundle of the trust domain its
         leaf claims. FILE is a SPIFFE bundle (JSON) or PEM CA certificates. Prints the SPIFFE ID, or the
         error code of the rule the SVID breaks (exit 1).
-  version       Print the version.
+${AGENT_USAGE}${API_USAGE}  version       Print the version.
   help          Print this help.
 
 Not built yet (each prints what it will be and exits 3):
   serve         the proxy (mTLS in, impersonation out)
-  agent         the bundled Workload API agent
-  api           Workload API client (fetch x509|jwt|bundles, validate jwt)
   policy        policy check | explain | rbac
   credential    kubectl exec credential plugin
   bundle        bundle endpoint and federation tools
@@ -39,8 +36,6 @@ Not built yet (each prints what it will be and exits 3):
 
 const NOT_BUILT: Record<string, string> = {
   serve: 'the proxy (SPIFFE mTLS termination, policy, impersonation to kube-apiserver) is not built yet',
-  agent: 'the bundled Workload API agent (local CA, attestation, SVID rotation) is not built yet',
-  api: 'the Workload API client commands (api fetch x509|jwt|bundles, api validate jwt) are not built yet',
   policy: 'the policy commands (policy check | explain | rbac) are not built yet',
   credential: 'the kubectl exec credential plugin is not built yet',
   bundle: 'the bundle endpoint and federation commands are not built yet',
@@ -96,7 +91,7 @@ function svidVerify(args: string[]): number {
   return EXIT.ok;
 }
 
-function main(argv: string[]): number {
+async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     switch (command) {
@@ -110,6 +105,10 @@ function main(argv: string[]): number {
       case '--version':
         process.stdout.write(`kube-svid-proxy ${version()}\n`);
         return EXIT.ok;
+      case 'agent':
+        return await agentCommand(rest);
+      case 'api':
+        return await apiCommand(rest);
       case 'svid':
         if (rest[0] === 'verify') return svidVerify(rest.slice(1));
         throw new UsageError(`unknown svid subcommand ${JSON.stringify(rest[0] ?? '')} (expected: verify)`);
@@ -118,7 +117,8 @@ function main(argv: string[]): number {
         if (what === undefined) throw new UsageError(`unknown command ${JSON.stringify(command)}`);
         process.stderr.write(
           `kube-svid-proxy ${command}: ${what}.\n` +
-            'What exists today: the SPIFFE library (kube-svid-proxy/spiffe) and `kube-svid-proxy svid verify`.\n' +
+            'What exists today: the SPIFFE library, the bundled agent (`agent`), the Workload API client (`api`)\n' +
+            'and `svid verify`.\n' +
             'See README.md, "Status".\n',
         );
         return EXIT.notBuilt;
@@ -132,6 +132,10 @@ function main(argv: string[]): number {
       process.stderr.write(`kube-svid-proxy: ${e.message}\nRun 'kube-svid-proxy help' for usage.\n`);
       return EXIT.usage;
     }
+    if (isAgentError(e)) {
+      process.stderr.write(`kube-svid-proxy: ${e.code}: ${e.message}\n`);
+      return EXIT.refused;
+    }
     if (e instanceof SpiffeError) {
       process.stderr.write(`REFUSED ${e.code}: ${e.message}\n`);
       return EXIT.refused;
@@ -142,4 +146,4 @@ function main(argv: string[]): number {
   }
 }
 
-process.exitCode = main(process.argv.slice(2));
+process.exitCode = await main(process.argv.slice(2));

@@ -13,7 +13,8 @@ describe('the published package', () => {
   let scratch: string;
 
   before(() => {
-    execFileSync(bin('tsc'), ['-p', join(repo, 'tsconfig.build.json')], { stdio: 'inherit' });
+    // The package's own build: tsc, then the Workload API proto beside the compiled client.
+    execFileSync('npm', ['run', '--silent', 'build'], { cwd: repo, stdio: 'inherit' });
     scratch = mkdtempSync(join(tmpdir(), 'ksp-consumer-'));
     writeFileSync(
       join(scratch, 'package.json'),
@@ -47,15 +48,37 @@ describe('the published package', () => {
     });
   });
 
+  it('exports the Workload API client as kube-svid-proxy/workload, with its proto file', () => {
+    writeFileSync(
+      join(scratch, 'workload.mjs'),
+      [
+        "import { X509Source, JwtSource, WorkloadClient, parseEndpointAddress } from 'kube-svid-proxy/workload';",
+        "const client = new WorkloadClient({ address: 'unix:///nonexistent/agent.sock' });",
+        'client.close();',
+        'console.log(JSON.stringify({ x509: typeof X509Source.create, jwt: typeof JwtSource.create,',
+        "  path: parseEndpointAddress('unix:///run/spire/agent.sock'), socket: client.socketPath }));",
+      ].join('\n'),
+    );
+    const out = execFileSync(process.execPath, ['workload.mjs'], { cwd: scratch, encoding: 'utf8' });
+    assert.deepEqual(JSON.parse(out), {
+      x509: 'function',
+      jwt: 'function',
+      path: '/run/spire/agent.sock',
+      socket: '/nonexistent/agent.sock',
+    });
+  });
+
   it('ships type declarations that a strict TypeScript consumer compiles against', () => {
     writeFileSync(
       join(scratch, 'use.ts'),
       [
         "import { SpiffeId, verifyX509Svid, type VerifiedX509Svid, BundleSet } from 'kube-svid-proxy/spiffe';",
+        "import { X509Source, type X509Context } from 'kube-svid-proxy/workload';",
+        'const onUpdate = (source: X509Source): X509Context => source.context;',
         "const id: SpiffeId = SpiffeId.parse('spiffe://example.org/x');",
         'const check = (chain: Parameters<typeof verifyX509Svid>[0]): VerifiedX509Svid =>',
         '  verifyX509Svid(chain, new BundleSet());',
-        'export { id, check };',
+        'export { id, check, onUpdate };',
       ].join('\n'),
     );
     writeFileSync(

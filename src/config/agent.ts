@@ -1,0 +1,334 @@
+/**
+ * The agent's configuration file (`kube-svid-proxy agent --config agent.yaml`). Every key is documented in
+ * README ("Agent configuration"); every problem is reported with its line and column, and a file with any
+ * problem is refused as a whole. Relative paths are resolved against the config file's directory.
+ */
+import { readFile } from 'node:fs/promises';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import type { Node, YAMLMap } from 'yaml';
+import type { AgentOptions } from '../agent/agent.ts';
+import type { K8sAttestorOptions } from '../agent/attestors/k8s.ts';
+import type { UnixAttestorOptions } from '../agent/attestors/unix.ts';
+import { DEFAULT_CA_TTL_SECONDS } from '../agent/ca.ts';
+import { AgentError, AgentErrorCode } from '../agent/errors.ts';
+import { DEFAULT_X509_SVID_TTL_SECONDS } from '../agent/issuer.ts';
+import { isKeyType, KEY_TYPES, type KeyType } from '../agent/keys.ts';
+import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
+import { TrustDomain } from '../spiffe/id.ts';
+import { formatProblems, readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
+
+export const DEFAULT_AGENT_SOCKET = '/run/kube-svid-proxy/agent.sock';
+
+/** AgentOptions without the logger, plus the log level. */
+export type AgentConfig = Omit<AgentOptions, 'logger'> & { readonly logLevel: LogLevel };
+
+export class ConfigError extends AgentError {
+  readonly file: string;
+  readonly problems: readonly YamlProblem[];
+  constructor(file: string, problems: readonly YamlProblem[]) {
+    super(AgentErrorCode.Config, formatProblems(file, problems));
+    this.name = 'ConfigError';
+    this.file = file;
+    this.problems = problems;
+  }
+}
+
+type Field = { value: Node | null; keyOffset: number; valueOffset: number };
+
+const TOP = [
+  'trustDomain',
+  'socketPath',
+  'socketMode',
+  'entriesFile',
+  'logLevel',
+  'ca',
+  'svid',
+  'attestors',
+  'federation',
+] as const;
+const CA = ['keyType', 'ttl', 'upstream'] as const;
+const UPSTREAM = ['certFile', 'keyFile', 'bundleFile'] as const;
+const SVID = ['keyType', 'x509Ttl', 'jwtTtl', 'rotationJitter'] as const;
+const ATTESTORS = ['unix', 'k8s'] as const;
+const UNIX = ['discoverWorkloadPath', 'workloadSizeLimit'] as const;
+const K8S = [
+  'nodeName',
+  'nodeNameEnv',
+  'kubeletUrl',
+  'tokenPath',
+  'caPath',
+  'skipKubeletVerification',
+  'maxPollAttempts',
+  'pollInterval',
+] as const;
+const FEDERATION = ['bundles'] as const;
+
+/** The rotation schedule activates a new CA at 5/6 of the old one's life; SVIDs must fit in the last sixth. */
+const SVID_FRACTION_OF_CA = 1 / 6;
+
+export function parseAgentConfig(
+  text: string,
+  file: string,
+  env: NodeJS.ProcessEnv = process.env,
+): AgentConfig {
+  const { reader, ok } = readYaml(text, 'the agent configuration');
+  const base = dirname(resolve(file));
+  const path = (value: string | undefined): string | undefined =>
+    value === undefined ? undefined : isAbsolute(value) ? value : resolve(base, value);
+  let config: AgentConfig | undefined;
+  if (ok) config = readTop(reader, path, env);
+  if (config === undefined || reader.problems.length > 0) {
+    if (reader.problems.length === 0) reader.report(0, 'the configuration is empty');
+    throw new ConfigError(file, reader.sortedProblems());
+  }
+  return config;
+}
+
+export async function loadAgentConfig(
+  file: string,
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<AgentConfig> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw new AgentError(AgentErrorCode.Config, `cannot read ${file}: ${(err as Error).message}`, {
+      cause: err,
+    });
+  }
+  return parseAgentConfig(text, file, env);
+}
+
+function readTop(
+  r: YamlReader,
+  path: (value: string | undefined) => string | undefined,
+  env: NodeJS.ProcessEnv,
+): AgentConfig | undefined {
+  const root = r.map(r.doc.contents as Node | null, 0, 'the agent configuration');
+  if (root === undefined) return undefined;
+  const f = r.fields(root, TOP, 'the agent configuration');
+  const str = (field: Field | undefined, what: string): string | undefined =>
+    field && r.string(field.value, field.valueOffset, what);
+
+  const tdField = f.get('trustDomain');
+  let trustDomain: TrustDomain | undefined;
+  if (tdField === undefined) {
+    r.report(r.offsetOf(root, 0), 'missing required key "trustDomain" (e.g. trustDomain: spoke.example.org)');
+  } else {
+    const name = str(tdField, 'trustDomain');
+    if (name !== undefined) {
+      try {
+        trustDomain = TrustDomain.parse(name);
+      } catch (err) {
+        r.report(tdField.valueOffset, `trustDomain: ${(err as Error).message}`);
+      }
+    }
+  }
+  const entriesField = f.get('entriesFile');
+  if (entriesField === undefined) r.report(r.offsetOf(root, 0), 'missing required key "entriesFile"');
+  const entriesFile = path(str(entriesField, 'entriesFile'));
+  const socketPath = path(str(f.get('socketPath'), 'socketPath')) ?? DEFAULT_AGENT_SOCKET;
+
+  let socketMode: number | undefined;
+  const modeField = f.get('socketMode');
+  const modeText = str(modeField, 'socketMode (an octal string such as "0777")');
+  if (modeField && modeText !== undefined) {
+    if (/^0?[0-7]{3}$/.test(modeText)) socketMode = Number.parseInt(modeText, 8);
+    else
+      r.report(
+        modeField.valueOffset,
+        `socketMode "${modeText}" is not an octal mode such as "0777" or "0660"`,
+      );
+  }
+
+  let logLevel: LogLevel = 'info';
+  const levelField = f.get('logLevel');
+  const level = str(levelField, 'logLevel');
+  if (levelField && level !== undefined) {
+    if (isLogLevel(level)) logLevel = level;
+    else r.report(levelField.valueOffset, `logLevel "${level}" is not one of ${LOG_LEVELS.join(', ')}`);
+  }
+
+  const keyType = (field: Field | undefined, what: string): KeyType | undefined => {
+    const value = str(field, what);
+    if (field === undefined || value === undefined) return undefined;
+    if (isKeyType(value)) return value;
+    r.report(field.valueOffset, `${what} "${value}" is not one of ${KEY_TYPES.join(', ')}`);
+    return undefined;
+  };
+  const sub = (field: Field | undefined, what: string): YAMLMap | undefined =>
+    field && r.map(field.value, field.valueOffset, what);
+
+  // ca
+  let ca: AgentConfig['ca'] = {};
+  const caMap = sub(f.get('ca'), 'ca');
+  if (caMap) {
+    const c = r.fields(caMap, CA, 'ca');
+    const ttlField = c.get('ttl');
+    const ttlSeconds = ttlField && r.duration(ttlField.value, ttlField.valueOffset, 'ca.ttl', 6);
+    let upstream: { certFile: string; keyFile: string; bundleFile?: string } | undefined;
+    const upMap = sub(c.get('upstream'), 'ca.upstream');
+    if (upMap) {
+      const u = r.fields(upMap, UPSTREAM, 'ca.upstream');
+      const certFile = path(str(u.get('certFile'), 'ca.upstream.certFile'));
+      const keyFile = path(str(u.get('keyFile'), 'ca.upstream.keyFile'));
+      const bundleFile = path(str(u.get('bundleFile'), 'ca.upstream.bundleFile'));
+      if (certFile === undefined || keyFile === undefined) {
+        r.report(r.offsetOf(upMap, 0), 'ca.upstream needs both certFile and keyFile');
+      } else {
+        upstream = { certFile, keyFile, ...(bundleFile ? { bundleFile } : {}) };
+      }
+    }
+    const kt = keyType(c.get('keyType'), 'ca.keyType');
+    ca = {
+      ...(kt ? { keyType: kt } : {}),
+      ...(ttlSeconds ? { ttlSeconds } : {}),
+      ...(upstream ? { upstream } : {}),
+    };
+  }
+
+  // svid
+  let svid: AgentConfig['svid'] = {};
+  const svidMap = sub(f.get('svid'), 'svid');
+  if (svidMap) {
+    const s = r.fields(svidMap, SVID, 'svid');
+    const x = s.get('x509Ttl');
+    const j = s.get('jwtTtl');
+    const jit = s.get('rotationJitter');
+    const x509TtlSeconds = x && r.duration(x.value, x.valueOffset, 'svid.x509Ttl', 1);
+    const jwtTtlSeconds = j && r.duration(j.value, j.valueOffset, 'svid.jwtTtl', 1);
+    const rotationJitter = jit && r.number(jit.value, jit.valueOffset, 'svid.rotationJitter', 0, 0.5);
+    const kt = keyType(s.get('keyType'), 'svid.keyType');
+    const caTtl = ca.ttlSeconds ?? DEFAULT_CA_TTL_SECONDS;
+    if (x && x509TtlSeconds !== undefined && x509TtlSeconds > caTtl * SVID_FRACTION_OF_CA) {
+      r.report(
+        x.valueOffset,
+        `svid.x509Ttl (${x509TtlSeconds}s) exceeds a sixth of ca.ttl (${caTtl}s): SVIDs signed just before a CA ` +
+          'rotation would be cut short; raise ca.ttl or lower svid.x509Ttl',
+      );
+    }
+    svid = {
+      ...(kt ? { keyType: kt } : {}),
+      ...(x509TtlSeconds ? { x509TtlSeconds } : {}),
+      ...(jwtTtlSeconds ? { jwtTtlSeconds } : {}),
+      ...(rotationJitter !== undefined ? { rotationJitter } : {}),
+    };
+  } else if (
+    (ca.ttlSeconds ?? DEFAULT_CA_TTL_SECONDS) * SVID_FRACTION_OF_CA <
+    DEFAULT_X509_SVID_TTL_SECONDS
+  ) {
+    r.report(r.offsetOf(caMap ?? root, 0), 'ca.ttl is under 6h: set svid.x509Ttl to at most a sixth of it');
+  }
+
+  // attestors
+  let unix: UnixAttestorOptions = {};
+  let k8s: K8sAttestorOptions | undefined;
+  const attMap = sub(f.get('attestors'), 'attestors');
+  if (attMap) {
+    const a = r.fields(attMap, ATTESTORS, 'attestors');
+    const unixMap = sub(a.get('unix'), 'attestors.unix');
+    if (unixMap) {
+      const u = r.fields(unixMap, UNIX, 'attestors.unix');
+      const d = u.get('discoverWorkloadPath');
+      const l = u.get('workloadSizeLimit');
+      const discover = d && r.boolean(d.value, d.valueOffset, 'attestors.unix.discoverWorkloadPath');
+      const limit = l && r.number(l.value, l.valueOffset, 'attestors.unix.workloadSizeLimit', 0);
+      unix = {
+        ...(discover !== undefined ? { discoverWorkloadPath: discover } : {}),
+        ...(limit !== undefined ? { workloadSizeLimit: limit } : {}),
+      };
+    }
+    const k8sField = a.get('k8s');
+    const k8sMap = sub(k8sField, 'attestors.k8s');
+    if (k8sField && k8sMap) {
+      const k = r.fields(k8sMap, K8S, 'attestors.k8s');
+      let nodeName = str(k.get('nodeName'), 'attestors.k8s.nodeName');
+      const envField = k.get('nodeNameEnv');
+      const envName = str(envField, 'attestors.k8s.nodeNameEnv');
+      if (envField && envName !== undefined) {
+        nodeName = env[envName];
+        if (!nodeName)
+          r.report(
+            envField.valueOffset,
+            `environment variable ${envName} (attestors.k8s.nodeNameEnv) is not set`,
+          );
+      }
+      if (k.get('nodeName') === undefined && envField === undefined) {
+        r.report(
+          k8sField.keyOffset,
+          'attestors.k8s needs nodeName, or nodeNameEnv naming a variable that holds it',
+        );
+      }
+      const skip = k.get('skipKubeletVerification');
+      const polls = k.get('maxPollAttempts');
+      const interval = k.get('pollInterval');
+      const skipValue =
+        skip && r.boolean(skip.value, skip.valueOffset, 'attestors.k8s.skipKubeletVerification');
+      const pollsValue =
+        polls && r.number(polls.value, polls.valueOffset, 'attestors.k8s.maxPollAttempts', 1, 1000);
+      const intervalSeconds =
+        interval && r.duration(interval.value, interval.valueOffset, 'attestors.k8s.pollInterval');
+      const kubeletUrl = str(k.get('kubeletUrl'), 'attestors.k8s.kubeletUrl');
+      const tokenPath = path(str(k.get('tokenPath'), 'attestors.k8s.tokenPath'));
+      const caPath = path(str(k.get('caPath'), 'attestors.k8s.caPath'));
+      if (nodeName) {
+        k8s = {
+          nodeName,
+          ...(kubeletUrl ? { kubeletUrl } : {}),
+          ...(tokenPath ? { tokenPath } : {}),
+          ...(caPath ? { caPath } : {}),
+          ...(skipValue !== undefined ? { skipKubeletVerification: skipValue } : {}),
+          ...(pollsValue !== undefined ? { maxPollAttempts: pollsValue } : {}),
+          ...(intervalSeconds !== undefined ? { pollIntervalMs: intervalSeconds * 1000 } : {}),
+        };
+      }
+    }
+  }
+
+  // federation
+  const federatedBundles = new Map<string, string>();
+  const fedMap = sub(f.get('federation'), 'federation');
+  if (fedMap) {
+    const fed = r.fields(fedMap, FEDERATION, 'federation');
+    const bundlesField = fed.get('bundles');
+    const bundlesMap = sub(bundlesField, 'federation.bundles');
+    if (bundlesMap) {
+      for (const pair of bundlesMap.items) {
+        const keyNode = pair.key as Node | null;
+        const keyOffset = r.offsetOf(keyNode, r.offsetOf(bundlesMap, 0));
+        const name = r.string(keyNode, keyOffset, 'a federation.bundles key (a trust domain name)');
+        const file = path(
+          r.string(
+            pair.value as Node | null,
+            r.offsetOf(pair.value as Node | null, keyOffset),
+            'a bundle file',
+          ),
+        );
+        if (name === undefined || file === undefined) continue;
+        try {
+          const td = TrustDomain.parse(name);
+          if (trustDomain?.equals(td)) {
+            r.report(keyOffset, `federation.bundles: ${name} is our own trust domain`);
+            continue;
+          }
+          federatedBundles.set(td.name, file);
+        } catch (err) {
+          r.report(keyOffset, `federation.bundles: ${(err as Error).message}`);
+        }
+      }
+    }
+  }
+
+  if (trustDomain === undefined || entriesFile === undefined) return undefined;
+  return {
+    trustDomain,
+    socketPath,
+    ...(socketMode !== undefined ? { socketMode } : {}),
+    entriesFile,
+    logLevel,
+    ca,
+    svid,
+    attestors: { unix, ...(k8s ? { k8s } : {}) },
+    ...(federatedBundles.size > 0 ? { federatedBundles } : {}),
+  };
+}

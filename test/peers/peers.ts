@@ -1,0 +1,112 @@
+/**
+ * Real peers for interop tests, built from their published Go modules into a cache outside the repository.
+ *
+ *   node test/peers/peers.ts [name...]     build (or reuse) and print the binaries' paths
+ *
+ * The cache is $KSP_CACHE_DIR, else $XDG_CACHE_HOME/kube-svid-proxy, else ~/.cache/kube-svid-proxy. A binary is
+ * keyed by a hash of the module files that pin it, so changing a pin rebuilds it and nothing else does.
+ * Tests call `peer(name)`: when Go is absent the test is skipped, saying why, unless KSP_REQUIRE_PEERS=1 (set by
+ * CI), which turns the skip into a failure.
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, renameSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+
+interface PeerSpec {
+  /** Go module directory (under test/peers) whose go.mod/go.sum pin the versions. */
+  readonly dir: string;
+  /** Package to build, relative to the module. */
+  readonly pkg: string;
+  /** Files whose content decides the cache key. */
+  readonly files: readonly string[];
+  readonly description: string;
+}
+
+export const PEERS = {
+  'spire-agent': {
+    dir: 'spire',
+    pkg: 'github.com/spiffe/spire/cmd/spire-agent',
+    files: ['go.mod', 'go.sum'],
+    description: 'SPIRE agent CLI v1.13.3 (api fetch / api validate)',
+  },
+  'gospiffe-probe': {
+    dir: 'gospiffe',
+    pkg: '.',
+    files: ['go.mod', 'go.sum', 'main.go'],
+    description: 'our go-spiffe v2.9.0 client program',
+  },
+} as const satisfies Record<string, PeerSpec>;
+
+export type PeerName = keyof typeof PEERS;
+
+const here = import.meta.dirname;
+
+export function cacheDir(): string {
+  const base = process.env.KSP_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'kube-svid-proxy');
+  return join(base, 'peers');
+}
+
+function goBinary(): string | undefined {
+  const found = spawnSync('go', ['version'], { encoding: 'utf8' });
+  return found.status === 0 ? 'go' : undefined;
+}
+
+/** Builds the peer if it is not cached yet; returns the binary's path. Throws if Go is missing or the build fails. */
+export function buildPeer(name: PeerName): string {
+  const spec: PeerSpec = PEERS[name];
+  const moduleDir = join(here, spec.dir);
+  const hash = createHash('sha256');
+  for (const file of spec.files) hash.update(file).update(readFileSync(join(moduleDir, file)));
+  const dir = join(cacheDir(), `${name}-${hash.digest('hex').slice(0, 16)}`);
+  const binary = join(dir, name);
+  if (existsSync(binary)) return binary;
+  if (goBinary() === undefined) throw new PeerUnavailableError(`Go is not installed, so ${spec.description} cannot be built`);
+  mkdirSync(dir, { recursive: true });
+  // Build beside the final name and rename: parallel test files may build the same peer at once.
+  const partial = `${binary}.${process.pid}.partial`;
+  process.stderr.write(`building ${name} (${spec.description}) into ${dir} ...\n`);
+  execFileSync('go', ['build', '-trimpath', '-o', partial, spec.pkg], {
+    cwd: moduleDir,
+    stdio: ['ignore', 'inherit', 'inherit'],
+    env: { ...process.env, GOTOOLCHAIN: 'local', GOFLAGS: `${process.env.GOFLAGS ?? ''} -mod=readonly`.trim() },
+  });
+  renameSync(partial, binary);
+  return binary;
+}
+
+export class PeerUnavailableError extends Error {
+  override name = 'PeerUnavailableError';
+}
+
+/** True when a missing peer must fail the run instead of skipping (CI). */
+export function peersRequired(): boolean {
+  return process.env.KSP_REQUIRE_PEERS === '1';
+}
+
+/**
+ * For tests: the peer's path, or a skip reason when Go is absent and peers are not required.
+ * A build failure is never a skip.
+ */
+export function peer(name: PeerName): { path: string } | { skip: string } {
+  try {
+    return { path: buildPeer(name) };
+  } catch (err) {
+    if (err instanceof PeerUnavailableError && !peersRequired()) {
+      return { skip: `${err.message}; set KSP_REQUIRE_PEERS=1 to make this a failure` };
+    }
+    throw err;
+  }
+}
+
+if (import.meta.main) {
+  const names = (process.argv.length > 2 ? process.argv.slice(2) : Object.keys(PEERS)) as PeerName[];
+  for (const name of names) {
+    if (!(name in PEERS)) {
+      process.stderr.write(`unknown peer ${name}; known: ${Object.keys(PEERS).join(', ')}\n`);
+      process.exit(2);
+    }
+    process.stdout.write(`${name}\t${buildPeer(name)}\n`);
+  }
+}
