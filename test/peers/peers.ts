@@ -44,7 +44,9 @@ export type PeerName = keyof typeof PEERS;
 const here = import.meta.dirname;
 
 export function cacheDir(): string {
-  const base = process.env.KSP_CACHE_DIR ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'kube-svid-proxy');
+  const base =
+    process.env.KSP_CACHE_DIR ??
+    join(process.env.XDG_CACHE_HOME ?? join(homedir(), '.cache'), 'kube-svid-proxy');
   return join(base, 'peers');
 }
 
@@ -62,7 +64,8 @@ export function buildPeer(name: PeerName): string {
   const dir = join(cacheDir(), `${name}-${hash.digest('hex').slice(0, 16)}`);
   const binary = join(dir, name);
   if (existsSync(binary)) return binary;
-  if (goBinary() === undefined) throw new PeerUnavailableError(`Go is not installed, so ${spec.description} cannot be built`);
+  if (goBinary() === undefined)
+    throw new PeerUnavailableError(`Go is not installed, so ${spec.description} cannot be built`);
   mkdirSync(dir, { recursive: true });
   // Build beside the final name and rename: parallel test files may build the same peer at once.
   const partial = `${binary}.${process.pid}.partial`;
@@ -70,7 +73,11 @@ export function buildPeer(name: PeerName): string {
   execFileSync('go', ['build', '-trimpath', '-o', partial, spec.pkg], {
     cwd: moduleDir,
     stdio: ['ignore', 'inherit', 'inherit'],
-    env: { ...process.env, GOTOOLCHAIN: 'local', GOFLAGS: `${process.env.GOFLAGS ?? ''} -mod=readonly`.trim() },
+    env: {
+      ...process.env,
+      GOTOOLCHAIN: 'local',
+      GOFLAGS: `${process.env.GOFLAGS ?? ''} -mod=readonly`.trim(),
+    },
   });
   renameSync(partial, binary);
   return binary;
