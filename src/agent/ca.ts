@@ -63,6 +63,8 @@ export interface CaSlot {
   readonly certificate: X509Certificate;
   readonly notBefore: Date;
   readonly notAfter: Date;
+  /** When it was minted (notBefore is backdated); its rotation schedule counts from here. */
+  readonly issuedAt: Date;
   /** Certificates a leaf it signs must present after itself: this CA when it is an intermediate, and upstream's. */
   readonly intermediates: readonly X509Certificate[];
   readonly jwtAuthority: JwtAuthority;
@@ -219,9 +221,9 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
     if (this.#closed) return;
     const now = this.#now().getTime();
     const active = this.#active;
-    const life = active.notAfter.getTime() - active.notBefore.getTime();
+    const life = active.notAfter.getTime() - active.issuedAt.getTime();
     let changed = false;
-    if (this.#next === undefined && now >= active.notBefore.getTime() + life * PREPARE_AT) {
+    if (this.#next === undefined && now >= active.issuedAt.getTime() + life * PREPARE_AT) {
       this.#next = await this.#mintSlot(active.generation + 1);
       changed = true;
     }
@@ -245,9 +247,9 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
    * the schedule was late, e.g. after a suspended host wakes up).
    */
   #activateAt(active: CaSlot, next: CaSlot): number {
-    const start = active.notBefore.getTime();
+    const start = active.issuedAt.getTime();
     const life = active.notAfter.getTime() - start;
-    const published = next.notBefore.getTime() + BACKDATE_SECONDS * 1000;
+    const published = next.issuedAt.getTime();
     const propagation = Math.min(
       life * (ACTIVATE_AT - PREPARE_AT),
       (active.notAfter.getTime() - published) / 2,
@@ -258,7 +260,7 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
   #schedule(): void {
     if (this.#closed) return;
     const active = this.#active;
-    const start = active.notBefore.getTime();
+    const start = active.issuedAt.getTime();
     const life = active.notAfter.getTime() - start;
     const due = [
       this.#next === undefined ? start + life * PREPARE_AT : this.#activateAt(active, this.#next),
@@ -351,6 +353,7 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
       certificate,
       notBefore,
       notAfter,
+      issuedAt: new Date(now),
       intermediates,
       jwtAuthority: { kid: randomKid(), publicKey: KeyObject.from(jwtKeys.publicKey) },
       signingKey: keys.privateKey,
