@@ -68,6 +68,8 @@ export interface WorkloadApiServerOptions {
   readonly logger: Logger;
   /** Permissions of the socket file (default 0o777: every local process may ask; the directory guards it). */
   readonly socketMode?: number;
+  /** procfs root for the PID-reuse guard (default /proc; tests use a fake tree). */
+  readonly procRoot?: string;
 }
 
 export interface WorkloadApiStats {
@@ -109,6 +111,7 @@ export class WorkloadApiServer {
   readonly #backend: WorkloadApiBackend;
   readonly #log: Logger;
   readonly #socketMode: number;
+  readonly #procRoot: string | undefined;
   readonly #grpc = new grpc.Server();
   readonly #connections = new Map<string, Connection>();
   readonly #sockets = new Set<net.Socket>();
@@ -128,6 +131,7 @@ export class WorkloadApiServer {
     this.#backend = options.backend;
     this.#log = options.logger;
     this.#socketMode = options.socketMode ?? 0o777;
+    this.#procRoot = options.procRoot;
     this.#grpc.addService(preEncodedService(), {
       FetchX509SVID: (call: grpc.ServerWritableStream<unknown, unknown>) =>
         this.#stream('FetchX509SVID', call),
@@ -216,7 +220,7 @@ export class WorkloadApiServer {
   async #accept(socket: net.Socket): Promise<void> {
     if (this.#closing) throw new Error('server closing');
     const credentials = peerCredentials(socket);
-    const startTime = await readProcessStartTime(credentials.pid);
+    const startTime = await readProcessStartTime(credentials.pid, this.#procRoot);
     const token = `${CONNECTION_PREFIX}${this.#nextConnection++}`;
     // grpc-js reports a call's peer as its socket's remoteAddress (undefined for Unix sockets), so naming the
     // connection there is how a call finds the credentials of the connection it arrived on.
@@ -260,7 +264,7 @@ export class WorkloadApiServer {
         `workload attestation failed: ${(err as Error).message}`,
       );
     }
-    const after = await readProcessStartTime(credentials.pid).catch(() => undefined);
+    const after = await readProcessStartTime(credentials.pid, this.#procRoot).catch(() => undefined);
     if (after !== startTime) {
       this.#log.warn({ pid: credentials.pid }, 'caller exited or its PID was reused during attestation');
       throw new RpcError(grpc.status.PERMISSION_DENIED, 'the calling process exited or its PID was reused');
