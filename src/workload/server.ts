@@ -200,8 +200,8 @@ export class WorkloadApiServer {
         resolve();
       });
     });
-    await chmod(this.socketPath, this.#socketMode);
     this.#net = server;
+    await chmod(this.socketPath, this.#socketMode);
     this.#log.info({ socket: this.socketPath, mode: this.#socketMode.toString(8) }, 'Workload API listening');
   }
 
@@ -213,8 +213,12 @@ export class WorkloadApiServer {
     this.#injector?.destroy();
     for (const socket of this.#sockets) socket.destroy();
     this.#grpc.forceShutdown();
-    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
-    await unlink(this.socketPath).catch(() => {});
+    if (server) {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      // Only the socket this server created: one that never listened (e.g. refused because another server
+      // answers on the path) must leave that server's socket alone.
+      await unlink(this.socketPath).catch(() => {});
+    }
   }
 
   async #accept(socket: net.Socket): Promise<void> {
@@ -531,14 +535,21 @@ export async function prepareSocketPath(socketPath: string): Promise<void> {
   const existing = await lstat(socketPath).catch(() => undefined);
   if (existing === undefined) return;
   if (!existing.isSocket()) fail('the path exists and is not a socket; refusing to replace it');
-  const live = await new Promise<boolean>((resolve) => {
-    const probe = net.connect(socketPath);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
+  // Only a refused connection proves the socket is stale; any other error (EAGAIN: a live server's backlog is
+  // full, EACCES) leaves the question open, and then we refuse rather than unlink someone's live socket.
+  const probe = await new Promise<'live' | 'stale' | string>((resolve) => {
+    const socket = net.connect(socketPath);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve('live');
     });
-    probe.once('error', () => resolve(false));
+    socket.once('error', (err: NodeJS.ErrnoException) =>
+      resolve(err.code === 'ECONNREFUSED' ? 'stale' : (err.code ?? err.message)),
+    );
   });
+  if (probe !== 'live' && probe !== 'stale')
+    fail(`cannot tell whether another server is listening on it (${probe})`);
+  const live = probe === 'live';
   if (live) fail('another server is listening on it');
   await unlink(socketPath);
 }
