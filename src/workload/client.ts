@@ -71,6 +71,8 @@ export function resolveEndpoint(address: string | undefined): string {
   return parseEndpointAddress(value);
 }
 
+type StreamMethod = 'FetchX509SVID' | 'FetchX509Bundles' | 'FetchJWTBundles';
+
 type RawClient = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
 
 /** A thin, typed client of the SPIFFE Workload API. Every call carries the security header. */
@@ -115,7 +117,7 @@ export class WorkloadClient {
 
   /** Opens a server stream; `onMessage` gets each message, `onEnd` the error that ended it (or undefined). */
   stream<Msg>(
-    method: 'FetchX509SVID' | 'FetchX509Bundles' | 'FetchJWTBundles',
+    method: StreamMethod,
     onMessage: (message: Msg) => void,
     onEnd: (err: WorkloadApiError | undefined) => void,
   ): { cancel(): void } {
@@ -186,10 +188,7 @@ export class WorkloadClient {
     this.#client.close();
   }
 
-  #first<Msg, T>(
-    method: 'FetchX509SVID' | 'FetchX509Bundles' | 'FetchJWTBundles',
-    parse: (m: Msg) => T,
-  ): Promise<T> {
+  #first<Msg, T>(method: StreamMethod, parse: (m: Msg) => T): Promise<T> {
     return new Promise((resolve, reject) => {
       let settled = false;
       const timer = setTimeout(() => {
@@ -308,7 +307,7 @@ interface SourceEvents<T> {
  */
 class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
   readonly #client: WorkloadClient;
-  readonly #method: 'FetchX509SVID' | 'FetchX509Bundles' | 'FetchJWTBundles';
+  readonly #method: StreamMethod;
   readonly #parse: (message: Msg) => T;
   readonly #initialBackoff: number;
   readonly #maxBackoff: number;
@@ -323,7 +322,7 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
 
   constructor(
     client: WorkloadClient,
-    method: 'FetchX509SVID' | 'FetchX509Bundles' | 'FetchJWTBundles',
+    method: StreamMethod,
     parse: (message: Msg) => T,
     options: SourceOptions,
   ) {
@@ -411,39 +410,66 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
   }
 }
 
-/**
- * The caller's X.509-SVIDs and bundles, kept current from the Workload API. `update` fires on every change
- * (rotation, bundle change, entries edit); `svid` and `bundles` always give the latest.
- */
-export class X509Source extends EventEmitter<SourceEvents<X509Context>> implements X509BundleSource {
-  readonly #client: WorkloadClient;
-  readonly #follower: StreamFollower<X509SvidResponse, X509Context>;
+/** What X509Source and JwtSource share: one followed stream, its events, start-up and shutdown. */
+abstract class FollowingSource<Msg, T> extends EventEmitter<SourceEvents<T>> {
+  protected readonly client: WorkloadClient;
+  readonly #follower: StreamFollower<Msg, T>;
 
-  private constructor(options: SourceOptions) {
+  protected constructor(options: SourceOptions, method: StreamMethod, parse: (message: Msg) => T) {
     super();
-    this.#client = new WorkloadClient(options);
-    this.#follower = new StreamFollower(this.#client, 'FetchX509SVID', parseX509SvidResponse, options);
-    this.#follower.on('update', (ctx) => this.emit('update', ctx));
+    this.client = new WorkloadClient(options);
+    this.#follower = new StreamFollower(this.client, method, parse, options);
+    this.#follower.on('update', (value) => this.emit('update', value));
     this.#follower.on('error', (err) => {
       if (this.listenerCount('error') > 0) this.emit('error', err);
     });
   }
 
+  /** Opens the stream and waits for its first message; closes everything if that fails. */
+  protected async begin(options: SourceOptions): Promise<void> {
+    this.#follower.start();
+    try {
+      await this.#follower.waitForFirst(options.startTimeoutMs ?? 30_000);
+    } catch (err) {
+      this.close();
+      throw err;
+    }
+  }
+
+  /** The latest value (set once `begin()` resolved). */
+  protected get latest(): T {
+    return this.#follower.current as T;
+  }
+
+  /** Streams opened so far: 1 plus the number of reconnects. */
+  get connects(): number {
+    return this.#follower.connects;
+  }
+
+  close(): void {
+    this.#follower.close();
+    this.client.close();
+  }
+}
+
+/**
+ * The caller's X.509-SVIDs and bundles, kept current from the Workload API. `update` fires on every change
+ * (rotation, bundle change, entries edit); `svid` and `bundles` always give the latest.
+ */
+export class X509Source extends FollowingSource<X509SvidResponse, X509Context> implements X509BundleSource {
+  private constructor(options: SourceOptions) {
+    super(options, 'FetchX509SVID', parseX509SvidResponse);
+  }
+
   /** Connects and waits for the first X509SVIDResponse. */
   static async create(options: SourceOptions = {}): Promise<X509Source> {
     const source = new X509Source(options);
-    source.#follower.start();
-    try {
-      await source.#follower.waitForFirst(options.startTimeoutMs ?? 30_000);
-    } catch (err) {
-      source.close();
-      throw err;
-    }
+    await source.begin(options);
     return source;
   }
 
   get context(): X509Context {
-    return this.#follower.current as X509Context;
+    return this.latest;
   }
 
   /** The default SVID (the first), or the one with `hint`. */
@@ -461,47 +487,22 @@ export class X509Source extends EventEmitter<SourceEvents<X509Context>> implemen
   getX509Bundle(trustDomain: TrustDomain): X509Bundle | undefined {
     return this.context.bundles.getX509Bundle(trustDomain);
   }
-
-  /** Streams opened so far: 1 plus the number of reconnects. */
-  get connects(): number {
-    return this.#follower.connects;
-  }
-
-  close(): void {
-    this.#follower.close();
-    this.#client.close();
-  }
 }
 
 /** JWT bundles kept current from the Workload API, and JWT-SVIDs fetched on demand. */
-export class JwtSource extends EventEmitter<SourceEvents<BundleSet>> implements JwtBundleSource {
-  readonly #client: WorkloadClient;
-  readonly #follower: StreamFollower<JwtBundlesResponse, BundleSet>;
-
+export class JwtSource extends FollowingSource<JwtBundlesResponse, BundleSet> implements JwtBundleSource {
   private constructor(options: SourceOptions) {
-    super();
-    this.#client = new WorkloadClient(options);
-    this.#follower = new StreamFollower(this.#client, 'FetchJWTBundles', parseJwtBundlesResponse, options);
-    this.#follower.on('update', (set) => this.emit('update', set));
-    this.#follower.on('error', (err) => {
-      if (this.listenerCount('error') > 0) this.emit('error', err);
-    });
+    super(options, 'FetchJWTBundles', parseJwtBundlesResponse);
   }
 
   static async create(options: SourceOptions = {}): Promise<JwtSource> {
     const source = new JwtSource(options);
-    source.#follower.start();
-    try {
-      await source.#follower.waitForFirst(options.startTimeoutMs ?? 30_000);
-    } catch (err) {
-      source.close();
-      throw err;
-    }
+    await source.begin(options);
     return source;
   }
 
   get bundles(): BundleSet {
-    return this.#follower.current as BundleSet;
+    return this.latest;
   }
 
   getJwtBundle(trustDomain: TrustDomain): JwtBundle | undefined {
@@ -510,16 +511,11 @@ export class JwtSource extends EventEmitter<SourceEvents<BundleSet>> implements 
 
   /** Fetches fresh JWT-SVIDs (the default first) for `audience`. */
   fetchJwtSvids(audience: string | readonly string[], spiffeId?: SpiffeId | string): Promise<JwtSvid[]> {
-    return this.#client.fetchJwtSvids(audience, spiffeId);
+    return this.client.fetchJwtSvids(audience, spiffeId);
   }
 
   /** The default JWT-SVID for `audience`. */
   async fetchJwtSvid(audience: string | readonly string[], spiffeId?: SpiffeId | string): Promise<JwtSvid> {
     return (await this.fetchJwtSvids(audience, spiffeId))[0] as JwtSvid;
-  }
-
-  close(): void {
-    this.#follower.close();
-    this.#client.close();
   }
 }
