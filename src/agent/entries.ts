@@ -19,10 +19,10 @@ import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { isMap, type Node } from 'yaml';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
-import { describe, formatProblems, quote, readYaml, type YamlProblem, YamlReader } from '../config/yaml.ts';
+import { describe, quote, readYaml, type YamlProblem, YamlReader } from '../config/yaml.ts';
 import { SpiffeError } from '../spiffe/errors.ts';
 import { SpiffeId, TrustDomain } from '../spiffe/id.ts';
-import { AgentError, AgentErrorCode } from './errors.ts';
+import { AgentError, AgentErrorCode, FileProblemsError } from './errors.ts';
 import { formatSelector, parseSelector, type Selector, selectorsMatch } from './selectors.ts';
 
 /** One registration entry. Immutable; `key` identifies its content (any edit yields a new key). */
@@ -50,15 +50,10 @@ export type EntryProblem = YamlProblem;
  * An entries file was refused. The message lists every problem, one a line, as `<file>:<line>:<col>: <what>`;
  * `problems` holds the same, for programs. `code` is `ERR_AGENT_ENTRIES`.
  */
-export class EntriesError extends AgentError {
-  readonly file: string;
-  readonly problems: readonly EntryProblem[];
-
+export class EntriesError extends FileProblemsError {
   constructor(file: string, problems: readonly EntryProblem[]) {
-    super(AgentErrorCode.Entries, formatProblems(file, problems));
+    super(AgentErrorCode.Entries, file, problems);
     this.name = 'EntriesError';
-    this.file = file;
-    this.problems = problems;
   }
 }
 

@@ -3,6 +3,8 @@
  * Logs key on the code; the message names the file, line and column or the value at fault.
  */
 
+import { formatProblems, type YamlProblem } from '../config/yaml.ts';
+
 export const AgentErrorCode = {
   /** A selector string is not `type:value`, or its type is unknown. */
   Selector: 'ERR_AGENT_SELECTOR',
@@ -29,6 +31,19 @@ export class AgentError extends Error {
     super(message, options);
     this.name = 'AgentError';
     this.code = code;
+  }
+}
+
+/** A file (entries, config) refused as a whole: every problem with its line and column, one a line. */
+export class FileProblemsError extends AgentError {
+  readonly file: string;
+  readonly problems: readonly YamlProblem[];
+
+  constructor(code: AgentErrorCode, file: string, problems: readonly YamlProblem[]) {
+    super(code, formatProblems(file, problems));
+    this.name = 'FileProblemsError';
+    this.file = file;
+    this.problems = problems;
   }
 }
 

@@ -10,26 +10,22 @@ import type { AgentOptions } from '../agent/agent.ts';
 import type { K8sAttestorOptions } from '../agent/attestors/k8s.ts';
 import type { UnixAttestorOptions } from '../agent/attestors/unix.ts';
 import { DEFAULT_CA_TTL_SECONDS } from '../agent/ca.ts';
-import { AgentError, AgentErrorCode } from '../agent/errors.ts';
+import { AgentError, AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
 import { DEFAULT_X509_SVID_TTL_SECONDS } from '../agent/issuer.ts';
 import { isKeyType, KEY_TYPES, type KeyType } from '../agent/keys.ts';
 import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
 import { TrustDomain } from '../spiffe/id.ts';
-import { formatProblems, readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
+import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
 
 export const DEFAULT_AGENT_SOCKET = '/run/kube-svid-proxy/agent.sock';
 
 /** AgentOptions without the logger, plus the log level. */
 export type AgentConfig = Omit<AgentOptions, 'logger'> & { readonly logLevel: LogLevel };
 
-export class ConfigError extends AgentError {
-  readonly file: string;
-  readonly problems: readonly YamlProblem[];
+export class ConfigError extends FileProblemsError {
   constructor(file: string, problems: readonly YamlProblem[]) {
-    super(AgentErrorCode.Config, formatProblems(file, problems));
+    super(AgentErrorCode.Config, file, problems);
     this.name = 'ConfigError';
-    this.file = file;
-    this.problems = problems;
   }
 }
 
@@ -118,7 +114,11 @@ function readTop(
     const name = str(tdField, 'trustDomain');
     if (name !== undefined) {
       try {
-        trustDomain = TrustDomain.parse(name);
+        if (/^spiffe:\/\/[^/]*\/./.test(name)) {
+          r.report(tdField.valueOffset, `trustDomain "${name}" has a path; write the trust domain name only`);
+        } else {
+          trustDomain = TrustDomain.parse(name);
+        }
       } catch (err) {
         r.report(tdField.valueOffset, `trustDomain: ${(err as Error).message}`);
       }
@@ -161,10 +161,12 @@ function readTop(
 
   // ca
   let ca: AgentConfig['ca'] = {};
+  let caTtlOffset = 0;
   const caMap = sub(f.get('ca'), 'ca');
   if (caMap) {
     const c = r.fields(caMap, CA, 'ca');
     const ttlField = c.get('ttl');
+    caTtlOffset = ttlField?.valueOffset ?? r.offsetOf(caMap, 0);
     const ttlSeconds = ttlField && r.duration(ttlField.value, ttlField.valueOffset, 'ca.ttl', 6);
     let upstream: { certFile: string; keyFile: string; bundleFile?: string } | undefined;
     const upMap = sub(c.get('upstream'), 'ca.upstream');
@@ -189,17 +191,19 @@ function readTop(
 
   // svid
   let svid: AgentConfig['svid'] = {};
+  const caTtl = ca.ttlSeconds ?? DEFAULT_CA_TTL_SECONDS;
   const svidMap = sub(f.get('svid'), 'svid');
+  let x509TtlGiven = false;
   if (svidMap) {
     const s = r.fields(svidMap, SVID, 'svid');
     const x = s.get('x509Ttl');
+    x509TtlGiven = x !== undefined;
     const j = s.get('jwtTtl');
     const jit = s.get('rotationJitter');
     const x509TtlSeconds = x && r.duration(x.value, x.valueOffset, 'svid.x509Ttl', 1);
     const jwtTtlSeconds = j && r.duration(j.value, j.valueOffset, 'svid.jwtTtl', 1);
     const rotationJitter = jit && r.number(jit.value, jit.valueOffset, 'svid.rotationJitter', 0, 0.5);
     const kt = keyType(s.get('keyType'), 'svid.keyType');
-    const caTtl = ca.ttlSeconds ?? DEFAULT_CA_TTL_SECONDS;
     if (x && x509TtlSeconds !== undefined && x509TtlSeconds > caTtl * SVID_FRACTION_OF_CA) {
       r.report(
         x.valueOffset,
@@ -213,11 +217,10 @@ function readTop(
       ...(jwtTtlSeconds ? { jwtTtlSeconds } : {}),
       ...(rotationJitter !== undefined ? { rotationJitter } : {}),
     };
-  } else if (
-    (ca.ttlSeconds ?? DEFAULT_CA_TTL_SECONDS) * SVID_FRACTION_OF_CA <
-    DEFAULT_X509_SVID_TTL_SECONDS
-  ) {
-    r.report(r.offsetOf(caMap ?? root, 0), 'ca.ttl is under 6h: set svid.x509Ttl to at most a sixth of it');
+  }
+  // Without svid.x509Ttl the default SVID lifetime applies, and it too must fit in a sixth of ca.ttl.
+  if (!x509TtlGiven && caTtl * SVID_FRACTION_OF_CA < DEFAULT_X509_SVID_TTL_SECONDS) {
+    r.report(caTtlOffset, 'ca.ttl is under 6h: set svid.x509Ttl to at most a sixth of it');
   }
 
   // attestors
