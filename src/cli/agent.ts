@@ -4,11 +4,6 @@ import { loadAgentConfig } from '../config/agent.ts';
 import { createLogger, isLogLevel, LOG_LEVELS } from '../observability/logger.ts';
 import { EXIT, UsageError } from './common.ts';
 
-export const AGENT_USAGE = `  agent --config FILE [--log-level LEVEL]
-        Run the bundled Workload API agent: a local CA for one trust domain, caller attestation (unix, k8s),
-        registration entries from a YAML file (hot reload), SVIDs rotated at half-life. Stops on SIGINT/SIGTERM.
-`;
-
 /** Runs until SIGINT or SIGTERM; resolves with the exit code. */
 export async function agentCommand(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({

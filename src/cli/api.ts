@@ -9,19 +9,6 @@ import { WorkloadApiError, WorkloadClient, type X509Context } from '../workload/
 import { ENDPOINT_SOCKET_ENV } from '../workload/proto.ts';
 import { EXIT, out, UsageError } from './common.ts';
 
-export const API_USAGE = `  api fetch x509 [--socket ADDR] [--write DIR] [--json] [--timeout DURATION]
-        Fetch this process's X.509-SVIDs and bundles from the Workload API and print SPIFFE IDs and expiry.
-        --write DIR also writes svid.N.pem (chain), svid.N.key (PKCS#8, mode 0600), bundle.N.pem and
-        federated_bundle.<trust domain>.pem.
-  api fetch jwt --audience AUD [--audience AUD ...] [--spiffe-id ID] [--socket ADDR] [--json]
-        Fetch JWT-SVIDs for the audience(s) and print them with their SPIFFE ID and expiry.
-  api fetch bundles [--socket ADDR] [--json]
-        Print the X.509 and JWT bundles this process may use, per trust domain.
-  api validate jwt --audience AUD --svid TOKEN [--socket ADDR] [--json]
-        Ask the Workload API to validate a JWT-SVID; print its SPIFFE ID and claims, or the refusal (exit 1).
-        ADDR defaults to $${ENDPOINT_SOCKET_ENV}, else unix://${DEFAULT_AGENT_SOCKET}.
-`;
-
 const COMMON = {
   socket: { type: 'string' },
   json: { type: 'boolean' },

@@ -11,9 +11,8 @@ import {
   verifyX509Svid,
   X509Bundle,
 } from '../spiffe/index.ts';
-import { AGENT_USAGE, agentCommand } from './agent.ts';
-import { API_USAGE, apiCommand } from './api.ts';
 import { EXIT, UsageError } from './common.ts';
+import { AGENT_USAGE, API_USAGE } from './usage.ts';
 
 const USAGE = `kube-svid-proxy: SPIFFE mTLS front door for kube-apiserver
 
@@ -32,6 +31,7 @@ Not built yet (each prints what it will be and exits 3):
   policy        policy check | explain | rbac
   credential    kubectl exec credential plugin
   bundle        bundle endpoint and federation tools
+  client        client-mode listener (wraps outbound connections in SVID mTLS)
 `;
 
 const NOT_BUILT: Record<string, string> = {
@@ -106,9 +106,10 @@ async function main(argv: string[]): Promise<number> {
         process.stdout.write(`kube-svid-proxy ${version()}\n`);
         return EXIT.ok;
       case 'agent':
-        return await agentCommand(rest);
+        // Loaded on demand: gRPC and the CA code are heavy, and most commands need neither.
+        return await (await import('./agent.ts')).agentCommand(rest);
       case 'api':
-        return await apiCommand(rest);
+        return await (await import('./api.ts')).apiCommand(rest);
       case 'svid':
         if (rest[0] === 'verify') return svidVerify(rest.slice(1));
         throw new UsageError(`unknown svid subcommand ${JSON.stringify(rest[0] ?? '')} (expected: verify)`);
@@ -133,7 +134,10 @@ async function main(argv: string[]): Promise<number> {
       return EXIT.usage;
     }
     if (isAgentError(e)) {
-      process.stderr.write(`kube-svid-proxy: ${e.code}: ${e.message}\n`);
+      // Multi-line messages (file:line:col problems) start on their own line, so each line begins with the file.
+      process.stderr.write(
+        `kube-svid-proxy: ${e.code}:${e.message.includes('\n') ? '\n' : ' '}${e.message}\n`,
+      );
       return EXIT.refused;
     }
     if (e instanceof SpiffeError) {

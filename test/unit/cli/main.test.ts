@@ -1,17 +1,59 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { bundleJson, type DevPki, makeDevPki } from '../../../certs-dev/devpki.ts';
 
 const main = join(import.meta.dirname, '..', '..', '..', 'src', 'cli', 'main.ts');
 
-function run(...args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [main, ...args], { encoding: 'utf8' });
+interface RunResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * The environment for a CLI child: without SPIFFE_ENDPOINT_SOCKET (the host's setting must not leak into a test),
+ * with Node's compile cache (it halves the start-up time of every run after the first).
+ */
+function cleanEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    NODE_COMPILE_CACHE:
+      process.env.NODE_COMPILE_CACHE ?? join(tmpdir(), 'kube-svid-proxy-test-compile-cache'),
+    ...extra,
+  };
+  if (!('SPIFFE_ENDPOINT_SOCKET' in extra)) delete env.SPIFFE_ENDPOINT_SOCKET;
+  return env;
+}
+
+function run(...args: string[]): RunResult {
+  const r = spawnSync(process.execPath, [main, ...args], { encoding: 'utf8', env: cleanEnv() });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
+
+/** Runs the CLI without blocking, so independent runs can go in parallel. */
+function runAsync(args: string[], env: NodeJS.ProcessEnv = cleanEnv()): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [main, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      stdout += d;
+    });
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+    });
+    child.on('error', reject);
+    child.on('close', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+const literal = (text: string): string => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 describe('kube-svid-proxy CLI', () => {
   let dir: string;
@@ -29,8 +71,11 @@ describe('kube-svid-proxy CLI', () => {
   after(() => rmSync(dir, { recursive: true, force: true }));
 
   it('prints help and exits 0; with no command it prints help and exits 2', () => {
-    assert.equal(run('help').status, 0);
-    assert.match(run('help').stdout, /svid verify/);
+    const help = run('help');
+    assert.equal(help.status, 0);
+    assert.match(help.stdout, /svid verify/);
+    assert.match(help.stdout, /^ {2}agent --config FILE/m);
+    assert.match(help.stdout, /^ {2}api fetch x509/m);
     assert.equal(run().status, 2);
   });
 
@@ -38,6 +83,16 @@ describe('kube-svid-proxy CLI', () => {
     const r = run('serve');
     assert.equal(r.status, 3);
     assert.match(r.stderr, /serve: the proxy .* not built yet/);
+  });
+
+  it('answers "not built yet" (exit 3) for policy, credential, bundle and client too', async () => {
+    const commands = ['policy', 'credential', 'bundle', 'client'];
+    const results = await Promise.all(commands.map((c) => runAsync([c])));
+    for (const [i, command] of commands.entries()) {
+      const r = results[i];
+      assert.equal(r?.status, 3, `${command}: ${r?.stderr}`);
+      assert.match(r?.stderr ?? '', new RegExp(`^kube-svid-proxy ${command}: .*not built yet`));
+    }
   });
 
   it('refuses unknown commands and flags with usage errors (exit 2)', () => {
@@ -101,5 +156,238 @@ describe('kube-svid-proxy CLI', () => {
     );
     assert.equal(r.status, 1);
     assert.match(r.stderr, /ENOENT.*absent\.json/);
+  });
+});
+
+describe('kube-svid-proxy agent: refusals before it starts', () => {
+  let dir: string;
+  before(() => {
+    dir = mkdtempSync(join(tmpdir(), 'ksp-cli-agent-'));
+  });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('needs --config, refuses a missing or invalid config, and an unknown --log-level', async () => {
+    const good = join(dir, 'good.yaml');
+    writeFileSync(join(dir, 'entries.yaml'), 'entries: []\n');
+    writeFileSync(good, 'trustDomain: example.org\nentriesFile: entries.yaml\nsocketPath: s/agent.sock\n');
+    const bad = join(dir, 'bad.yaml');
+    writeFileSync(bad, 'trustDomain: example.org\nentriesFile: entries.yaml\nbogus: 1\nlogLevel: loud\n');
+    const missing = join(dir, 'missing.yaml');
+    const [noConfig, absent, invalid, loud] = await Promise.all([
+      runAsync(['agent']),
+      runAsync(['agent', '--config', missing]),
+      runAsync(['agent', '--config', bad]),
+      runAsync(['agent', '--config', good, '--log-level', 'loud']),
+    ]);
+
+    // agent exists now: a usage error (2), not "not built yet" (3).
+    assert.equal(noConfig.status, 2, noConfig.stderr);
+    assert.doesNotMatch(noConfig.stderr, /not built yet/);
+    assert.match(noConfig.stderr, /agent needs --config FILE/);
+    assert.match(noConfig.stderr, /Run 'kube-svid-proxy help' for usage/);
+
+    assert.equal(absent.status, 1, absent.stderr);
+    assert.match(absent.stderr, /ERR_AGENT_CONFIG/);
+    assert.match(absent.stderr, new RegExp(literal(missing)));
+
+    assert.equal(invalid.status, 1, invalid.stderr);
+    assert.match(invalid.stderr, /ERR_AGENT_CONFIG/);
+    assert.match(invalid.stderr, new RegExp(`${literal(bad)}:3:1: unknown key "bogus"`));
+    assert.match(invalid.stderr, new RegExp(`^${literal(bad)}:4:11: logLevel "loud"`, 'm'));
+
+    assert.equal(loud.status, 2, loud.stderr);
+    assert.match(loud.stderr, /--log-level must be one of/);
+    // Refused before anything was started.
+    assert.equal(existsSync(join(dir, 's', 'agent.sock')), false);
+  });
+});
+
+describe('kube-svid-proxy agent and api: a real agent in a child process', () => {
+  const uid = process.getuid?.() ?? 0;
+  const id = 'spiffe://example.org/cli/test';
+  let dir: string;
+  let socketPath: string;
+  let address: string;
+  let entriesFile: string;
+  let agent: ChildProcess | undefined;
+  let agentStdout = '';
+  let agentStderr = '';
+  let exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+
+  const api = (args: string[], env: NodeJS.ProcessEnv = cleanEnv()): Promise<RunResult> =>
+    runAsync(['api', ...args], env);
+
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'ksp-cli-agent-'));
+    socketPath = join(dir, 'sock', 'agent.sock');
+    address = `unix://${socketPath}`;
+    entriesFile = join(dir, 'entries.yaml');
+    writeFileSync(
+      entriesFile,
+      `entries:\n  - spiffeId: ${id}\n    selectors: ["unix:uid:${uid}"]\n    hint: cli\n`,
+    );
+    const config = join(dir, 'agent.yaml');
+    writeFileSync(
+      config,
+      'trustDomain: example.org\nentriesFile: entries.yaml\nsocketPath: sock/agent.sock\nlogLevel: info\n',
+    );
+    const child = spawn(process.execPath, [main, 'agent', '--config', config], {
+      env: cleanEnv(),
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    agent = child;
+    exited = new Promise((resolve) => {
+      child.on('exit', (code, signal) => resolve({ code, signal }));
+    });
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      agentStdout += d;
+    });
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`the agent did not start:\n${agentStderr}`)), 15_000);
+      child.stderr.setEncoding('utf8').on('data', (d: string) => {
+        agentStderr += d;
+        if (agentStderr.includes('"msg":"agent started"')) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+      void exited.then(({ code, signal }) => {
+        clearTimeout(timer);
+        reject(new Error(`the agent exited (${code ?? signal}) before starting:\n${agentStderr}`));
+      });
+    });
+  });
+
+  after(async () => {
+    if (agent && agent.exitCode === null && agent.signalCode === null) {
+      agent.kill('SIGKILL');
+      await exited;
+    }
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('api fetch x509 --socket prints the SPIFFE ID and validity', async () => {
+    const r = await api(['fetch', 'x509', '--socket', address]);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^received 1 X\.509-SVID\(s\)/);
+    assert.match(r.stdout, new RegExp(`SPIFFE ID +${literal(id)}$`, 'm'));
+    assert.match(r.stdout, /valid until +\d{4}-\d\d-\d\dT/);
+    assert.match(r.stdout, /^bundle spiffe:\/\/example\.org$/m);
+  });
+
+  it('api fetch x509 --json --write (socket from SPIFFE_ENDPOINT_SOCKET) writes chain, key (0600), bundle', async () => {
+    const out = join(dir, 'out');
+    const r = await api(
+      ['fetch', 'x509', '--json', '--write', out],
+      cleanEnv({ SPIFFE_ENDPOINT_SOCKET: address }),
+    );
+    assert.equal(r.status, 0, r.stderr);
+    const json = JSON.parse(r.stdout) as {
+      svids: { spiffeId: string; hint: string; chainLength: number }[];
+      bundles: Record<string, unknown>;
+      written: string[];
+    };
+    assert.equal(json.svids.length, 1);
+    assert.equal(json.svids[0]?.spiffeId, id);
+    assert.equal(json.svids[0]?.hint, 'cli');
+    assert.deepEqual(Object.keys(json.bundles), ['example.org']);
+    const [pem, key, bundle] = ['svid.0.pem', 'svid.0.key', 'bundle.0.pem'].map((f) => join(out, f));
+    assert.deepEqual([...json.written].sort(), [bundle, key, pem].sort());
+    assert.equal(statSync(key as string).mode & 0o777, 0o600);
+    assert.match(readFileSync(key as string, 'utf8'), /^-----BEGIN PRIVATE KEY-----/);
+    const leaf = new X509Certificate(readFileSync(pem as string));
+    const root = new X509Certificate(readFileSync(bundle as string));
+    assert.match(leaf.subjectAltName ?? '', new RegExp(`URI:${literal(id)}`));
+    assert.ok(leaf.verify(root.publicKey), 'the SVID is signed by the bundle');
+    assert.equal(root.ca, true);
+  });
+
+  it('api fetch jwt mints a token for the audience; api validate jwt accepts it for that audience only', async () => {
+    const fetched = await api(['fetch', 'jwt', '--socket', address, '--audience', 'a', '--json']);
+    assert.equal(fetched.status, 0, fetched.stderr);
+    const list = JSON.parse(fetched.stdout) as { spiffeId: string; audience: string[]; token: string }[];
+    assert.equal(list.length, 1);
+    assert.equal(list[0]?.spiffeId, id);
+    assert.deepEqual(list[0]?.audience, ['a']);
+    const token = list[0]?.token ?? '';
+    const payload = JSON.parse(Buffer.from(token.split('.')[1] ?? '', 'base64url').toString('utf8')) as {
+      sub: string;
+      aud: string[] | string;
+    };
+    assert.equal(payload.sub, id);
+    assert.deepEqual([payload.aud].flat(), ['a']);
+
+    const [valid, wrongAudience] = await Promise.all([
+      api(['validate', 'jwt', '--socket', address, '--audience', 'a', '--svid', token]),
+      api(['validate', 'jwt', '--socket', address, '--audience', 'b', '--svid', token]),
+    ]);
+    assert.equal(valid.status, 0, valid.stderr);
+    assert.match(valid.stdout, new RegExp(`^valid: ${literal(id)}$`, 'm'));
+    assert.equal(wrongAudience.status, 1, wrongAudience.stdout);
+    assert.match(wrongAudience.stderr, /INVALID_ARGUMENT/);
+  });
+
+  it('api fetch bundles --json prints the X.509 and JWT bundles by trust domain name', async () => {
+    const r = await api(['fetch', 'bundles', '--socket', address, '--json']);
+    assert.equal(r.status, 0, r.stderr);
+    const json = JSON.parse(r.stdout) as {
+      x509: Record<string, { x509Authorities: unknown[] }>;
+      jwt: Record<string, { jwtAuthorities: string[] }>;
+    };
+    assert.deepEqual(Object.keys(json.x509), ['example.org']);
+    assert.deepEqual(Object.keys(json.jwt), ['example.org']);
+    assert.ok((json.x509['example.org']?.x509Authorities.length ?? 0) >= 1);
+    assert.ok((json.jwt['example.org']?.jwtAuthorities.length ?? 0) >= 1);
+  });
+
+  it('refuses bad api usage with exit 2, and an unreachable socket with exit 1', async () => {
+    const [noAudience, nonsense, tcp, unreachable] = await Promise.all([
+      api(['fetch', 'jwt', '--socket', address]),
+      api(['fetch', 'nonsense', '--socket', address]),
+      api(['fetch', 'x509', '--socket', 'tcp://127.0.0.1:1']),
+      api(['fetch', 'x509', '--socket', 'unix:///nonexistent/x.sock', '--timeout', '1s']),
+    ]);
+    assert.equal(noAudience.status, 2, noAudience.stderr);
+    assert.match(noAudience.stderr, /needs --audience/);
+    assert.equal(nonsense.status, 2, nonsense.stderr);
+    assert.doesNotMatch(nonsense.stderr, /not built yet/);
+    assert.match(nonsense.stderr, /unknown api subcommand "fetch nonsense"/);
+    assert.equal(tcp.status, 2, tcp.stderr);
+    assert.match(tcp.stderr, /only unix:\/\/\/path is supported/);
+    assert.equal(unreachable.status, 1, unreachable.stderr);
+    assert.match(unreachable.stderr, /DEADLINE_EXCEEDED|UNAVAILABLE/);
+  });
+
+  it('follows an edit of the entries file: with no matching entry the caller gets PERMISSION_DENIED', async () => {
+    const next = `${entriesFile}.next`;
+    writeFileSync(next, `entries:\n  - spiffeId: ${id}\n    selectors: ["unix:uid:${uid + 1}"]\n`);
+    renameSync(next, entriesFile);
+    const deadline = Date.now() + 15_000;
+    let last: RunResult | undefined;
+    while (Date.now() < deadline) {
+      last = await api(['fetch', 'x509', '--socket', address, '--timeout', '2s']);
+      if (last.status !== 0) break;
+      await sleep(200);
+    }
+    assert.equal(last?.status, 1, `the agent did not pick up the change: ${last?.stdout}`);
+    assert.match(last?.stderr ?? '', /PERMISSION_DENIED/);
+  });
+
+  it('stops on SIGTERM with exit 0 and removes its socket', async () => {
+    assert.ok(existsSync(socketPath));
+    assert.ok(agent?.kill('SIGTERM'));
+    const { code, signal } = await exited;
+    assert.equal(signal, null);
+    assert.equal(code, 0, agentStderr);
+    assert.equal(existsSync(socketPath), false);
+    assert.match(agentStderr, /"msg":"agent stopped"/);
+  });
+
+  it('never logs a private key or a JWT', () => {
+    assert.match(agentStderr, /"msg":"registration entries reloaded"/);
+    for (const text of [agentStderr, agentStdout]) {
+      assert.doesNotMatch(text, /PRIVATE KEY/);
+      assert.doesNotMatch(text, /eyJ/);
+    }
   });
 });
