@@ -24,10 +24,10 @@ import { generateKeyPair } from '../../../src/agent/keys.ts';
 import { silentLogger } from '../../../src/observability/logger.ts';
 import { SpiffeId, TrustDomain } from '../../../src/spiffe/id.ts';
 import type { JwtSvid } from '../../../src/spiffe/jwtsvid.ts';
+import { WorkloadClient } from '../../../src/workload/client.ts';
 import type { PeerCredentials } from '../../../src/workload/peercred.ts';
 import {
   type JwtBundlesResponse,
-  SECURITY_HEADER,
   WorkloadApiClient,
   type X509BundlesResponse,
   type X509SvidResponse,
@@ -111,11 +111,7 @@ function rawClient(socketPath: string): RawClient {
   }) as unknown as RawClient;
 }
 
-function securityHeader(): grpc.Metadata {
-  const md = new grpc.Metadata();
-  md.set(SECURITY_HEADER, 'true');
-  return md;
-}
+const securityHeader = (): grpc.Metadata => WorkloadClient.metadata();
 
 interface Outcome<T> {
   readonly code: grpc.status;
