@@ -165,6 +165,25 @@ describe('LocalCa rotation (60 s CA, injected clock)', () => {
     await r.ca.tick();
   }
 
+  it('after a late wake-up, announces the next CA first and lets it sign only after a propagation window', async () => {
+    const r = await rotating();
+    // The host slept through both half-life and five sixths: 55 of 60 s have passed.
+    const late = r.first.issuedAt.getTime() + 55 * SECOND;
+    await tickAt(r, late);
+    const next = r.ca.next as CaSlot;
+    assert.equal(next.generation, 2, 'announced');
+    assert.equal(r.ca.active, r.first, 'but not signing in the same tick');
+    // The window is half of what the old CA has left (5 s → 2.5 s), since a third of a life no longer fits.
+    await tickAt(r, late + 2500 - 1);
+    assert.equal(r.ca.active, r.first);
+    await tickAt(r, late + 2500);
+    assert.equal(r.ca.active.generation, 2);
+    assert.deepEqual(
+      r.activated.map((slot) => slot.generation),
+      [2],
+    );
+  });
+
   it('changes nothing before half the CA life', async () => {
     const r = await rotating();
     const before = r.ca.bundle;
