@@ -1,0 +1,216 @@
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+
+export const HANDSHAKE_RESULTS = ['ok', 'refused', 'error'] as const;
+/** ok: the peer presented a valid SVID; refused: it presented none or an invalid one; error: the TLS layer failed. */
+export type HandshakeResult = (typeof HANDSHAKE_RESULTS)[number];
+
+/** Handshakes (mTLS with a local key) take about a millisecond; a second means something is very wrong. */
+export const HANDSHAKE_BUCKETS: readonly number[] = [
+  0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+];
+
+/**
+ * Proxied requests, measured until the response ends: most take milliseconds, but watches and log follows last
+ * minutes and land in the last buckets or +Inf.
+ */
+export const REQUEST_BUCKETS: readonly number[] = [
+  0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+];
+
+export interface ProxyMetricsOptions {
+  /** Process and Node.js metrics (CPU, memory, event loop lag, GC, handles), prefixed `ksp_`. Default true. */
+  defaultMetrics?: boolean;
+  /** Clock for the scrape-time gauges (SVID expiry, bundle age), in epoch milliseconds. Default `Date.now`. */
+  now?: () => number;
+}
+
+/** When the proxy's own SVID expires; undefined while it has none. */
+export type SvidExpiryGetter = () => Date | undefined;
+/** When each trust domain's bundle last changed, keyed by trust domain name. */
+export type BundleAgesGetter = () => ReadonlyMap<string, Date>;
+
+/**
+ * The proxy's Prometheus metrics, on a registry of their own (never prom-client's global one), so that two
+ * instances (tests, or two proxies in one process) never clash over metric names.
+ *
+ * Label values are bounded by construction: results and decisions are fixed sets, codes are the proxy's own
+ * error codes or HTTP status codes, rules and trust domains come from the policy file. No SPIFFE ID, user name or
+ * path ever becomes a label value.
+ */
+export class ProxyMetrics {
+  readonly registry: Registry;
+
+  readonly #handshakes: Counter<'result'>;
+  readonly #handshakeDuration: Histogram;
+  readonly #authFailures: Counter<'code'>;
+  readonly #decisions: Counter<'rule' | 'decision' | 'code'>;
+  readonly #requests: Counter<'code'>;
+  readonly #requestDuration: Histogram;
+  readonly #policyGeneration: Gauge;
+  readonly #policyReloadErrors: Counter;
+  readonly #policyLastReloadSuccess: Gauge;
+  readonly #openConnections: Gauge;
+  readonly #now: () => number;
+  #svidExpiry: SvidExpiryGetter = () => undefined;
+  #bundleAges: BundleAgesGetter = () => new Map();
+
+  constructor(options: ProxyMetricsOptions = {}) {
+    this.#now = options.now ?? Date.now;
+    const registry = new Registry();
+    this.registry = registry;
+    const registers = [registry];
+
+    this.#handshakes = new Counter({
+      name: 'ksp_handshakes_total',
+      help: 'TLS handshakes on the data port, by result: ok (valid SVID), refused (no or invalid SVID), error (TLS failure).',
+      labelNames: ['result'],
+      registers,
+    });
+    // Every result shows from the first scrape, so rate() and ratios work before the first refusal.
+    for (const result of HANDSHAKE_RESULTS) this.#handshakes.inc({ result }, 0);
+    this.#handshakeDuration = new Histogram({
+      name: 'ksp_handshake_duration_seconds',
+      help: 'Duration of TLS handshakes on the data port, whatever their result.',
+      buckets: [...HANDSHAKE_BUCKETS],
+      registers,
+    });
+    this.#authFailures = new Counter({
+      name: 'ksp_authentication_failures_total',
+      help: 'Clients refused before any request was read, by error code (e.g. ERR_X509_EXPIRED).',
+      labelNames: ['code'],
+      registers,
+    });
+    this.#decisions = new Counter({
+      name: 'ksp_decisions_total',
+      help: 'Policy decisions, by matching rule ("" when none), decision (allow or deny) and deny code ("" on allow).',
+      labelNames: ['rule', 'decision', 'code'],
+      registers,
+    });
+    this.#requests = new Counter({
+      name: 'ksp_requests_total',
+      help: 'Requests answered on the data port, by HTTP status code (from the proxy or kube-apiserver).',
+      labelNames: ['code'],
+      registers,
+    });
+    this.#requestDuration = new Histogram({
+      name: 'ksp_request_duration_seconds',
+      help: 'Duration of requests on the data port, until the response ended (watches last long).',
+      buckets: [...REQUEST_BUCKETS],
+      registers,
+    });
+    this.#policyGeneration = new Gauge({
+      name: 'ksp_policy_generation',
+      help: 'Generation of the policy in force (it grows with each successful load), 0 before the first load.',
+      registers,
+    });
+    this.#policyReloadErrors = new Counter({
+      name: 'ksp_policy_reload_errors_total',
+      help: 'Policy reloads refused (the previous policy stays in force).',
+      registers,
+    });
+    this.#policyLastReloadSuccess = new Gauge({
+      name: 'ksp_policy_last_reload_success',
+      help: '1 if the last policy load or reload succeeded, 0 if it failed or none happened yet.',
+      registers,
+    });
+    const svidExpiry: Gauge = new Gauge({
+      name: 'ksp_svid_expiry_seconds',
+      help: "Seconds until the proxy's own X.509-SVID expires (negative once expired, 0 while it has none).",
+      registers,
+      collect: () => {
+        const expiry = safely(this.#svidExpiry, undefined);
+        svidExpiry.set(expiry === undefined ? 0 : (expiry.getTime() - this.#now()) / 1000);
+      },
+    });
+    const bundleAge: Gauge<'trust_domain'> = new Gauge({
+      name: 'ksp_bundle_age_seconds',
+      help: 'Seconds since the X.509 bundle of each trust domain last changed.',
+      labelNames: ['trust_domain'],
+      registers,
+      collect: () => {
+        // Rebuilt at each scrape: a trust domain that left the getter's map leaves the metric too.
+        bundleAge.reset();
+        const now = this.#now();
+        for (const [trustDomain, changed] of safely(this.#bundleAges, new Map<string, Date>())) {
+          bundleAge.set({ trust_domain: trustDomain }, (now - changed.getTime()) / 1000);
+        }
+      },
+    });
+    this.#openConnections = new Gauge({
+      name: 'ksp_open_connections',
+      help: 'TLS connections currently open on the data port.',
+      registers,
+    });
+
+    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'ksp_' });
+  }
+
+  /** Prometheus text exposition format, with `contentType`. */
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
+  metrics(): Promise<string> {
+    return this.registry.metrics();
+  }
+
+  handshake(result: HandshakeResult, seconds: number): void {
+    this.#handshakes.inc({ result });
+    this.#handshakeDuration.observe(seconds);
+  }
+
+  authFailure(code: string): void {
+    this.#authFailures.inc({ code });
+  }
+
+  /** `rule` undefined or '' when no rule matched; `code` is the deny code and is ignored when allowed. */
+  decision(rule: string | undefined, allowed: boolean, code = ''): void {
+    this.#decisions.inc({
+      rule: rule ?? '',
+      decision: allowed ? 'allow' : 'deny',
+      code: allowed ? '' : code,
+    });
+  }
+
+  request(status: number, seconds: number): void {
+    this.#requests.inc({ code: String(status) });
+    this.#requestDuration.observe(seconds);
+  }
+
+  policyLoaded(generation: number): void {
+    this.#policyGeneration.set(generation);
+    this.#policyLastReloadSuccess.set(1);
+  }
+
+  policyReloadFailed(): void {
+    this.#policyReloadErrors.inc();
+    this.#policyLastReloadSuccess.set(0);
+  }
+
+  /** Read at each scrape. */
+  setSvidExpiry(getter: SvidExpiryGetter): void {
+    this.#svidExpiry = getter;
+  }
+
+  /** Read at each scrape. */
+  setBundleAges(getter: BundleAgesGetter): void {
+    this.#bundleAges = getter;
+  }
+
+  connectionOpened(): void {
+    this.#openConnections.inc();
+  }
+
+  connectionClosed(): void {
+    this.#openConnections.dec();
+  }
+}
+
+/** A getter that throws must not fail the whole scrape: its metric reads as if it had nothing to report. */
+function safely<T>(getter: () => T, fallback: T): T {
+  try {
+    return getter();
+  } catch {
+    return fallback;
+  }
+}
