@@ -1,0 +1,46 @@
+/**
+ * Refusals of the policy layer. A policy file that cannot be read or is invalid is a `PolicyError` (code
+ * `ERR_POLICY`) listing every problem with its line and column; a request URL that cannot be understood the way
+ * kube-apiserver would understand it is a `RequestInfoError` (code `ERR_POLICY_BAD_REQUEST`).
+ */
+import { formatProblems, type YamlProblem } from '../config/yaml.ts';
+
+export const PolicyErrorCode = {
+  /** The policy file cannot be read, parsed or validated. */
+  Policy: 'ERR_POLICY',
+  /** A request target kube-apiserver would refuse or could read differently (bad escapes, dot segments…). */
+  BadRequest: 'ERR_POLICY_BAD_REQUEST',
+} as const;
+export type PolicyErrorCode = (typeof PolicyErrorCode)[keyof typeof PolicyErrorCode];
+
+/**
+ * A policy file refused as a whole. The message lists every problem, one a line, as `<file>:<line>:<col>:
+ * <what>` (or, when the file could not be read, says why); `problems` holds the same for programs.
+ */
+export class PolicyError extends Error {
+  readonly code: typeof PolicyErrorCode.Policy = PolicyErrorCode.Policy;
+  readonly file: string;
+  /** Empty when the file could not be read at all. */
+  readonly problems: readonly YamlProblem[];
+
+  constructor(file: string, problems: readonly YamlProblem[], message?: string, options?: ErrorOptions) {
+    super(message ?? formatProblems(file, problems), options);
+    this.name = 'PolicyError';
+    this.file = file;
+    this.problems = problems;
+  }
+}
+
+/** A request target that cannot be turned into a RequestInfo; the proxy answers 400. */
+export class RequestInfoError extends Error {
+  readonly code: typeof PolicyErrorCode.BadRequest = PolicyErrorCode.BadRequest;
+
+  constructor(message: string) {
+    super(message);
+    this.name = 'RequestInfoError';
+  }
+}
+
+export function isPolicyError(err: unknown): err is PolicyError {
+  return err instanceof PolicyError;
+}
