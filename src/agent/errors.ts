@@ -12,6 +12,8 @@ export const AgentErrorCode = {
   Entries: 'ERR_AGENT_ENTRIES',
   /** The agent configuration file is invalid. */
   Config: 'ERR_AGENT_CONFIG',
+  /** The proxy configuration file is invalid. */
+  ProxyConfig: 'ERR_PROXY_CONFIG',
   /** The calling process could not be identified (it exited, its PID was reused, /proc was unreadable). */
   Attestation: 'ERR_AGENT_ATTESTATION',
   /** The kubelet could not be asked, or did not know the caller's pod. */

@@ -12,7 +12,7 @@ import {
   X509Bundle,
 } from '../spiffe/index.ts';
 import { EXIT, UsageError } from './common.ts';
-import { AGENT_USAGE, API_USAGE } from './usage.ts';
+import { AGENT_USAGE, API_USAGE, POLICY_USAGE, SERVE_USAGE } from './usage.ts';
 
 const USAGE = `kube-svid-proxy: SPIFFE mTLS front door for kube-apiserver
 
@@ -23,20 +23,16 @@ Commands:
         Verify an X.509-SVID chain (PEM or DER, leaf first) against the bundle of the trust domain its
         leaf claims. FILE is a SPIFFE bundle (JSON) or PEM CA certificates. Prints the SPIFFE ID, or the
         error code of the rule the SVID breaks (exit 1).
-${AGENT_USAGE}${API_USAGE}  version       Print the version.
+${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${POLICY_USAGE}  version       Print the version.
   help          Print this help.
 
 Not built yet (each prints what it will be and exits 3):
-  serve         the proxy (mTLS in, impersonation out)
-  policy        policy check | explain | rbac
   credential    kubectl exec credential plugin
   bundle        bundle endpoint and federation tools
   client        client-mode listener (wraps outbound connections in SVID mTLS)
 `;
 
 const NOT_BUILT: Record<string, string> = {
-  serve: 'the proxy (SPIFFE mTLS termination, policy, impersonation to kube-apiserver) is not built yet',
-  policy: 'the policy commands (policy check | explain | rbac) are not built yet',
   credential: 'the kubectl exec credential plugin is not built yet',
   bundle: 'the bundle endpoint and federation commands are not built yet',
   client: 'the client-mode listener is not built yet',
@@ -105,11 +101,15 @@ async function main(argv: string[]): Promise<number> {
       case '--version':
         process.stdout.write(`kube-svid-proxy ${version()}\n`);
         return EXIT.ok;
+      case 'serve':
+        return await (await import('./serve.ts')).serveCommand(rest);
       case 'agent':
         // Loaded on demand: gRPC and the CA code are heavy, and most commands need neither.
         return await (await import('./agent.ts')).agentCommand(rest);
       case 'api':
         return await (await import('./api.ts')).apiCommand(rest);
+      case 'policy':
+        return await (await import('./policy.ts')).policyCommand(rest);
       case 'svid':
         if (rest[0] === 'verify') return svidVerify(rest.slice(1));
         throw new UsageError(`unknown svid subcommand ${JSON.stringify(rest[0] ?? '')} (expected: verify)`);
@@ -118,8 +118,8 @@ async function main(argv: string[]): Promise<number> {
         if (what === undefined) throw new UsageError(`unknown command ${JSON.stringify(command)}`);
         process.stderr.write(
           `kube-svid-proxy ${command}: ${what}.\n` +
-            'What exists today: the SPIFFE library, the bundled agent (`agent`), the Workload API client (`api`)\n' +
-            'and `svid verify`.\n' +
+            'What exists today: the proxy (`serve`), the bundled agent (`agent`), the Workload API client (`api`),\n' +
+            '`policy`, `svid verify`, and the SPIFFE and Workload API libraries.\n' +
             'See README.md, "Status".\n',
         );
         return EXIT.notBuilt;

@@ -1,5 +1,10 @@
 // Help text of the commands, kept apart so that `help` loads none of their code.
 
+export const SERVE_USAGE = `  serve --config FILE [--log-level LEVEL]
+        Run the proxy: SPIFFE mTLS front door (HTTP/2 and HTTP/1.1), per-request policy decisions, forwarding to
+        kube-apiserver with impersonation headers, and an admin port (/healthz, /readyz, /metrics).
+`;
+
 export const AGENT_USAGE = `  agent --config FILE [--log-level LEVEL]
         Run the bundled Workload API agent: a local CA for one trust domain, caller attestation (unix, k8s),
         registration entries from a YAML file (hot reload), SVIDs rotated at half-life. Stops on SIGINT/SIGTERM.
@@ -16,4 +21,18 @@ export const API_USAGE = `  api fetch x509 [--socket ADDR] [--write DIR] [--json
   api validate jwt --audience AUD --svid TOKEN [--socket ADDR] [--json]
         Ask the Workload API to validate a JWT-SVID; print its SPIFFE ID and claims, or the refusal (exit 1).
         ADDR defaults to $SPIFFE_ENDPOINT_SOCKET, else unix:///run/kube-svid-proxy/agent.sock.
+`;
+
+export const POLICY_USAGE = `  policy check FILE
+        Validate a policy file: print a one-line summary (exit 0), or every problem as FILE:LINE:COL: message
+        on stderr (exit 1).
+  policy explain FILE --id SPIFFE_ID [--verb VERB] [--resource GROUP/RESOURCE[/SUB]] [--namespace NS]
+        [--path PATH] [--json]
+        Show which rule matches the ID (or why none does) and the Kubernetes user, groups, uid and extras it
+        maps to; with --resource (or --path for a non-resource request) also whether the rule's limits allow
+        the request. Exit 0 when allowed, 1 when denied.
+  policy rbac FILE [--service-account NAMESPACE/NAME]
+        Print a ClusterRole and ClusterRoleBinding (YAML) letting the proxy's service account (default
+        kube-system/kube-svid-proxy) impersonate exactly the users, groups, uids and extras the policy can
+        produce; values that depend on a pattern's or trust domain's IDs are warned about (stderr and YAML).
 `;

@@ -1,4 +1,4 @@
-import { type Logger, type LoggerOptions, pino } from 'pino';
+import { type DestinationStream, type Logger, type LoggerOptions, pino } from 'pino';
 
 export type { Logger };
 
@@ -14,7 +14,7 @@ export function isLogLevel(value: unknown): value is LogLevel {
  * redaction list is a second line of defence should a key, token or SVID ever reach a log call by mistake.
  */
 export function createLogger(
-  options: { level?: LogLevel; name?: string; destination?: number } = {},
+  options: { level?: LogLevel; name?: string; destination?: number; stream?: DestinationStream } = {},
 ): Logger {
   const config: LoggerOptions = {
     level: options.level ?? 'info',
@@ -35,7 +35,7 @@ export function createLogger(
     },
     formatters: { level: (label) => ({ level: label }) },
   };
-  return pino(config, pino.destination({ fd: options.destination ?? 2, sync: true }));
+  return pino(config, options.stream ?? pino.destination({ fd: options.destination ?? 2, sync: true }));
 }
 
 /** A logger that discards everything (library default, unit tests). */

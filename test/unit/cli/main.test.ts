@@ -79,14 +79,17 @@ describe('kube-svid-proxy CLI', () => {
     assert.equal(run().status, 2);
   });
 
-  it('says clearly that the proxy is not built yet instead of failing silently', () => {
-    const r = run('serve');
-    assert.equal(r.status, 3);
-    assert.match(r.stderr, /serve: the proxy .* not built yet/);
+  it('refuses serve without --config as a usage error, and a missing config file as a failure', () => {
+    const bare = run('serve');
+    assert.equal(bare.status, 2);
+    assert.match(bare.stderr, /serve needs --config FILE/);
+    const missing = run('serve', '--config', '/nonexistent/proxy.yaml');
+    assert.equal(missing.status, 1);
+    assert.match(missing.stderr, /ERR_PROXY_CONFIG: cannot read \/nonexistent\/proxy.yaml/);
   });
 
-  it('answers "not built yet" (exit 3) for policy, credential, bundle and client too', async () => {
-    const commands = ['policy', 'credential', 'bundle', 'client'];
+  it('answers "not built yet" (exit 3) for credential, bundle and client', async () => {
+    const commands = ['credential', 'bundle', 'client'];
     const results = await Promise.all(commands.map((c) => runAsync([c])));
     for (const [i, command] of commands.entries()) {
       const r = results[i];

@@ -1,0 +1,279 @@
+/**
+ * The proxy's configuration file (`kube-svid-proxy serve --config proxy.yaml`). Every key is documented in
+ * README ("Proxy configuration"); all problems are reported together with line and column, and a file with any
+ * problem is refused. Relative paths are resolved against the config file's directory.
+ */
+import { readFile } from 'node:fs/promises';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import type { Node, YAMLMap } from 'yaml';
+import { AgentError, AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
+import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
+import { TrustDomain } from '../spiffe/id.ts';
+import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
+
+export interface HostPort {
+  readonly host: string;
+  readonly port: number;
+}
+
+export interface ProxyConfig {
+  readonly trustDomain: TrustDomain;
+  readonly listen: HostPort;
+  readonly admin: HostPort;
+  readonly policyFile: string;
+  readonly identity:
+    | { readonly kind: 'workloadApi'; readonly socket?: string; readonly hint?: string }
+    | {
+        readonly kind: 'files';
+        readonly certFile: string;
+        readonly keyFile: string;
+        readonly bundles: ReadonlyMap<string, string>;
+      };
+  readonly upstream: {
+    readonly url: URL;
+    readonly caFile?: string;
+    readonly tokenFile?: string;
+    readonly clientCertFile?: string;
+    readonly clientKeyFile?: string;
+  };
+  /** The proxy reports not-ready when its SVID has less than this left (seconds). */
+  readonly minSvidRemainingSeconds: number;
+  readonly logLevel: LogLevel;
+}
+
+export const DEFAULT_LISTEN: HostPort = { host: '0.0.0.0', port: 8443 };
+export const DEFAULT_ADMIN: HostPort = { host: '127.0.0.1', port: 9443 };
+export const DEFAULT_MIN_SVID_REMAINING_SECONDS = 300;
+
+export class ProxyConfigError extends FileProblemsError {
+  constructor(file: string, problems: readonly YamlProblem[]) {
+    super(AgentErrorCode.ProxyConfig, file, problems);
+    this.name = 'ProxyConfigError';
+  }
+}
+
+type Field = { value: Node | null; keyOffset: number; valueOffset: number };
+
+const TOP = [
+  'trustDomain',
+  'listen',
+  'admin',
+  'policyFile',
+  'identity',
+  'upstream',
+  'readiness',
+  'logLevel',
+] as const;
+const ADMIN = ['listen'] as const;
+const IDENTITY = ['workloadApi', 'files'] as const;
+const WORKLOAD_API = ['socket', 'hint'] as const;
+const FILES = ['certFile', 'keyFile', 'bundles'] as const;
+const UPSTREAM = ['url', 'caFile', 'tokenFile', 'clientCertFile', 'clientKeyFile'] as const;
+const READINESS = ['minSvidRemaining'] as const;
+
+export function parseHostPort(text: string): HostPort | string {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(text.trim());
+  if (m === null) return `"${text}" is not host:port (e.g. 0.0.0.0:8443, 127.0.0.1:9443, [::1]:8443)`;
+  const port = Number(m[3]);
+  if (port > 65535) return `port ${port} is out of range`;
+  return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
+}
+
+export function parseProxyConfig(text: string, file: string): ProxyConfig {
+  const { reader, ok } = readYaml(text, 'the proxy configuration');
+  const base = dirname(resolve(file));
+  const path = (value: string | undefined): string | undefined =>
+    value === undefined ? undefined : isAbsolute(value) ? value : resolve(base, value);
+  let config: ProxyConfig | undefined;
+  if (ok) config = readTop(reader, path);
+  if (config === undefined || reader.problems.length > 0) {
+    if (reader.problems.length === 0) reader.report(0, 'the configuration is empty');
+    throw new ProxyConfigError(file, reader.sortedProblems());
+  }
+  return config;
+}
+
+export async function loadProxyConfig(file: string): Promise<ProxyConfig> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw new AgentError(AgentErrorCode.ProxyConfig, `cannot read ${file}: ${(err as Error).message}`, {
+      cause: err,
+    });
+  }
+  return parseProxyConfig(text, file);
+}
+
+function readTop(
+  r: YamlReader,
+  path: (value: string | undefined) => string | undefined,
+): ProxyConfig | undefined {
+  const root = r.map(r.doc.contents as Node | null, 0, 'the proxy configuration');
+  if (root === undefined) return undefined;
+  const f = r.fields(root, TOP, 'the proxy configuration');
+  const str = (field: Field | undefined, what: string): string | undefined =>
+    field && r.string(field.value, field.valueOffset, what);
+  const sub = (field: Field | undefined, what: string): YAMLMap | undefined =>
+    field && r.map(field.value, field.valueOffset, what);
+  const required = (field: Field | undefined, key: string, example: string): void => {
+    if (field === undefined) r.report(r.offsetOf(root, 0), `missing required key "${key}" (e.g. ${example})`);
+  };
+  const hostPort = (field: Field | undefined, what: string, fallback: HostPort): HostPort => {
+    const text = str(field, what);
+    if (field === undefined || text === undefined) return fallback;
+    const parsed = parseHostPort(text);
+    if (typeof parsed === 'string') {
+      r.report(field.valueOffset, `${what}: ${parsed}`);
+      return fallback;
+    }
+    return parsed;
+  };
+
+  const tdField = f.get('trustDomain');
+  required(tdField, 'trustDomain', 'trustDomain: spoke.example.org');
+  let trustDomain: TrustDomain | undefined;
+  const tdName = str(tdField, 'trustDomain');
+  if (tdField && tdName !== undefined) {
+    try {
+      if (/^spiffe:\/\/[^/]*\/./.test(tdName))
+        throw new Error('has a path; write the trust domain name only');
+      trustDomain = TrustDomain.parse(tdName);
+    } catch (err) {
+      r.report(tdField.valueOffset, `trustDomain "${tdName}": ${(err as Error).message}`);
+    }
+  }
+
+  const listen = hostPort(f.get('listen'), 'listen', DEFAULT_LISTEN);
+  let admin = DEFAULT_ADMIN;
+  const adminMap = sub(f.get('admin'), 'admin');
+  if (adminMap)
+    admin = hostPort(r.fields(adminMap, ADMIN, 'admin').get('listen'), 'admin.listen', DEFAULT_ADMIN);
+  if (listen.port !== 0 && listen.port === admin.port) {
+    r.report(
+      r.offsetOf(root, 0),
+      `listen and admin.listen use the same port ${listen.port}; the admin port is separate`,
+    );
+  }
+
+  const policyField = f.get('policyFile');
+  required(policyField, 'policyFile', 'policyFile: policy.yaml');
+  const policyFile = path(str(policyField, 'policyFile'));
+
+  let identity: ProxyConfig['identity'] = { kind: 'workloadApi' };
+  const idField = f.get('identity');
+  const idMap = sub(idField, 'identity');
+  if (idField && idMap) {
+    const i = r.fields(idMap, IDENTITY, 'identity');
+    const wl = i.get('workloadApi');
+    const files = i.get('files');
+    if (wl && files) r.report(idField.keyOffset, 'identity takes workloadApi or files, not both');
+    const wlMap = sub(wl, 'identity.workloadApi');
+    if (wlMap) {
+      const w = r.fields(wlMap, WORKLOAD_API, 'identity.workloadApi');
+      const socket = str(w.get('socket'), 'identity.workloadApi.socket');
+      const hint = str(w.get('hint'), 'identity.workloadApi.hint');
+      identity = { kind: 'workloadApi', ...(socket ? { socket } : {}), ...(hint ? { hint } : {}) };
+    }
+    const filesMap = sub(files, 'identity.files');
+    if (files && filesMap) {
+      const g = r.fields(filesMap, FILES, 'identity.files');
+      const certFile = path(str(g.get('certFile'), 'identity.files.certFile'));
+      const keyFile = path(str(g.get('keyFile'), 'identity.files.keyFile'));
+      const bundles = new Map<string, string>();
+      const bundlesField = g.get('bundles');
+      const bundlesMap = sub(bundlesField, 'identity.files.bundles');
+      if (bundlesMap) {
+        for (const pair of bundlesMap.items) {
+          const keyNode = pair.key as Node | null;
+          const keyOffset = r.offsetOf(keyNode, r.offsetOf(bundlesMap, 0));
+          const name = r.string(keyNode, keyOffset, 'an identity.files.bundles key (a trust domain name)');
+          const file = path(
+            r.string(
+              pair.value as Node | null,
+              r.offsetOf(pair.value as Node | null, keyOffset),
+              'a bundle file',
+            ),
+          );
+          if (name === undefined || file === undefined) continue;
+          try {
+            bundles.set(TrustDomain.parse(name).name, file);
+          } catch (err) {
+            r.report(keyOffset, `identity.files.bundles: ${(err as Error).message}`);
+          }
+        }
+      }
+      if (certFile === undefined || keyFile === undefined) {
+        r.report(files.keyOffset, 'identity.files needs certFile and keyFile');
+      } else if (bundles.size === 0) {
+        r.report(files.keyOffset, 'identity.files needs bundles: at least our own trust domain');
+      } else {
+        identity = { kind: 'files', certFile, keyFile, bundles };
+      }
+      if (trustDomain && bundles.size > 0 && !bundles.has(trustDomain.name)) {
+        r.report(
+          files.keyOffset,
+          `identity.files.bundles has no bundle for our own trust domain ${trustDomain.name}`,
+        );
+      }
+    }
+  }
+
+  const upField = f.get('upstream');
+  required(upField, 'upstream', 'upstream: { url: https://127.0.0.1:6443 }');
+  const upMap = sub(upField, 'upstream');
+  let upstream: ProxyConfig['upstream'] | undefined;
+  if (upMap) {
+    const u = r.fields(upMap, UPSTREAM, 'upstream');
+    const urlField = u.get('url');
+    const urlText = str(urlField, 'upstream.url');
+    if (urlField === undefined) r.report(r.offsetOf(upMap, 0), 'upstream needs url');
+    let url: URL | undefined;
+    if (urlField && urlText !== undefined) {
+      try {
+        url = new URL(urlText);
+        if (url.protocol !== 'https:' && url.protocol !== 'http:')
+          throw new Error('must be https:// (or http:// for tests)');
+        if (url.username || url.password) throw new Error('must not carry credentials');
+      } catch (err) {
+        r.report(urlField.valueOffset, `upstream.url "${urlText}": ${(err as Error).message}`);
+        url = undefined;
+      }
+    }
+    const caFile = path(str(u.get('caFile'), 'upstream.caFile'));
+    const tokenFile = path(str(u.get('tokenFile'), 'upstream.tokenFile'));
+    const clientCertFile = path(str(u.get('clientCertFile'), 'upstream.clientCertFile'));
+    const clientKeyFile = path(str(u.get('clientKeyFile'), 'upstream.clientKeyFile'));
+    if ((clientCertFile === undefined) !== (clientKeyFile === undefined)) {
+      r.report(r.offsetOf(upMap, 0), 'upstream needs clientCertFile and clientKeyFile together');
+    }
+    if (url) {
+      upstream = {
+        url,
+        ...(caFile ? { caFile } : {}),
+        ...(tokenFile ? { tokenFile } : {}),
+        ...(clientCertFile ? { clientCertFile } : {}),
+        ...(clientKeyFile ? { clientKeyFile } : {}),
+      };
+    }
+  }
+
+  let minSvidRemainingSeconds = DEFAULT_MIN_SVID_REMAINING_SECONDS;
+  const readyMap = sub(f.get('readiness'), 'readiness');
+  if (readyMap) {
+    const m = r.fields(readyMap, READINESS, 'readiness').get('minSvidRemaining');
+    const seconds = m && r.duration(m.value, m.valueOffset, 'readiness.minSvidRemaining');
+    if (seconds !== undefined) minSvidRemainingSeconds = seconds;
+  }
+
+  let logLevel: LogLevel = 'info';
+  const levelField = f.get('logLevel');
+  const level = str(levelField, 'logLevel');
+  if (levelField && level !== undefined) {
+    if (isLogLevel(level)) logLevel = level;
+    else r.report(levelField.valueOffset, `logLevel "${level}" is not one of ${LOG_LEVELS.join(', ')}`);
+  }
+
+  if (trustDomain === undefined || policyFile === undefined || upstream === undefined) return undefined;
+  return { trustDomain, listen, admin, policyFile, identity, upstream, minSvidRemainingSeconds, logLevel };
+}

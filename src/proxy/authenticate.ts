@@ -1,0 +1,134 @@
+import type { X509Certificate } from 'node:crypto';
+import type { TLSSocket } from 'node:tls';
+import type { BundleSet } from '../spiffe/bundle.ts';
+import { isSpiffeError, SpiffeError, X509ErrorCode } from '../spiffe/errors.ts';
+import type { SpiffeId } from '../spiffe/id.ts';
+import { verifyX509Svid } from '../spiffe/x509svid.ts';
+
+/** Refusals the TLS layer adds to the SPIFFE codes. */
+export const TlsAuthCode = {
+  /** The client presented no certificate. */
+  NoClientCertificate: 'ERR_TLS_NO_CLIENT_CERT',
+} as const;
+
+/** A refusal by the TLS layer itself (the SPIFFE checks throw SpiffeError). */
+export class TlsAuthError extends Error {
+  override readonly name = 'TlsAuthError';
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+/** A client that proved a SPIFFE ID, and until when that proof holds. */
+export interface PeerIdentity {
+  readonly id: SpiffeId;
+  readonly leaf: X509Certificate;
+  /** Leaf, intermediates, and the authority from the bundle. */
+  readonly verifiedChain: readonly X509Certificate[];
+  /** The earliest notAfter along the verified chain: past it, the connection's requests are refused. */
+  readonly validUntil: Date;
+  /** The trust generation it was verified against. */
+  readonly generation: number;
+  /** Whether the TLS session was resumed (no certificate verification by OpenSSL at all). */
+  readonly resumed: boolean;
+}
+
+/** The bundles the proxy trusts right now; `generation` changes whenever they do. */
+export interface TrustState {
+  readonly bundles: BundleSet;
+  readonly generation: number;
+}
+
+const MAX_REMEMBERED_CHAINS = 10_000;
+
+/**
+ * Authenticates a TLS client to the X509-SVID specification, whatever OpenSSL concluded: exactly one SPIFFE
+ * URI SAN, a chain to a root of the bundle of *that ID's* trust domain, leaf rules, validity. OpenSSL verifies
+ * nothing on a resumed session, so a resumed session is checked the same way, at the current time, against the
+ * current bundles; its intermediates come from the full handshake that created it, since a resumed session
+ * carries only the leaf.
+ */
+export class Authenticator {
+  readonly #intermediates = new Map<string, readonly X509Certificate[]>();
+  /**
+   * Verified results by presented chain and trust generation: a client presents the same SVID on every
+   * connection until it rotates, so only its first connection pays for the full check. A hit is still bounded
+   * by the chain's validity, and any bundle change (a new generation) misses.
+   */
+  readonly #verified = new Map<string, Omit<PeerIdentity, 'resumed'>>();
+
+  authenticate(socket: TLSSocket, trust: TrustState, now = new Date()): PeerIdentity {
+    const leaf = socket.getPeerX509Certificate();
+    if (leaf === undefined) {
+      throw new TlsAuthError(TlsAuthCode.NoClientCertificate, 'the client presented no certificate');
+    }
+    const resumed = socket.isSessionReused();
+    let intermediates: readonly X509Certificate[] = presentedIntermediates(leaf);
+    if (intermediates.length > 0 || !resumed) {
+      this.#remember(leaf.fingerprint256, intermediates);
+    } else {
+      intermediates = this.#intermediates.get(leaf.fingerprint256) ?? [];
+    }
+    const key = `${trust.generation}|${leaf.fingerprint256}|${intermediates.map((c) => c.fingerprint256).join('|')}`;
+    const cached = this.#verified.get(key);
+    if (cached !== undefined && now.getTime() < cached.validUntil.getTime()) {
+      // It passed every check when verified; since then only expiry can change that, which validUntil covers.
+      return { ...cached, resumed };
+    }
+    const { id, verifiedChain } = verifyX509Svid([leaf, ...intermediates], trust.bundles, now);
+    const validUntil = new Date(Math.min(...verifiedChain.map((c) => c.validToDate.getTime())));
+    const verified = { id, leaf, verifiedChain, validUntil, generation: trust.generation };
+    bounded(this.#verified, key, verified);
+    return { ...verified, resumed };
+  }
+
+  #remember(fingerprint: string, intermediates: readonly X509Certificate[]): void {
+    bounded(this.#intermediates, fingerprint, intermediates);
+  }
+}
+
+/** Map insert that keeps at most MAX_REMEMBERED_CHAINS entries, dropping the oldest. */
+function bounded<V>(map: Map<string, V>, key: string, value: V): void {
+  map.delete(key);
+  if (map.size >= MAX_REMEMBERED_CHAINS) {
+    const oldest = map.keys().next().value;
+    if (oldest !== undefined) map.delete(oldest);
+  }
+  map.set(key, value);
+}
+
+/** True when an identity verified earlier may still be used for a request at `now`. */
+export function stillValid(identity: PeerIdentity, trust: TrustState, now = new Date()): boolean {
+  return identity.generation === trust.generation && now.getTime() < identity.validUntil.getTime();
+}
+
+/** The error an identity that is past its validity gives, with the SPIFFE code. */
+export function expiredError(identity: PeerIdentity): SpiffeError {
+  return new SpiffeError(
+    X509ErrorCode.Expired,
+    `the client's X509-SVID for ${identity.id} expired at ${identity.validUntil.toISOString()}`,
+  );
+}
+
+/** The certificates the client sent after its leaf (OpenSSL's view of the peer chain), leaf excluded. */
+function presentedIntermediates(leaf: X509Certificate): X509Certificate[] {
+  const out: X509Certificate[] = [];
+  const seen = new Set<string>([leaf.fingerprint256]);
+  for (
+    let cert = leaf.issuerCertificate;
+    cert !== undefined && out.length <= 16;
+    cert = cert.issuerCertificate
+  ) {
+    if (seen.has(cert.fingerprint256)) break;
+    seen.add(cert.fingerprint256);
+    out.push(cert);
+  }
+  return out;
+}
+
+export function authFailureCode(err: unknown): string {
+  if (isSpiffeError(err) || err instanceof TlsAuthError) return err.code;
+  return 'ERR_AUTHENTICATION';
+}

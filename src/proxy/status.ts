@@ -1,0 +1,43 @@
+import type { ServerResponse } from 'node:http';
+import type { Http2ServerResponse } from 'node:http2';
+
+/** kube-apiserver's StatusReason for each status the proxy itself produces. */
+const REASONS: Readonly<Record<number, string>> = {
+  400: 'BadRequest',
+  401: 'Unauthorized',
+  403: 'Forbidden',
+  500: 'InternalError',
+  502: 'InternalError',
+  503: 'ServiceUnavailable',
+  504: 'Timeout',
+};
+
+/**
+ * A Kubernetes `Status` object (meta/v1), so kubectl and client-go print the message instead of a parse error.
+ * The message says who is refused and why, with the stable code; it never carries credentials.
+ */
+export function kubeStatus(code: number, message: string): string {
+  return JSON.stringify({
+    kind: 'Status',
+    apiVersion: 'v1',
+    metadata: {},
+    status: 'Failure',
+    message,
+    reason: REASONS[code] ?? 'InternalError',
+    code,
+  });
+}
+
+/** Writes a Status response unless headers went out already (then the stream is cut, which clients see). */
+export function sendStatus(res: ServerResponse | Http2ServerResponse, code: number, message: string): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  const body = kubeStatus(code, message);
+  res.statusCode = code;
+  res.setHeader('content-type', 'application/json');
+  res.setHeader('content-length', Buffer.byteLength(body));
+  res.setHeader('cache-control', 'no-store');
+  res.end(body);
+}

@@ -1,0 +1,359 @@
+/**
+ * The proxy's front door end to end: real TLS (HTTP/2 and HTTP/1.1) clients presenting the dev PKI's SVIDs,
+ * the real policy file and its watcher, and a RECORDING UPSTREAM STAND-IN (a plain HTTP server that records what
+ * reaches it) in place of kube-apiserver, which the e2e suite of the proxy's part 2 provides for real.
+ */
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import http, { type IncomingHttpHeaders } from 'node:http';
+import http2 from 'node:http2';
+import https from 'node:https';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { bundleJson, type DevIdentity, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { parseProxyConfig } from '../../src/config/proxy.ts';
+import { createLogger } from '../../src/observability/logger.ts';
+import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import { importIssuer, makeLeaf } from '../unit/spiffe/helpers/certs.ts';
+
+const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
+const FLUX = 'spiffe://hub.example.org/ns/flux-system/sa/kustomize-controller';
+
+function policyYaml(extraRules = ''): string {
+  return `rules:
+  - name: argocd-controller
+    match:
+      id: ${ARGOCD}
+    identity:
+      user: argocd-controller
+      groups: [gitops, "spiffe:{trustDomain}"]
+      uid: "{id}"
+      extra:
+        spiffe.io/id: ["{id}"]
+    limits:
+      verbs: [get, list, watch]
+      namespaces: [default]
+${extraRules}`;
+}
+
+interface Recorded {
+  method: string | undefined;
+  url: string | undefined;
+  headers: IncomingHttpHeaders;
+  rawHeaders: string[];
+}
+
+describe('the proxy front door', () => {
+  let dir: string;
+  let pki: DevPki;
+  let upstream: http.Server;
+  let recorded: Recorded[] = [];
+  let proxy: RunningProxy;
+  const logs: string[] = [];
+  let policyFile: string;
+
+  const logged = (code: string): boolean => logs.some((line) => line.includes(code));
+
+  before(async () => {
+    pki = await makeDevPki();
+    dir = mkdtempSync(join(tmpdir(), 'ksp-proxy-'));
+    const write = (name: string, text: string): string => {
+      const file = join(dir, name);
+      writeFileSync(file, text);
+      return file;
+    };
+    write('proxy.crt', pki.good.proxyServer.chainPem);
+    write('proxy.key', pki.good.proxyServer.keyPem);
+    write('spoke.json', bundleJson(pki.spoke));
+    write('hub.json', bundleJson(pki.hub));
+    write('token', 'proxy-service-account-token\n');
+    policyFile = write('policy.yaml', policyYaml());
+    upstream = http.createServer((req, res) => {
+      recorded.push({ method: req.method, url: req.url, headers: req.headers, rawHeaders: req.rawHeaders });
+      req.resume();
+      req.on('end', () => {
+        res.writeHead(200, { 'content-type': 'application/json', connection: 'keep-alive' });
+        res.end('{"kind":"PodList","items":[]}');
+      });
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    const upstreamPort = (upstream.address() as AddressInfo).port;
+    const config = parseProxyConfig(
+      `trustDomain: spoke.example.org
+listen: 127.0.0.1:0
+admin: { listen: 127.0.0.1:0 }
+policyFile: policy.yaml
+identity:
+  files:
+    certFile: proxy.crt
+    keyFile: proxy.key
+    bundles:
+      spoke.example.org: spoke.json
+      hub.example.org: hub.json
+upstream:
+  url: http://127.0.0.1:${upstreamPort}
+  tokenFile: token
+`,
+      join(dir, 'proxy.yaml'),
+    );
+    const logger = createLogger({
+      level: 'debug',
+      stream: { write: (line: string) => void logs.push(line) },
+    });
+    proxy = await startProxy(config, {
+      logger,
+      watchPollMs: 300,
+      defaultMetrics: false,
+      probeIntervalMs: 60_000,
+    });
+  });
+
+  after(async () => {
+    await proxy?.close();
+    await new Promise<void>((resolve) => upstream?.close(() => resolve()));
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  const tlsOptions = (who: { chainPem: string; keyPem: string } | undefined) => ({
+    ca: pki.spoke.rootPem,
+    servername: 'localhost',
+    ...(who ? { cert: who.chainPem, key: who.keyPem } : {}),
+  });
+
+  function h2(who: DevIdentity | { chainPem: string; keyPem: string } | undefined): http2.ClientHttp2Session {
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, tlsOptions(who));
+    session.on('error', () => {});
+    return session;
+  }
+
+  function get(
+    session: http2.ClientHttp2Session,
+    path: string,
+    headers: http2.OutgoingHttpHeaders = {},
+  ): Promise<{ status: number; body: string }> {
+    return new Promise((resolve, reject) => {
+      const stream = session.request({ ':path': path, ':method': 'GET', ...headers });
+      let status = 0;
+      let body = '';
+      stream.on('response', (h) => {
+        status = Number(h[':status']);
+      });
+      stream.setEncoding('utf8');
+      stream.on('data', (chunk: string) => {
+        body += chunk;
+      });
+      stream.on('end', () => resolve({ status, body }));
+      stream.on('error', reject);
+      stream.end();
+    });
+  }
+
+  it('forwards an allowed ID to the upstream with the mapped identity, its own credential, and nothing of the client’s', async () => {
+    recorded = [];
+    const session = h2(pki.good.clientArgocd);
+    try {
+      const r = await get(session, '/api/v1/namespaces/default/pods', {
+        authorization: 'Bearer stolen-token',
+        'x-remote-user': 'admin',
+        'X-Forwarded-For': '10.0.0.1',
+      });
+      assert.equal(r.status, 200, r.body);
+      assert.equal(recorded.length, 1);
+      const h = recorded[0]?.headers ?? {};
+      assert.equal(h.authorization, 'Bearer proxy-service-account-token');
+      assert.equal(h['impersonate-user'], 'argocd-controller');
+      const groups = (recorded[0]?.rawHeaders ?? []).filter(
+        (_, i, all) => all[i - 1]?.toLowerCase() === 'impersonate-group',
+      );
+      assert.deepEqual(groups, ['gitops', 'spiffe:hub.example.org']);
+      assert.equal(h['impersonate-uid'], ARGOCD);
+      assert.equal(h['impersonate-extra-spiffe.io%2fid'], ARGOCD);
+      assert.equal(h['x-remote-user'], undefined);
+      assert.equal(h['x-forwarded-for'], '127.0.0.1');
+      assert.ok(
+        logs.some((l) => l.includes('"audit":true') && l.includes(ARGOCD) && l.includes('"status":200')),
+      );
+    } finally {
+      session.close();
+    }
+  });
+
+  it('answers 403 with a Kubernetes Status to an ID no rule names, and to a request beyond the rule’s limits', async () => {
+    recorded = [];
+    const flux = h2(pki.good.clientFlux);
+    const argo = h2(pki.good.clientArgocd);
+    try {
+      const denied = await get(flux, '/api/v1/namespaces/default/pods');
+      assert.equal(denied.status, 403);
+      const status = JSON.parse(denied.body) as {
+        kind: string;
+        code: number;
+        reason: string;
+        message: string;
+      };
+      assert.equal(status.kind, 'Status');
+      assert.equal(status.code, 403);
+      assert.equal(status.reason, 'Forbidden');
+      assert.match(status.message, /ERR_POLICY_NO_RULE/);
+      assert.match(status.message, new RegExp(FLUX));
+      const limited = await get(argo, '/api/v1/namespaces/kube-system/secrets');
+      assert.equal(limited.status, 403);
+      assert.match(limited.body, /ERR_POLICY_REQUEST_LIMIT/);
+      assert.equal(recorded.length, 0, 'nothing denied reaches the upstream');
+    } finally {
+      flux.close();
+      argo.close();
+    }
+  });
+
+  it('refuses every malformed SVID of the dev PKI with its code, in the answer and in the log', async () => {
+    const expected: Record<string, string> = {
+      leafIsCa: 'ERR_X509_LEAF_CA',
+      twoUriSans: 'ERR_X509_MULTIPLE_URI_SANS',
+      noUriSan: 'ERR_X509_NO_URI_SAN',
+      leafKeyCertSign: 'ERR_X509_LEAF_KEY_CERT_SIGN',
+      leafCrlSign: 'ERR_X509_LEAF_CRL_SIGN',
+      noDigitalSignature: 'ERR_X509_LEAF_NO_DIGITAL_SIGNATURE',
+      expired: 'ERR_X509_EXPIRED',
+      notYetValid: 'ERR_X509_NOT_YET_VALID',
+      wrongScheme: 'ERR_ID_WRONG_SCHEME',
+      rootPath: 'ERR_X509_LEAF_ROOT_PATH',
+      forgedTrustDomain: 'ERR_X509_WRONG_TRUST_DOMAIN',
+    };
+    recorded = [];
+    for (const [name, code] of Object.entries(expected)) {
+      const session = h2(pki.bad[name as keyof DevPki['bad']]);
+      try {
+        const r = await get(session, '/api/v1/namespaces/default/pods');
+        assert.equal(r.status, 401, `${name}: ${r.body}`);
+        assert.match(r.body, new RegExp(code), name);
+        assert.ok(logged(code), `${code} is in the log`);
+      } finally {
+        session.close();
+      }
+    }
+    assert.equal(recorded.length, 0);
+  });
+
+  it('refuses a client without a certificate', async () => {
+    const session = h2(undefined);
+    try {
+      const r = await get(session, '/version');
+      assert.equal(r.status, 401);
+      assert.match(r.body, /ERR_TLS_NO_CLIENT_CERT/);
+    } finally {
+      session.close();
+    }
+  });
+
+  it('refuses client-sent Impersonate-* headers in any case', async () => {
+    recorded = [];
+    const session = h2(pki.good.clientArgocd);
+    try {
+      for (const name of ['impersonate-user', 'Impersonate-Group', 'IMPERSONATE-EXTRA-scopes']) {
+        const r = await get(session, '/api/v1/namespaces/default/pods', { [name]: 'system:admin' });
+        assert.equal(r.status, 403, name);
+      }
+      assert.equal(recorded.length, 0);
+    } finally {
+      session.close();
+    }
+  });
+
+  it('applies a policy edit to an already-open HTTP/2 connection at its next request', async () => {
+    const session = h2(pki.good.clientFlux);
+    try {
+      assert.equal((await get(session, '/api/v1/namespaces/default/pods')).status, 403);
+      writeFileSync(
+        policyFile,
+        policyYaml(`  - name: flux
+    match:
+      pattern: spiffe://hub.example.org/ns/*/sa/kustomize-controller
+    identity:
+      user: "flux:{segment:1}"
+`),
+      );
+      let status = 403;
+      for (let i = 0; i < 100 && status === 403; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        status = (await get(session, '/api/v1/namespaces/default/pods')).status;
+      }
+      assert.equal(status, 200, 'the same connection is allowed after the edit');
+      assert.equal(recorded.at(-1)?.headers['impersonate-user'], 'flux:flux-system');
+      assert.equal(session.closed || session.destroyed, false, 'no reconnect');
+
+      // And back: the rule is removed, and the same connection is refused again.
+      writeFileSync(policyFile, policyYaml());
+      for (let i = 0; i < 100 && status === 200; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        status = (await get(session, '/api/v1/namespaces/default/pods')).status;
+      }
+      assert.equal(status, 403);
+    } finally {
+      session.close();
+    }
+  });
+
+  it('re-checks a resumed TLS session: a client SVID that expired since is refused', async () => {
+    // A hub SVID valid for 3 more seconds; hub leaves chain straight to the root, so the session's leaf suffices.
+    const hub = await importIssuer(pki.hub.rootPem, pki.hub.rootKeyPem);
+    const now = Date.now();
+    const leaf = await makeLeaf({
+      subject: 'CN=short-lived',
+      issuer: hub,
+      notBefore: new Date(now - 60_000),
+      notAfter: new Date(now + 3000),
+      uris: [ARGOCD],
+    });
+    const agent = new https.Agent({ keepAlive: false, maxCachedSessions: 10 });
+    const request = (): Promise<{ status: number; body: string; reused: boolean }> =>
+      new Promise((resolve, reject) => {
+        const req = https.request(
+          {
+            host: '127.0.0.1',
+            port: proxy.port,
+            path: '/api/v1/namespaces/default/pods',
+            agent,
+            ...tlsOptions({ chainPem: leaf.node.toString(), keyPem: leaf.keyPem }),
+          },
+          (res) => {
+            const reused = (res.socket as import('node:tls').TLSSocket).isSessionReused();
+            let body = '';
+            res.setEncoding('utf8');
+            res.on('data', (c: string) => {
+              body += c;
+            });
+            res.on('end', () => resolve({ status: res.statusCode ?? 0, body, reused }));
+          },
+        );
+        req.on('error', reject);
+        req.end();
+      });
+    const first = await request();
+    assert.equal(first.status, 200, first.body);
+    assert.equal(first.reused, false);
+    await new Promise((resolve) => setTimeout(resolve, Math.max(0, now + 3500 - Date.now())));
+    const second = await request();
+    assert.equal(second.reused, true, 'the TLS session was resumed (OpenSSL verified nothing)');
+    assert.equal(second.status, 401, second.body);
+    assert.match(second.body, /ERR_X509_EXPIRED/);
+    agent.destroy();
+  });
+
+  it('serves /healthz, /readyz and /metrics on the admin port', async () => {
+    const fetchAdmin = async (path: string) => {
+      const res = await fetch(`http://127.0.0.1:${proxy.admin.address.port}${path}`);
+      return { status: res.status, body: await res.text() };
+    };
+    assert.equal((await fetchAdmin('/healthz')).status, 200);
+    const ready = await fetchAdmin('/readyz');
+    assert.equal(ready.status, 200, ready.body);
+    const metrics = (await fetchAdmin('/metrics')).body;
+    assert.match(metrics, /ksp_authentication_failures_total\{code="ERR_X509_WRONG_TRUST_DOMAIN"\} [1-9]/);
+    assert.match(metrics, /ksp_decisions_total\{rule="argocd-controller",decision="allow",code=""\} [1-9]/);
+    assert.match(metrics, /ksp_svid_expiry_seconds \d+/);
+    assert.match(metrics, /ksp_bundle_age_seconds\{trust_domain="hub.example.org"\}/);
+  });
+});
