@@ -30,6 +30,7 @@ import { parseArgs } from 'node:util';
 import { bundleJson, makeDevPki } from '../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../src/config/proxy.ts';
 import { silentLogger } from '../src/observability/logger.ts';
+import { importIssuer, makeLeaf } from '../test/unit/spiffe/helpers/certs.ts';
 
 const SERVERS = ['tls', 'h2', 'proxy'] as const;
 type ServerKind = (typeof SERVERS)[number];
@@ -361,7 +362,7 @@ function handshakeOnce(
 
 async function handshakes(
   server: ServerHandle,
-  context: SecureContext,
+  context: (i: number) => SecureContext,
   protocol: Protocol,
   n: number,
 ): Promise<number[]> {
@@ -369,7 +370,7 @@ async function handshakes(
   const times: number[] = [];
   for (let i = 0; i < n; i++) {
     try {
-      times.push(await handshakeOnce(server.port, context, protocol, alpn));
+      times.push(await handshakeOnce(server.port, context(i), protocol, alpn));
     } catch (err) {
       throw new Error(`${server.kind} ${protocol} handshake ${i + 1}: ${(err as Error).message}`, {
         cause: err,
@@ -599,6 +600,8 @@ async function main(): Promise<void> {
       warmup: { type: 'string', default: '50' },
       'tls13-only': { type: 'boolean', default: false },
       'cpu-prof': { type: 'string' },
+      // Every handshake presents an SVID the server has not seen (the proxy's verification cache never hits).
+      'new-svids': { type: 'boolean', default: false },
       server: { type: 'string' },
       dir: { type: 'string' },
     },
@@ -682,10 +685,54 @@ async function main(): Promise<void> {
         }),
       ]),
     );
-    const contextFor = (protocol: Protocol): SecureContext => contexts.get(protocol) as SecureContext;
+    // --new-svids: a pool of distinct client SVIDs (same SPIFFE ID, new key and serial), one per handshake.
+    const pool = new Map<Protocol, SecureContext[]>();
+    if (values['new-svids']) {
+      const hub = await importIssuer(pki.hub.rootPem, pki.hub.rootKeyPem);
+      // Per protocol, enough for the warm-up and every round: no SVID is ever presented twice.
+      let total = 0;
+      for (const protocol of protocols) {
+        const fresh: SecureContext[] = [];
+        for (let i = 0; i < warmup + n * roundCount; i++) {
+          const leaf = await makeLeaf({
+            subject: `CN=bench ${protocol} ${i}`,
+            issuer: hub,
+            notBefore: new Date(Date.now() - 60_000),
+            notAfter: new Date(Date.now() + 3_600_000),
+            uris: [ARGOCD],
+          });
+          fresh.push(
+            tls.createSecureContext({
+              cert: leaf.node.toString(),
+              key: leaf.keyPem,
+              ca: pki.spoke.rootPem,
+              minVersion: protocol,
+              maxVersion: protocol,
+            }),
+          );
+        }
+        pool.set(protocol, fresh);
+        total += fresh.length;
+      }
+      out(
+        `--new-svids: every proxy handshake presents an SVID the server has not seen (${total} distinct SVIDs)`,
+      );
+    }
+    const used = new Map<Protocol, number>();
+    // Only the proxy caches verifications, so only its handshakes draw from the pool.
+    const contextFor =
+      (protocol: Protocol, kind: ServerKind) =>
+      (_i: number): SecureContext => {
+        const fresh = kind === 'proxy' ? pool.get(protocol) : undefined;
+        if (fresh === undefined) return contexts.get(protocol) as SecureContext;
+        const next = used.get(protocol) ?? 0;
+        used.set(protocol, next + 1);
+        return fresh[next % fresh.length] as SecureContext;
+      };
 
     for (const protocol of protocols) {
-      for (const server of servers) await handshakes(server, contextFor(protocol), protocol, warmup);
+      for (const server of servers)
+        await handshakes(server, contextFor(protocol, server.kind), protocol, warmup);
     }
     // Background CPU of an idle server (timers, the proxy's admin listener): should be about nothing.
     const idleUsPerSecond: Record<string, number> = {};
@@ -712,7 +759,7 @@ async function main(): Promise<void> {
         for (const server of order) {
           const cell = cells.get(`${protocol} ${server.kind}`) as Cell;
           const before = await sampleCpu(server);
-          const times = await handshakes(server, contextFor(protocol), protocol, n);
+          const times = await handshakes(server, contextFor(protocol, server.kind), protocol, n);
           const after = await sampleCpu(server);
           cell.rounds.push({
             userUs: after.userUs - before.userUs,
@@ -800,7 +847,8 @@ async function main(): Promise<void> {
     const resultsDir = fileURLToPath(new URL('./results/', import.meta.url));
     await mkdir(resultsDir, { recursive: true });
     const partial = profileDir !== undefined || protocols.length < 2;
-    const file = join(resultsDir, partial ? 'handshake.partial.tmp' : 'handshake.json');
+    const name = values['new-svids'] ? 'handshake-new-svids' : 'handshake';
+    const file = join(resultsDir, partial ? `${name}.partial.tmp` : `${name}.json`);
     const report = {
       benchmark: 'handshake',
       date: new Date().toISOString(),
