@@ -342,6 +342,53 @@ upstream:
     agent.destroy();
   });
 
+  it('lets no session resume under the old trust once a bundle has lost an authority', async () => {
+    const agent = new https.Agent({ keepAlive: false, maxCachedSessions: 10 });
+    const argocd = pki.good.clientArgocd;
+    const request = (): Promise<{ status: number; reused: boolean; body: string }> =>
+      new Promise((resolve, reject) => {
+        const req = https.request(
+          {
+            host: '127.0.0.1',
+            port: proxy.port,
+            path: '/api/v1/namespaces/default/pods',
+            agent,
+            ...tlsOptions(argocd),
+          },
+          (res) => {
+            const reused = (res.socket as import('node:tls').TLSSocket).isSessionReused();
+            let body = '';
+            res.setEncoding('utf8');
+            res.on('data', (c: string) => {
+              body += c;
+            });
+            res.on('end', () => resolve({ status: res.statusCode ?? 0, reused, body }));
+          },
+        );
+        req.on('error', reject);
+        req.end();
+      });
+    assert.equal((await request()).status, 200);
+    const resumed = await request();
+    assert.deepEqual(
+      [resumed.status, resumed.reused],
+      [200, true],
+      'sessions resume while the trust is unchanged',
+    );
+    // The hub's bundle is replaced by another PKI's: the root that signed the client is gone.
+    const other = await makeDevPki();
+    writeFileSync(join(dir, 'hub.json'), bundleJson(other.hub));
+    for (let i = 0; i < 100 && !logged('session ticket keys replaced'); i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    assert.ok(logged('session ticket keys replaced'));
+    const after = await request();
+    assert.equal(after.reused, false, 'the ticket issued under the old trust no longer resumes');
+    assert.equal(after.status, 401, after.body);
+    assert.match(after.body, /ERR_X509_UNTRUSTED|ERR_X509_WRONG_TRUST_DOMAIN/);
+    agent.destroy();
+  });
+
   it('serves /healthz, /readyz and /metrics on the admin port', async () => {
     const fetchAdmin = async (path: string) => {
       const res = await fetch(`http://127.0.0.1:${proxy.admin.address.port}${path}`);

@@ -1,0 +1,161 @@
+/**
+ * The proxy with its identity from the Workload API of the real bundled agent: its serving SVID rotates, new
+ * handshakes get the new certificate, and connections opened before keep working. The upstream is a RECORDING
+ * STAND-IN for kube-apiserver (plain HTTP).
+ */
+import assert from 'node:assert/strict';
+import type { X509Certificate } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import http from 'node:http';
+import http2 from 'node:http2';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import tls from 'node:tls';
+import { parseProxyConfig } from '../../src/config/proxy.ts';
+import { silentLogger } from '../../src/observability/logger.ts';
+import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import { X509Source } from '../../src/workload/client.ts';
+import { entryFor, startTestAgent, type TestAgent, TRUST_DOMAIN } from '../helpers/agent.ts';
+
+const uid = process.getuid?.() ?? 0;
+const CLIENT = `spiffe://${TRUST_DOMAIN}/client`;
+
+describe('the proxy on the Workload API', () => {
+  let agent: TestAgent;
+  let upstream: http.Server;
+  let proxy: RunningProxy;
+  let client: X509Source;
+
+  before(async () => {
+    agent = await startTestAgent(
+      `entries:\n${entryFor(uid, 'kube-svid-proxy', '    hint: proxy\n    dnsNames: [localhost]\n    x509SvidTtl: 4s\n')}` +
+        entryFor(uid, 'client', '    hint: client\n'),
+      { svid: { rotationJitter: 0 } },
+    );
+    upstream = http.createServer((req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ user: req.headers['impersonate-user'] }));
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    const policyFile = join(agent.dir, 'policy.yaml');
+    writeFileSync(
+      policyFile,
+      `rules:\n  - name: client\n    match:\n      id: ${CLIENT}\n    identity:\n      user: workload-client\n`,
+    );
+    const config = parseProxyConfig(
+      `trustDomain: ${TRUST_DOMAIN}
+listen: 127.0.0.1:0
+admin: { listen: 127.0.0.1:0 }
+policyFile: policy.yaml
+identity:
+  workloadApi:
+    socket: ${agent.address}
+    hint: proxy
+upstream:
+  url: http://127.0.0.1:${(upstream.address() as AddressInfo).port}
+readiness:
+  minSvidRemaining: 1s
+`,
+      join(agent.dir, 'proxy.yaml'),
+    );
+    proxy = await startProxy(config, {
+      logger: silentLogger(),
+      defaultMetrics: false,
+      probeIntervalMs: 60_000,
+    });
+    client = await X509Source.create({ address: agent.address });
+  });
+
+  after(async () => {
+    client?.close();
+    await proxy?.close();
+    await new Promise<void>((resolve) => upstream?.close(() => resolve()));
+    await agent?.close();
+  });
+
+  const clientTls = () => {
+    const svid = client.svid('client');
+    return {
+      servername: 'localhost',
+      cert: svid.certificates.map((c) => c.toString()).join(''),
+      key: svid.privateKey.export({ format: 'pem', type: 'pkcs8' }).toString(),
+      ca: client.bundles.allX509Authorities().map((c) => c.toString()),
+    };
+  };
+
+  /** The serial of the certificate a fresh handshake gets. */
+  function servingSerial(): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const socket = tls.connect({ host: '127.0.0.1', port: proxy.port, ...clientTls() }, () => {
+        const serial = socket.getPeerX509Certificate()?.serialNumber ?? '';
+        socket.destroy();
+        resolve(serial);
+      });
+      socket.on('error', reject);
+    });
+  }
+
+  function get(session: http2.ClientHttp2Session): Promise<{ status: number; body: string }> {
+    return new Promise((resolve, reject) => {
+      const stream = session.request({ ':path': '/version' });
+      let status = 0;
+      let body = '';
+      stream.on('response', (h) => {
+        status = Number(h[':status']);
+      });
+      stream.setEncoding('utf8');
+      stream.on('data', (c: string) => {
+        body += c;
+      });
+      stream.on('end', () => resolve({ status, body }));
+      stream.on('error', reject);
+      stream.end();
+    });
+  }
+
+  it('serves the SVID the agent issued for its hint, and authenticates an agent-issued client', async () => {
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, clientTls());
+    try {
+      const r = await get(session);
+      assert.equal(r.status, 200, r.body);
+      assert.deepEqual(JSON.parse(r.body), { user: 'workload-client' });
+      const serving = (session.socket as tls.TLSSocket).getPeerX509Certificate() as X509Certificate;
+      assert.match(serving.subjectAltName ?? '', new RegExp(`URI:spiffe://${TRUST_DOMAIN}/kube-svid-proxy`));
+    } finally {
+      session.close();
+    }
+  });
+
+  it('swaps its certificate on rotation for new handshakes while open connections keep working', async () => {
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, clientTls());
+    try {
+      assert.equal((await get(session)).status, 200);
+      const first = await servingSerial();
+      let next = first;
+      for (let i = 0; i < 100 && next === first; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        next = await servingSerial();
+      }
+      assert.notEqual(next, first, 'a new handshake gets the rotated SVID');
+      assert.equal((await get(session)).status, 200, 'the connection opened before still works');
+      assert.equal(session.closed || session.destroyed, false);
+    } finally {
+      session.close();
+    }
+  });
+
+  it('is ready on the admin port with an SVID, a policy and a reachable upstream', async () => {
+    const res = await fetch(`http://127.0.0.1:${proxy.admin.address.port}/readyz`);
+    const report = (await res.json()) as { ready: boolean; checks: { name: string; ok: boolean }[] };
+    assert.equal(res.status, 200, JSON.stringify(report));
+    assert.deepEqual(
+      report.checks.map((c) => [c.name, c.ok]),
+      [
+        ['svid', true],
+        ['policy', true],
+        ['upstream', true],
+      ],
+    );
+  });
+});
