@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { type AdminServer, createAdminServer, type ReadinessReport } from '../admin/server.ts';
+import { AgentError, AgentErrorCode } from '../agent/errors.ts';
 import type { ProxyConfig } from '../config/proxy.ts';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
 import { ProxyMetrics } from '../observability/metrics.ts';
@@ -8,6 +9,17 @@ import { watchPolicy } from '../policy/watch.ts';
 import { Upstream } from './forward.ts';
 import { ProxyServer } from './server.ts';
 import { type IdentitySource, StaticIdentitySource, WorkloadIdentitySource } from './source.ts';
+
+/** Reads a file named by the configuration, saying which key named it when it cannot be read. */
+async function readConfigured(key: string, file: string): Promise<string> {
+  try {
+    return await readFile(file, 'utf8');
+  } catch (err) {
+    throw new AgentError(AgentErrorCode.ProxyConfig, `${key} ${file}: ${(err as Error).message}`, {
+      cause: err,
+    });
+  }
+}
 
 export interface RunningProxy {
   readonly server: ProxyServer;
@@ -41,14 +53,20 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
   const metrics = new ProxyMetrics({ defaultMetrics: options.defaultMetrics ?? true });
   const closers: (() => unknown)[] = [];
   try {
-    const source: IdentitySource =
-      config.identity.kind === 'files'
-        ? await StaticIdentitySource.create(config.identity, log, pollIntervalMs)
-        : await WorkloadIdentitySource.create({
-            logger: log,
-            ...(config.identity.socket ? { address: config.identity.socket } : {}),
-            ...(config.identity.hint ? { hint: config.identity.hint } : {}),
-          });
+    let source: IdentitySource;
+    try {
+      source =
+        config.identity.kind === 'files'
+          ? await StaticIdentitySource.create(config.identity, log, pollIntervalMs)
+          : await WorkloadIdentitySource.create({
+              logger: log,
+              ...(config.identity.socket ? { address: config.identity.socket } : {}),
+              ...(config.identity.hint ? { hint: config.identity.hint } : {}),
+            });
+    } catch (err) {
+      const where = config.identity.kind === 'files' ? 'identity.files' : 'identity.workloadApi';
+      throw new AgentError(AgentErrorCode.ProxyConfig, `${where}: ${(err as Error).message}`, { cause: err });
+    }
     closers.push(() => source.close());
     const own = source.svid().id;
     if (!own.trustDomain.equals(config.trustDomain)) {
@@ -79,6 +97,7 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
 
     let token: WatchedFile<string> | undefined;
     if (config.upstream.tokenFile) {
+      await readConfigured('upstream.tokenFile', config.upstream.tokenFile);
       token = await watchFile(config.upstream.tokenFile, {
         parse: (text) => {
           const t = text.trim();
@@ -95,12 +114,14 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
     const upstream = new Upstream({
       url: config.upstream.url,
       authorization: () => (token ? `Bearer ${token.current}` : undefined),
-      ...(config.upstream.caFile ? { ca: await readFile(config.upstream.caFile, 'utf8') } : {}),
+      ...(config.upstream.caFile
+        ? { ca: await readConfigured('upstream.caFile', config.upstream.caFile) }
+        : {}),
       ...(config.upstream.clientCertFile
-        ? { clientCert: await readFile(config.upstream.clientCertFile, 'utf8') }
+        ? { clientCert: await readConfigured('upstream.clientCertFile', config.upstream.clientCertFile) }
         : {}),
       ...(config.upstream.clientKeyFile
-        ? { clientKey: await readFile(config.upstream.clientKeyFile, 'utf8') }
+        ? { clientKey: await readConfigured('upstream.clientKeyFile', config.upstream.clientKeyFile) }
         : {}),
     });
     closers.push(() => upstream.close());
