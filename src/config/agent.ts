@@ -4,7 +4,6 @@
  * problem is refused as a whole. Relative paths are resolved against the config file's directory.
  */
 import { readFile } from 'node:fs/promises';
-import { dirname, isAbsolute, resolve } from 'node:path';
 import type { Node, YAMLMap } from 'yaml';
 import type { AgentOptions } from '../agent/agent.ts';
 import type { K8sAttestorOptions } from '../agent/attestors/k8s.ts';
@@ -13,8 +12,16 @@ import { DEFAULT_CA_TTL_SECONDS } from '../agent/ca.ts';
 import { AgentError, AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
 import { DEFAULT_X509_SVID_TTL_SECONDS } from '../agent/issuer.ts';
 import { isKeyType, KEY_TYPES, type KeyType } from '../agent/keys.ts';
-import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
-import { TrustDomain } from '../spiffe/id.ts';
+import type { LogLevel } from '../observability/logger.ts';
+import {
+  type Field,
+  fieldMap,
+  fieldString,
+  pathResolver,
+  readLogLevel,
+  readTrustDomain,
+  readTrustDomainFiles,
+} from './common.ts';
 import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
 
 export const DEFAULT_AGENT_SOCKET = '/run/kube-svid-proxy/agent.sock';
@@ -28,8 +35,6 @@ export class ConfigError extends FileProblemsError {
     this.name = 'ConfigError';
   }
 }
-
-type Field = { value: Node | null; keyOffset: number; valueOffset: number };
 
 const TOP = [
   'trustDomain',
@@ -68,9 +73,7 @@ export function parseAgentConfig(
   env: NodeJS.ProcessEnv = process.env,
 ): AgentConfig {
   const { reader, ok } = readYaml(text, 'the agent configuration');
-  const base = dirname(resolve(file));
-  const path = (value: string | undefined): string | undefined =>
-    value === undefined ? undefined : isAbsolute(value) ? value : resolve(base, value);
+  const path = pathResolver(file);
   let config: AgentConfig | undefined;
   if (ok) config = readTop(reader, path, env);
   if (config === undefined || reader.problems.length > 0) {
@@ -103,27 +106,9 @@ function readTop(
   const root = r.map(r.doc.contents as Node | null, 0, 'the agent configuration');
   if (root === undefined) return undefined;
   const f = r.fields(root, TOP, 'the agent configuration');
-  const str = (field: Field | undefined, what: string): string | undefined =>
-    field && r.string(field.value, field.valueOffset, what);
+  const str = (field: Field | undefined, what: string): string | undefined => fieldString(r, field, what);
 
-  const tdField = f.get('trustDomain');
-  let trustDomain: TrustDomain | undefined;
-  if (tdField === undefined) {
-    r.report(r.offsetOf(root, 0), 'missing required key "trustDomain" (e.g. trustDomain: spoke.example.org)');
-  } else {
-    const name = str(tdField, 'trustDomain');
-    if (name !== undefined) {
-      try {
-        if (/^spiffe:\/\/[^/]*\/./.test(name)) {
-          r.report(tdField.valueOffset, `trustDomain "${name}" has a path; write the trust domain name only`);
-        } else {
-          trustDomain = TrustDomain.parse(name);
-        }
-      } catch (err) {
-        r.report(tdField.valueOffset, `trustDomain: ${(err as Error).message}`);
-      }
-    }
-  }
+  const trustDomain = readTrustDomain(r, root, f.get('trustDomain'));
   const entriesField = f.get('entriesFile');
   if (entriesField === undefined) r.report(r.offsetOf(root, 0), 'missing required key "entriesFile"');
   const entriesFile = path(str(entriesField, 'entriesFile'));
@@ -141,13 +126,7 @@ function readTop(
       );
   }
 
-  let logLevel: LogLevel = 'info';
-  const levelField = f.get('logLevel');
-  const level = str(levelField, 'logLevel');
-  if (levelField && level !== undefined) {
-    if (isLogLevel(level)) logLevel = level;
-    else r.report(levelField.valueOffset, `logLevel "${level}" is not one of ${LOG_LEVELS.join(', ')}`);
-  }
+  const logLevel = readLogLevel(r, f.get('logLevel'));
 
   const keyType = (field: Field | undefined, what: string): KeyType | undefined => {
     const value = str(field, what);
@@ -156,8 +135,7 @@ function readTop(
     r.report(field.valueOffset, `${what} "${value}" is not one of ${KEY_TYPES.join(', ')}`);
     return undefined;
   };
-  const sub = (field: Field | undefined, what: string): YAMLMap | undefined =>
-    field && r.map(field.value, field.valueOffset, what);
+  const sub = (field: Field | undefined, what: string): YAMLMap | undefined => fieldMap(r, field, what);
 
   // ca
   let ca: AgentConfig['ca'] = {};
@@ -289,37 +267,13 @@ function readTop(
   }
 
   // federation
-  const federatedBundles = new Map<string, string>();
+  let federatedBundles = new Map<string, string>();
   const fedMap = sub(f.get('federation'), 'federation');
   if (fedMap) {
     const fed = r.fields(fedMap, FEDERATION, 'federation');
-    const bundlesField = fed.get('bundles');
-    const bundlesMap = sub(bundlesField, 'federation.bundles');
-    if (bundlesMap) {
-      for (const pair of bundlesMap.items) {
-        const keyNode = pair.key as Node | null;
-        const keyOffset = r.offsetOf(keyNode, r.offsetOf(bundlesMap, 0));
-        const name = r.string(keyNode, keyOffset, 'a federation.bundles key (a trust domain name)');
-        const file = path(
-          r.string(
-            pair.value as Node | null,
-            r.offsetOf(pair.value as Node | null, keyOffset),
-            'a bundle file',
-          ),
-        );
-        if (name === undefined || file === undefined) continue;
-        try {
-          const td = TrustDomain.parse(name);
-          if (trustDomain?.equals(td)) {
-            r.report(keyOffset, `federation.bundles: ${name} is our own trust domain`);
-            continue;
-          }
-          federatedBundles.set(td.name, file);
-        } catch (err) {
-          r.report(keyOffset, `federation.bundles: ${(err as Error).message}`);
-        }
-      }
-    }
+    const bundlesMap = sub(fed.get('bundles'), 'federation.bundles');
+    if (bundlesMap)
+      federatedBundles = readTrustDomainFiles(r, bundlesMap, 'federation.bundles', path, trustDomain);
   }
 
   if (trustDomain === undefined || entriesFile === undefined) return undefined;

@@ -4,11 +4,19 @@
  * problem is refused. Relative paths are resolved against the config file's directory.
  */
 import { readFile } from 'node:fs/promises';
-import { dirname, isAbsolute, resolve } from 'node:path';
 import type { Node, YAMLMap } from 'yaml';
 import { AgentError, AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
-import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
-import { TrustDomain } from '../spiffe/id.ts';
+import type { LogLevel } from '../observability/logger.ts';
+import type { TrustDomain } from '../spiffe/id.ts';
+import {
+  type Field,
+  fieldMap,
+  fieldString,
+  pathResolver,
+  readLogLevel,
+  readTrustDomain,
+  readTrustDomainFiles,
+} from './common.ts';
 import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
 
 export interface HostPort {
@@ -52,8 +60,6 @@ export class ProxyConfigError extends FileProblemsError {
   }
 }
 
-type Field = { value: Node | null; keyOffset: number; valueOffset: number };
-
 const TOP = [
   'trustDomain',
   'listen',
@@ -81,9 +87,7 @@ export function parseHostPort(text: string): HostPort | string {
 
 export function parseProxyConfig(text: string, file: string): ProxyConfig {
   const { reader, ok } = readYaml(text, 'the proxy configuration');
-  const base = dirname(resolve(file));
-  const path = (value: string | undefined): string | undefined =>
-    value === undefined ? undefined : isAbsolute(value) ? value : resolve(base, value);
+  const path = pathResolver(file);
   let config: ProxyConfig | undefined;
   if (ok) config = readTop(reader, path);
   if (config === undefined || reader.problems.length > 0) {
@@ -112,10 +116,8 @@ function readTop(
   const root = r.map(r.doc.contents as Node | null, 0, 'the proxy configuration');
   if (root === undefined) return undefined;
   const f = r.fields(root, TOP, 'the proxy configuration');
-  const str = (field: Field | undefined, what: string): string | undefined =>
-    field && r.string(field.value, field.valueOffset, what);
-  const sub = (field: Field | undefined, what: string): YAMLMap | undefined =>
-    field && r.map(field.value, field.valueOffset, what);
+  const str = (field: Field | undefined, what: string): string | undefined => fieldString(r, field, what);
+  const sub = (field: Field | undefined, what: string): YAMLMap | undefined => fieldMap(r, field, what);
   const required = (field: Field | undefined, key: string, example: string): void => {
     if (field === undefined) r.report(r.offsetOf(root, 0), `missing required key "${key}" (e.g. ${example})`);
   };
@@ -130,19 +132,7 @@ function readTop(
     return parsed;
   };
 
-  const tdField = f.get('trustDomain');
-  required(tdField, 'trustDomain', 'trustDomain: spoke.example.org');
-  let trustDomain: TrustDomain | undefined;
-  const tdName = str(tdField, 'trustDomain');
-  if (tdField && tdName !== undefined) {
-    try {
-      if (/^spiffe:\/\/[^/]*\/./.test(tdName))
-        throw new Error('has a path; write the trust domain name only');
-      trustDomain = TrustDomain.parse(tdName);
-    } catch (err) {
-      r.report(tdField.valueOffset, `trustDomain "${tdName}": ${(err as Error).message}`);
-    }
-  }
+  const trustDomain = readTrustDomain(r, root, f.get('trustDomain'));
 
   const listen = hostPort(f.get('listen'), 'listen', DEFAULT_LISTEN);
   let admin = DEFAULT_ADMIN;
@@ -180,29 +170,10 @@ function readTop(
       const g = r.fields(filesMap, FILES, 'identity.files');
       const certFile = path(str(g.get('certFile'), 'identity.files.certFile'));
       const keyFile = path(str(g.get('keyFile'), 'identity.files.keyFile'));
-      const bundles = new Map<string, string>();
-      const bundlesField = g.get('bundles');
-      const bundlesMap = sub(bundlesField, 'identity.files.bundles');
-      if (bundlesMap) {
-        for (const pair of bundlesMap.items) {
-          const keyNode = pair.key as Node | null;
-          const keyOffset = r.offsetOf(keyNode, r.offsetOf(bundlesMap, 0));
-          const name = r.string(keyNode, keyOffset, 'an identity.files.bundles key (a trust domain name)');
-          const file = path(
-            r.string(
-              pair.value as Node | null,
-              r.offsetOf(pair.value as Node | null, keyOffset),
-              'a bundle file',
-            ),
-          );
-          if (name === undefined || file === undefined) continue;
-          try {
-            bundles.set(TrustDomain.parse(name).name, file);
-          } catch (err) {
-            r.report(keyOffset, `identity.files.bundles: ${(err as Error).message}`);
-          }
-        }
-      }
+      const bundlesMap = sub(g.get('bundles'), 'identity.files.bundles');
+      const bundles = bundlesMap
+        ? readTrustDomainFiles(r, bundlesMap, 'identity.files.bundles', path)
+        : new Map<string, string>();
       if (certFile === undefined || keyFile === undefined) {
         r.report(files.keyOffset, 'identity.files needs certFile and keyFile');
       } else if (bundles.size === 0) {
@@ -266,13 +237,7 @@ function readTop(
     if (seconds !== undefined) minSvidRemainingSeconds = seconds;
   }
 
-  let logLevel: LogLevel = 'info';
-  const levelField = f.get('logLevel');
-  const level = str(levelField, 'logLevel');
-  if (levelField && level !== undefined) {
-    if (isLogLevel(level)) logLevel = level;
-    else r.report(levelField.valueOffset, `logLevel "${level}" is not one of ${LOG_LEVELS.join(', ')}`);
-  }
+  const logLevel = readLogLevel(r, f.get('logLevel'));
 
   if (trustDomain === undefined || policyFile === undefined || upstream === undefined) return undefined;
   return { trustDomain, listen, admin, policyFile, identity, upstream, minSvidRemainingSeconds, logLevel };

@@ -1,13 +1,8 @@
 import { type DestinationStream, type Logger, type LoggerOptions, pino } from 'pino';
+import type { LogLevel } from './levels.ts';
 
+export { isLogLevel, LOG_LEVELS, type LogLevel } from './levels.ts';
 export type { Logger };
-
-export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
-export type LogLevel = (typeof LOG_LEVELS)[number];
-
-export function isLogLevel(value: unknown): value is LogLevel {
-  return typeof value === 'string' && (LOG_LEVELS as readonly string[]).includes(value);
-}
 
 /**
  * JSON lines on stderr (stdout stays free for command output). Secrets are never passed to the logger; the

@@ -1,0 +1,88 @@
+/**
+ * What the agent's and the proxy's configuration files share: relative paths, the trust domain, the log level,
+ * and maps of trust domain → bundle file. Each reports problems on the reader, at the value at fault.
+ */
+import { dirname, isAbsolute, resolve } from 'node:path';
+import type { Node, YAMLMap } from 'yaml';
+import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
+import { TrustDomain } from '../spiffe/id.ts';
+import type { YamlReader } from './yaml.ts';
+
+/** A key's value node with the offsets of key and value, as `YamlReader.fields` returns it. */
+export type Field = { value: Node | null; keyOffset: number; valueOffset: number };
+
+/** Resolves paths in a config file against the file's directory. */
+export function pathResolver(file: string): (value: string | undefined) => string | undefined {
+  const base = dirname(resolve(file));
+  return (value) => (value === undefined ? undefined : isAbsolute(value) ? value : resolve(base, value));
+}
+
+export function fieldString(r: YamlReader, field: Field | undefined, what: string): string | undefined {
+  return field && r.string(field.value, field.valueOffset, what);
+}
+
+export function fieldMap(r: YamlReader, field: Field | undefined, what: string): YAMLMap | undefined {
+  return field && r.map(field.value, field.valueOffset, what);
+}
+
+/** The required `trustDomain` key: a name (or `spiffe://name`), never an ID with a path. */
+export function readTrustDomain(
+  r: YamlReader,
+  root: YAMLMap,
+  field: Field | undefined,
+): TrustDomain | undefined {
+  if (field === undefined) {
+    r.report(r.offsetOf(root, 0), 'missing required key "trustDomain" (e.g. trustDomain: spoke.example.org)');
+    return undefined;
+  }
+  const name = fieldString(r, field, 'trustDomain');
+  if (name === undefined) return undefined;
+  if (/^spiffe:\/\/[^/]*\/./.test(name)) {
+    r.report(field.valueOffset, `trustDomain "${name}" has a path; write the trust domain name only`);
+    return undefined;
+  }
+  try {
+    return TrustDomain.parse(name);
+  } catch (err) {
+    r.report(field.valueOffset, `trustDomain: ${(err as Error).message}`);
+    return undefined;
+  }
+}
+
+export function readLogLevel(r: YamlReader, field: Field | undefined): LogLevel {
+  const level = fieldString(r, field, 'logLevel');
+  if (field === undefined || level === undefined) return 'info';
+  if (isLogLevel(level)) return level;
+  r.report(field.valueOffset, `logLevel "${level}" is not one of ${LOG_LEVELS.join(', ')}`);
+  return 'info';
+}
+
+/** A map of trust domain name → file (`federation.bundles`, `identity.files.bundles`), paths resolved. */
+export function readTrustDomainFiles(
+  r: YamlReader,
+  map: YAMLMap,
+  what: string,
+  path: (value: string | undefined) => string | undefined,
+  own?: TrustDomain,
+): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const pair of map.items) {
+    const keyNode = pair.key as Node | null;
+    const keyOffset = r.offsetOf(keyNode, r.offsetOf(map, 0));
+    const name = r.string(keyNode, keyOffset, `a ${what} key (a trust domain name)`);
+    const valueNode = pair.value as Node | null;
+    const file = path(r.string(valueNode, r.offsetOf(valueNode, keyOffset), 'a bundle file'));
+    if (name === undefined || file === undefined) continue;
+    try {
+      const td = TrustDomain.parse(name);
+      if (own?.equals(td)) {
+        r.report(keyOffset, `${what}: ${name} is our own trust domain`);
+        continue;
+      }
+      out.set(td.name, file);
+    } catch (err) {
+      r.report(keyOffset, `${what}: ${(err as Error).message}`);
+    }
+  }
+  return out;
+}
