@@ -31,6 +31,7 @@ import { bundleJson, makeDevPki } from '../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../src/config/proxy.ts';
 import { silentLogger } from '../src/observability/logger.ts';
 import { importIssuer, makeLeaf } from '../test/unit/spiffe/helpers/certs.ts';
+import { type Summary, summarize } from './stats.ts';
 
 const SERVERS = ['tls', 'h2', 'proxy'] as const;
 type ServerKind = (typeof SERVERS)[number];
@@ -383,33 +384,6 @@ async function handshakes(
 
 // ---------------------------------------------------------------------------------------------------------------
 // statistics and reporting
-
-interface Summary {
-  readonly n: number;
-  readonly p50: number;
-  readonly p90: number;
-  readonly p99: number;
-  readonly min: number;
-  readonly max: number;
-  readonly mean: number;
-}
-
-function percentile(sorted: readonly number[], p: number): number {
-  return sorted[Math.max(0, Math.ceil((p / 100) * sorted.length) - 1)] ?? Number.NaN;
-}
-
-function summarize(samples: readonly number[]): Summary {
-  const sorted = [...samples].sort((a, b) => a - b);
-  return {
-    n: sorted.length,
-    p50: percentile(sorted, 50),
-    p90: percentile(sorted, 90),
-    p99: percentile(sorted, 99),
-    min: sorted[0] ?? Number.NaN,
-    max: sorted[sorted.length - 1] ?? Number.NaN,
-    mean: sorted.reduce((a, b) => a + b, 0) / sorted.length,
-  };
-}
 
 interface RoundCpu {
   readonly userUs: number;

@@ -22,22 +22,13 @@ import { silentLogger } from '../src/observability/logger.ts';
 import { TrustDomain } from '../src/spiffe/index.ts';
 import { WorkloadClient, X509Source } from '../src/workload/client.ts';
 import { WorkloadApiClient, type X509SvidResponse } from '../src/workload/proto.ts';
+import { percentile, type Summary, summarize } from './stats.ts';
 
 const WARMUP = 20;
 const ROTATIONS = 5;
 const STREAMS = 1000;
 const CONNECT_BATCH = 100;
 const X509_TTL_SECONDS = 4;
-
-interface Summary {
-  readonly n: number;
-  readonly p50: number;
-  readonly p90: number;
-  readonly p99: number;
-  readonly min: number;
-  readonly max: number;
-  readonly mean: number;
-}
 
 interface ConnectConfig {
   readonly socketPath: string;
@@ -87,23 +78,6 @@ interface FanoutRun {
 
 // ---------------------------------------------------------------------------------------------------------------
 // helpers
-
-function percentile(sorted: readonly number[], p: number): number {
-  return sorted[Math.max(0, Math.ceil((p / 100) * sorted.length) - 1)] ?? Number.NaN;
-}
-
-function summarize(samples: readonly number[]): Summary {
-  const sorted = [...samples].sort((a, b) => a - b);
-  return {
-    n: sorted.length,
-    p50: percentile(sorted, 50),
-    p90: percentile(sorted, 90),
-    p99: percentile(sorted, 99),
-    min: sorted[0] ?? Number.NaN,
-    max: sorted[sorted.length - 1] ?? Number.NaN,
-    mean: sorted.reduce((a, b) => a + b, 0) / sorted.length,
-  };
-}
 
 function median(values: readonly number[]): number {
   const sorted = [...values].sort((a, b) => a - b);

@@ -122,6 +122,35 @@ upstream:
     ...(who ? { cert: who.chainPem, key: who.keyPem } : {}),
   });
 
+  /** One HTTP/1.1 request through `agent` (which caches TLS sessions), and whether its session was resumed. */
+  function httpsGet(
+    agent: https.Agent,
+    who: { chainPem: string; keyPem: string },
+  ): Promise<{ status: number; body: string; reused: boolean }> {
+    return new Promise((resolve, reject) => {
+      const req = https.request(
+        {
+          host: '127.0.0.1',
+          port: proxy.port,
+          path: '/api/v1/namespaces/default/pods',
+          agent,
+          ...tlsOptions(who),
+        },
+        (res) => {
+          const reused = (res.socket as import('node:tls').TLSSocket).isSessionReused();
+          let body = '';
+          res.setEncoding('utf8');
+          res.on('data', (c: string) => {
+            body += c;
+          });
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body, reused }));
+        },
+      );
+      req.on('error', reject);
+      req.end();
+    });
+  }
+
   function h2(who: DevIdentity | { chainPem: string; keyPem: string } | undefined): http2.ClientHttp2Session {
     const session = http2.connect(`https://127.0.0.1:${proxy.port}`, tlsOptions(who));
     session.on('error', () => {});
@@ -308,29 +337,7 @@ upstream:
       uris: [ARGOCD],
     });
     const agent = new https.Agent({ keepAlive: false, maxCachedSessions: 10 });
-    const request = (): Promise<{ status: number; body: string; reused: boolean }> =>
-      new Promise((resolve, reject) => {
-        const req = https.request(
-          {
-            host: '127.0.0.1',
-            port: proxy.port,
-            path: '/api/v1/namespaces/default/pods',
-            agent,
-            ...tlsOptions({ chainPem: leaf.node.toString(), keyPem: leaf.keyPem }),
-          },
-          (res) => {
-            const reused = (res.socket as import('node:tls').TLSSocket).isSessionReused();
-            let body = '';
-            res.setEncoding('utf8');
-            res.on('data', (c: string) => {
-              body += c;
-            });
-            res.on('end', () => resolve({ status: res.statusCode ?? 0, body, reused }));
-          },
-        );
-        req.on('error', reject);
-        req.end();
-      });
+    const request = () => httpsGet(agent, { chainPem: leaf.node.toString(), keyPem: leaf.keyPem });
     const first = await request();
     assert.equal(first.status, 200, first.body);
     assert.equal(first.reused, false);
@@ -345,29 +352,7 @@ upstream:
   it('lets no session resume under the old trust once a bundle has lost an authority', async () => {
     const agent = new https.Agent({ keepAlive: false, maxCachedSessions: 10 });
     const argocd = pki.good.clientArgocd;
-    const request = (): Promise<{ status: number; reused: boolean; body: string }> =>
-      new Promise((resolve, reject) => {
-        const req = https.request(
-          {
-            host: '127.0.0.1',
-            port: proxy.port,
-            path: '/api/v1/namespaces/default/pods',
-            agent,
-            ...tlsOptions(argocd),
-          },
-          (res) => {
-            const reused = (res.socket as import('node:tls').TLSSocket).isSessionReused();
-            let body = '';
-            res.setEncoding('utf8');
-            res.on('data', (c: string) => {
-              body += c;
-            });
-            res.on('end', () => resolve({ status: res.statusCode ?? 0, reused, body }));
-          },
-        );
-        req.on('error', reject);
-        req.end();
-      });
+    const request = () => httpsGet(agent, argocd);
     assert.equal((await request()).status, 200);
     const resumed = await request();
     assert.deepEqual(

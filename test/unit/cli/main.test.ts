@@ -7,29 +7,12 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { bundleJson, type DevPki, makeDevPki } from '../../../certs-dev/devpki.ts';
+import { CLI, type CliResult, cliEnv, runCli } from '../../helpers/cli.ts';
 
-const main = join(import.meta.dirname, '..', '..', '..', 'src', 'cli', 'main.ts');
+const main = CLI;
 
-interface RunResult {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/**
- * The environment for a CLI child: without SPIFFE_ENDPOINT_SOCKET (the host's setting must not leak into a test),
- * with Node's compile cache (it halves the start-up time of every run after the first).
- */
-function cleanEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {
-    ...process.env,
-    NODE_COMPILE_CACHE:
-      process.env.NODE_COMPILE_CACHE ?? join(tmpdir(), 'kube-svid-proxy-test-compile-cache'),
-    ...extra,
-  };
-  if (!('SPIFFE_ENDPOINT_SOCKET' in extra)) delete env.SPIFFE_ENDPOINT_SOCKET;
-  return env;
-}
+type RunResult = CliResult;
+const cleanEnv = cliEnv;
 
 function run(...args: string[]): RunResult {
   const r = spawnSync(process.execPath, [main, ...args], { encoding: 'utf8', env: cleanEnv() });
@@ -37,21 +20,8 @@ function run(...args: string[]): RunResult {
 }
 
 /** Runs the CLI without blocking, so independent runs can go in parallel. */
-function runAsync(args: string[], env: NodeJS.ProcessEnv = cleanEnv()): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [main, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => {
-      stdout += d;
-    });
-    child.stderr.setEncoding('utf8').on('data', (d: string) => {
-      stderr += d;
-    });
-    child.on('error', reject);
-    child.on('close', (status) => resolve({ status, stdout, stderr }));
-  });
-}
+const runAsync = (args: string[], env: NodeJS.ProcessEnv = cleanEnv()): Promise<RunResult> =>
+  runCli(args, env);
 
 const literal = (text: string): string => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 

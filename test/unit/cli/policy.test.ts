@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { parseAllDocuments } from 'yaml';
+import { runCli } from '../../helpers/cli.ts';
 
-const main = join(import.meta.dirname, '..', '..', '..', 'src', 'cli', 'main.ts');
+const _main = join(import.meta.dirname, '..', '..', '..', 'src', 'cli', 'main.ts');
 
 interface RunResult {
   status: number | null;
@@ -14,26 +14,7 @@ interface RunResult {
   stderr: string;
 }
 
-function run(...args: string[]): Promise<RunResult> {
-  const env: NodeJS.ProcessEnv = {
-    ...process.env,
-    NODE_COMPILE_CACHE:
-      process.env.NODE_COMPILE_CACHE ?? join(tmpdir(), 'kube-svid-proxy-test-compile-cache'),
-  };
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [main, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => {
-      stdout += d;
-    });
-    child.stderr.setEncoding('utf8').on('data', (d: string) => {
-      stderr += d;
-    });
-    child.on('error', reject);
-    child.on('close', (status) => resolve({ status, stdout, stderr }));
-  });
-}
+const run = (...args: string[]): Promise<RunResult> => runCli(args);
 
 const POLICY = `rules:
   - name: argocd-controller
