@@ -325,6 +325,34 @@ upstream:
     }
   });
 
+  it('keeps the last good policy on a broken edit, and reports it with file, line and column in log and metric', async () => {
+    const session = h2(pki.good.clientArgocd);
+    try {
+      assert.equal((await get(session, '/api/v1/namespaces/default/pods')).status, 200);
+      writeFileSync(policyFile, `${policyYaml()}  - name: broken\n    match:\n      id: not-a-spiffe-id\n`);
+      for (let i = 0; i < 100 && !logged('policy file rejected'); i++) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      const line = logs.find((l) => l.includes('policy file rejected')) ?? '';
+      assert.match(
+        line,
+        /policy\.yaml:16:11: match\.id: .*ERR_ID_WRONG_SCHEME/,
+        'file:line:column of the bad ID',
+      );
+      assert.equal(
+        (await get(session, '/api/v1/namespaces/default/pods')).status,
+        200,
+        'the last good policy applies',
+      );
+      const metrics = await (await fetch(`http://127.0.0.1:${proxy.admin.address.port}/metrics`)).text();
+      assert.match(metrics, /ksp_policy_reload_errors_total [1-9]/);
+      assert.match(metrics, /ksp_policy_last_reload_success 0/);
+      writeFileSync(policyFile, policyYaml());
+    } finally {
+      session.close();
+    }
+  });
+
   it('re-checks a resumed TLS session: a client SVID that expired since is refused', async () => {
     // A hub SVID valid for 3 more seconds; hub leaves chain straight to the root, so the session's leaf suffices.
     const hub = await importIssuer(pki.hub.rootPem, pki.hub.rootKeyPem);
