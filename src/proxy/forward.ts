@@ -1,7 +1,9 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import http, { type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
+import http2 from 'node:http2';
 import https from 'node:https';
+import type { Duplex } from 'node:stream';
 import type { KubeIdentity } from '../policy/types.ts';
 
 /** Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction. */
@@ -104,42 +106,248 @@ export interface UpstreamOptions {
   readonly authorization: () => string | undefined;
   readonly clientCert?: string;
   readonly clientKey?: string;
+  /** How long an ordinary (not long-running) request may wait for response headers (default 70 s). */
+  readonly responseHeadersTimeoutMs?: number;
 }
 
 export class UpstreamError extends Error {
-  readonly status: 502 | 504;
-  constructor(status: 502 | 504, message: string, options?: ErrorOptions) {
+  /** 502: kube-apiserver answered badly or the TLS/HTTP exchange failed; 503: unreachable; 504: no answer in time. */
+  readonly status: 502 | 503 | 504;
+  constructor(status: 502 | 503 | 504, message: string, options?: ErrorOptions) {
     super(message, options);
     this.status = status;
   }
 }
 
+/** Connection errors that mean "nobody is there" (503), as opposed to a broken exchange (502). */
+const UNREACHABLE = new Set([
+  'ECONNREFUSED',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'ECONNRESET',
+]);
+
+function upstreamFailure(origin: string, err: Error & { code?: string }): UpstreamError {
+  if (err instanceof UpstreamError) return err;
+  const status = err.code !== undefined && UNREACHABLE.has(err.code) ? 503 : 502;
+  return new UpstreamError(status, `kube-apiserver at ${origin}: ${err.message}`, { cause: err });
+}
+
+/** How long a request that is not long-running may wait for kube-apiserver's response headers. */
+export const RESPONSE_HEADERS_TIMEOUT_MS = 70_000;
+/** Multiplexed HTTP/2 sessions kept to kube-apiserver; a new one opens only when the others are full. */
+const MAX_SESSIONS = 4;
+
+interface PooledSession {
+  readonly session: http2.ClientHttp2Session;
+  active: number;
+}
+
 /**
- * Forwards one request to kube-apiserver and streams the answer back without buffering. (Part 1 of the proxy:
- * HTTP/1.1 keep-alive upstream; the multiplexed HTTP/2 upstream and the upgrade path come with part 2.)
+ * Forwards requests to kube-apiserver and streams answers back without buffering.
+ *
+ * Ordinary requests go over a few multiplexed HTTP/2 sessions (a session that receives GOAWAY or fails leaves
+ * the pool; its open streams finish). Upgrade requests (SPDY/3.1 and WebSocket: exec, attach, cp,
+ * port-forward) go over a fresh HTTP/1.1 connection each, since an upgrade is impossible over HTTP/2; a 101 joins
+ * the two connections, and any other answer is relayed unchanged and the connection closed, so kubectl can fall
+ * back (WebSocket → SPDY) and no second request can slip through a raw tunnel. An `http:` upstream (tests) is
+ * spoken to over HTTP/1.1 keep-alive.
  */
 export class Upstream {
   readonly url: URL;
   readonly #options: UpstreamOptions;
   readonly #agent: http.Agent;
+  readonly #pool: PooledSession[] = [];
+  readonly #headersTimeoutMs: number;
+  #closed = false;
 
   constructor(options: UpstreamOptions) {
     this.url = options.url;
     this.#options = options;
-    const secure = options.url.protocol === 'https:';
-    this.#agent = secure
-      ? new https.Agent({
-          keepAlive: true,
-          ...(options.ca ? { ca: options.ca } : {}),
-          ...(options.clientCert ? { cert: options.clientCert } : {}),
-          ...(options.clientKey ? { key: options.clientKey } : {}),
-        })
-      : new http.Agent({ keepAlive: true });
+    this.#headersTimeoutMs = options.responseHeadersTimeoutMs ?? RESPONSE_HEADERS_TIMEOUT_MS;
+    this.#agent =
+      options.url.protocol === 'https:'
+        ? new https.Agent({ keepAlive: true, ...this.#tlsOptions() })
+        : new http.Agent({ keepAlive: true });
+  }
+
+  #tlsOptions(): { ca?: string; cert?: string; key?: string } {
+    const o = this.#options;
+    return {
+      ...(o.ca ? { ca: o.ca } : {}),
+      ...(o.clientCert ? { cert: o.clientCert } : {}),
+      ...(o.clientKey ? { key: o.clientKey } : {}),
+    };
+  }
+
+  /** A session with room for one more stream: the least busy, or a new one while the pool is not full. */
+  #session(): PooledSession {
+    const live = this.#pool.filter((p) => !p.session.closed && !p.session.destroyed);
+    const limit = (p: PooledSession): number => p.session.remoteSettings?.maxConcurrentStreams ?? 100;
+    const roomy = live.filter((p) => p.active < limit(p)).sort((a, b) => a.active - b.active)[0];
+    if (roomy !== undefined) return roomy;
+    if (live.length < MAX_SESSIONS || live.length === 0) return this.#connect();
+    return live.sort((a, b) => a.active - b.active)[0] as PooledSession;
+  }
+
+  #connect(): PooledSession {
+    const session = http2.connect(this.url, this.#tlsOptions());
+    const pooled: PooledSession = { session, active: 0 };
+    const leave = (): void => {
+      const i = this.#pool.indexOf(pooled);
+      if (i >= 0) this.#pool.splice(i, 1);
+    };
+    session.on('goaway', leave);
+    session.on('close', leave);
+    session.on('error', leave);
+    // Idle sessions must not keep the process alive; streams ref it while they run.
+    session.unref();
+    this.#pool.push(pooled);
+    return pooled;
   }
 
   forward(
     req: IncomingMessage | Http2ServerRequest,
     res: ServerResponse | Http2ServerResponse,
+    identity: KubeIdentity,
+    peerAddress: string | undefined,
+    options: { longRunning?: boolean } = {},
+  ): Promise<number> {
+    const authorization = this.#options.authorization();
+    const headers = upstreamHeaders(
+      req.headers,
+      identity,
+      authorization ? { authorization } : {},
+      peerAddress,
+    );
+    if (this.url.protocol !== 'https:') return this.#forwardHttp1(req, res, headers, options);
+    return this.#forwardHttp2(req, res, headers, options);
+  }
+
+  #forwardHttp2(
+    req: IncomingMessage | Http2ServerRequest,
+    res: ServerResponse | Http2ServerResponse,
+    headers: OutgoingHttpHeaders,
+    options: { longRunning?: boolean },
+  ): Promise<number> {
+    if (this.#closed) return Promise.reject(new UpstreamError(503, 'the proxy is shutting down'));
+    const pooled = this.#session();
+    const { session } = pooled;
+    return new Promise((resolve, reject) => {
+      let stream: http2.ClientHttp2Stream;
+      try {
+        stream = session.request({
+          ...headers,
+          ':method': req.method ?? 'GET',
+          ':path': req.url ?? '/',
+          ':authority': this.url.host,
+          ':scheme': 'https',
+        });
+      } catch (err) {
+        reject(upstreamFailure(this.url.origin, err as Error));
+        return;
+      }
+      session.ref();
+      pooled.active++;
+      let answered = false;
+      const timer = options.longRunning
+        ? undefined
+        : setTimeout(() => {
+            stream.close(http2.constants.NGHTTP2_CANCEL);
+            reject(
+              new UpstreamError(
+                504,
+                `kube-apiserver did not answer within ${this.#headersTimeoutMs / 1000}s`,
+              ),
+            );
+          }, this.#headersTimeoutMs);
+      stream.on('close', () => {
+        pooled.active--;
+        if (pooled.active === 0) session.unref();
+        if (timer) clearTimeout(timer);
+      });
+      stream.on('response', (upstreamHeaders) => {
+        answered = true;
+        if (timer) clearTimeout(timer);
+        const status = Number(upstreamHeaders[':status'] ?? 502);
+        res.statusCode = status;
+        for (const [name, value] of Object.entries(
+          downstreamHeaders(upstreamHeaders as IncomingHttpHeaders),
+        )) {
+          if (value !== undefined && !name.startsWith(':')) res.setHeader(name, value);
+        }
+        // Flush the headers now: a watch may send its first event much later.
+        if ('flushHeaders' in res && typeof res.flushHeaders === 'function') res.flushHeaders();
+        stream.pipe(res as NodeJS.WritableStream);
+        stream.on('end', () => resolve(status));
+      });
+      stream.on('error', (err) => {
+        if (!answered) reject(upstreamFailure(this.url.origin, err));
+        else (res as NodeJS.WritableStream & { destroy(): void }).destroy();
+      });
+      res.on('close', () => {
+        if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
+      });
+      (req as NodeJS.ReadableStream).pipe(stream);
+    });
+  }
+
+  #forwardHttp1(
+    req: IncomingMessage | Http2ServerRequest,
+    res: ServerResponse | Http2ServerResponse,
+    headers: OutgoingHttpHeaders,
+    options: { longRunning?: boolean },
+  ): Promise<number> {
+    const target = new URL(req.url ?? '/', this.url);
+    return new Promise((resolve, reject) => {
+      const upstreamReq = http.request(
+        target,
+        { method: req.method, headers, agent: this.#agent },
+        (upstreamRes) => {
+          if (timer) clearTimeout(timer);
+          res.statusCode = upstreamRes.statusCode ?? 502;
+          for (const [name, value] of Object.entries(downstreamHeaders(upstreamRes.headers))) {
+            if (value !== undefined) res.setHeader(name, value);
+          }
+          if ('flushHeaders' in res && typeof res.flushHeaders === 'function') res.flushHeaders();
+          upstreamRes.pipe(res as NodeJS.WritableStream);
+          upstreamRes.on('end', () => resolve(res.statusCode));
+          upstreamRes.on('error', (err) => reject(upstreamFailure(this.url.origin, err)));
+        },
+      );
+      const timer = options.longRunning
+        ? undefined
+        : setTimeout(() => {
+            upstreamReq.destroy();
+            reject(
+              new UpstreamError(
+                504,
+                `kube-apiserver did not answer within ${this.#headersTimeoutMs / 1000}s`,
+              ),
+            );
+          }, this.#headersTimeoutMs);
+      upstreamReq.on('error', (err) => {
+        if (timer) clearTimeout(timer);
+        reject(upstreamFailure(this.url.origin, err));
+      });
+      res.on('close', () => {
+        if (!upstreamReq.destroyed) upstreamReq.destroy();
+      });
+      (req as NodeJS.ReadableStream).pipe(upstreamReq);
+    });
+  }
+
+  /**
+   * The upgrade path (HTTP/1.1 only): sends the sanitised request with its `Upgrade` to kube-apiserver on a new
+   * connection. On 101 the two sockets are joined; on anything else the answer is relayed unchanged with
+   * `Connection: close`, and both connections end. Resolves with the upstream status.
+   */
+  upgrade(
+    req: IncomingMessage,
+    client: Duplex,
+    head: Buffer,
     identity: KubeIdentity,
     peerAddress: string | undefined,
   ): Promise<number> {
@@ -150,35 +358,43 @@ export class Upstream {
       authorization ? { authorization } : {},
       peerAddress,
     );
+    // The sanitiser dropped the hop-by-hop Upgrade and Connection; an upgrade needs exactly these back.
+    headers.connection = 'Upgrade';
+    headers.upgrade = req.headers.upgrade ?? '';
     const target = new URL(req.url ?? '/', this.url);
     const transport = this.url.protocol === 'https:' ? https : http;
     return new Promise((resolve, reject) => {
-      const upstreamReq = transport.request(
-        target,
-        { method: req.method, headers, agent: this.#agent },
-        (upstreamRes) => {
-          res.statusCode = upstreamRes.statusCode ?? 502;
-          for (const [name, value] of Object.entries(downstreamHeaders(upstreamRes.headers))) {
-            if (value !== undefined) res.setHeader(name, value);
-          }
-          upstreamRes.pipe(res as NodeJS.WritableStream);
-          upstreamRes.on('end', () => resolve(res.statusCode));
-          upstreamRes.on('error', (err) =>
-            reject(new UpstreamError(502, `upstream response failed: ${err.message}`)),
-          );
-        },
-      );
-      upstreamReq.on('error', (err) =>
-        reject(
-          new UpstreamError(502, `kube-apiserver at ${this.url.origin} is unreachable: ${err.message}`, {
-            cause: err,
-          }),
-        ),
-      );
-      res.on('close', () => {
-        if (!upstreamReq.destroyed) upstreamReq.destroy();
+      const upstreamReq = transport.request(target, {
+        method: req.method,
+        headers,
+        agent: false,
+        ...(this.url.protocol === 'https:' ? this.#tlsOptions() : {}),
       });
-      (req as NodeJS.ReadableStream).pipe(upstreamReq);
+      upstreamReq.on('upgrade', (upstreamRes, upstreamSocket, upstreamHead) => {
+        client.write(responseHead(upstreamRes, false));
+        if (upstreamHead.length > 0) client.write(upstreamHead);
+        if (head.length > 0) upstreamSocket.write(head);
+        upstreamSocket.pipe(client);
+        client.pipe(upstreamSocket);
+        const end = (): void => {
+          upstreamSocket.destroy();
+          client.destroy();
+        };
+        upstreamSocket.on('error', end);
+        client.on('error', end);
+        upstreamSocket.on('close', () => client.end());
+        client.on('close', () => upstreamSocket.destroy());
+        resolve(101);
+      });
+      upstreamReq.on('response', (upstreamRes) => {
+        // Not upgraded: relay the answer as it is, then close, so nothing else rides this connection.
+        client.write(responseHead(upstreamRes, true));
+        upstreamRes.pipe(client);
+        upstreamRes.on('end', () => resolve(upstreamRes.statusCode ?? 502));
+        upstreamRes.on('error', () => client.destroy());
+      });
+      upstreamReq.on('error', (err) => reject(upstreamFailure(this.url.origin, err)));
+      upstreamReq.end();
     });
   }
 
@@ -207,6 +423,22 @@ export class Upstream {
   }
 
   close(): void {
+    this.#closed = true;
     this.#agent.destroy();
+    for (const { session } of this.#pool.splice(0)) session.close();
   }
+}
+
+/** An HTTP/1.1 response head for the raw client socket: upstream's status and headers (minus framing when closing). */
+function responseHead(res: IncomingMessage, closing: boolean): string {
+  let head = `HTTP/1.1 ${res.statusCode ?? 502} ${res.statusMessage ?? ''}\r\n`;
+  const raw = res.rawHeaders;
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = (raw[i] as string).toLowerCase();
+    // When relaying a refusal the body is delimited by closing the connection, so framing headers go.
+    if (closing && (name === 'transfer-encoding' || name === 'connection' || name === 'keep-alive')) continue;
+    head += `${raw[i]}: ${raw[i + 1]}\r\n`;
+  }
+  if (closing) head += 'Connection: close\r\n';
+  return `${head}\r\n`;
 }

@@ -1,12 +1,13 @@
 import { randomBytes } from 'node:crypto';
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
 import http2, { type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import type { ProxyMetrics } from '../observability/metrics.ts';
 import { requestInfo } from '../policy/request.ts';
-import type { CompiledPolicy, Decision, RequestInfo } from '../policy/types.ts';
+import type { CompiledPolicy, Decision, KubeIdentity, RequestInfo } from '../policy/types.ts';
 import { BundleSet } from '../spiffe/bundle.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
 import {
@@ -18,7 +19,7 @@ import {
 } from './authenticate.ts';
 import { hasImpersonationHeaders, type Upstream, UpstreamError } from './forward.ts';
 import type { IdentitySource } from './source.ts';
-import { sendStatus } from './status.ts';
+import { kubeStatus, sendStatus } from './status.ts';
 
 /** The policy as the proxy sees it: the current compiled policy and its generation, swapped whole on reload. */
 export interface PolicyHolder {
@@ -98,6 +99,12 @@ export class ProxyServer {
         { peer: socket.remoteAddress, code: err.code ?? 'ERR_TLS_HANDSHAKE', err: { message: err.message } },
         'TLS handshake failed',
       );
+    });
+    this.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      this.#onUpgrade(req, socket, head).catch((err: Error) => {
+        this.#log.error({ err: { message: err.message } }, 'upgrade handling failed');
+        socket.destroy();
+      });
     });
     this.server.on('request', (req: Request, res: Response) => {
       this.#onRequest(req, res).catch((err: Error) => {
@@ -276,81 +283,181 @@ export class ProxyServer {
     return decision;
   }
 
-  async #onRequest(req: Request, res: Response): Promise<void> {
-    const started = performance.now();
-    const socket = req.socket as StatefulSocket;
-    const state = socket[kConnection];
-    const metrics = this.#options.metrics;
+  /**
+   * The request path up to forwarding, shared by ordinary and upgrade requests: request target, authentication,
+   * impersonation headers, policy. Returns what to forward, or the refusal to answer.
+   */
+  #admit(socket: StatefulSocket, method: string, url: string, headers: IncomingHttpHeaders): Admission {
+    const entry: Record<string, unknown> = { peer: socket.remoteAddress };
     let info: RequestInfo;
     try {
-      info = requestInfo(req.method ?? 'GET', req.url ?? '/');
+      info = requestInfo(method, url);
     } catch (err) {
-      sendStatus(res, 400, `kube-svid-proxy: ${(err as Error).message}`);
-      metrics?.request(400, (performance.now() - started) / 1000);
-      this.#options.audit.info(
-        { peer: socket.remoteAddress, status: 400, code: 'ERR_BAD_REQUEST' },
-        'request',
-      );
-      return;
+      const code = (err as { code?: string }).code ?? 'ERR_BAD_REQUEST';
+      return {
+        ok: false,
+        entry,
+        status: 400,
+        message: `kube-svid-proxy: ${(err as Error).message}`,
+        extra: { code },
+      };
     }
-    const entry: Record<string, unknown> = { verb: info.verb, path: info.path, peer: socket.remoteAddress };
-    const finish = (status: number, extra: Record<string, unknown>): void => {
-      const seconds = (performance.now() - started) / 1000;
-      metrics?.request(status, seconds);
-      this.#options.audit.info(
-        { ...entry, ...extra, status, durationMs: Math.round(seconds * 10000) / 10 },
-        'request',
-      );
-    };
+    entry.verb = info.verb;
+    entry.path = info.path;
+    const state = socket[kConnection];
     if (state === undefined) {
-      sendStatus(res, 500, 'kube-svid-proxy: connection state missing');
-      finish(500, { code: 'ERR_INTERNAL' });
-      return;
+      return {
+        ok: false,
+        entry,
+        status: 500,
+        message: 'kube-svid-proxy: connection state missing',
+        extra: {},
+      };
     }
     const identity = this.#authenticated(socket, state);
     if (!('id' in identity)) {
-      closeAfter(req, res);
-      sendStatus(
-        res,
-        401,
-        `kube-svid-proxy: SPIFFE authentication failed (${identity.code}): ${identity.message}`,
-      );
-      finish(401, { decision: 'unauthenticated', code: identity.code });
-      return;
+      return {
+        ok: false,
+        entry,
+        status: 401,
+        close: true,
+        message: `kube-svid-proxy: SPIFFE authentication failed (${identity.code}): ${identity.message}`,
+        extra: { decision: 'unauthenticated', code: identity.code },
+      };
     }
     entry.spiffeId = identity.id.toString();
-    if (hasImpersonationHeaders(req.headers)) {
-      const message = `kube-svid-proxy: ${identity.id} may not send Impersonate-* headers (nested impersonation is not allowed)`;
+    const metrics = this.#options.metrics;
+    if (hasImpersonationHeaders(headers)) {
       metrics?.decision('', false, 'ERR_POLICY_NESTED_IMPERSONATION');
-      sendStatus(res, 403, message);
-      finish(403, { decision: 'deny', code: 'ERR_POLICY_NESTED_IMPERSONATION' });
-      return;
+      return {
+        ok: false,
+        entry,
+        status: 403,
+        message: `kube-svid-proxy: ${identity.id} may not send Impersonate-* headers (nested impersonation is not allowed)`,
+        extra: { decision: 'deny', code: 'ERR_POLICY_NESTED_IMPERSONATION' },
+      };
     }
     const decision = this.#decide(state, identity, info);
     if (!decision.allowed) {
       metrics?.decision(decision.rule ?? '', false, decision.code);
-      sendStatus(
-        res,
-        403,
-        `kube-svid-proxy: ${identity.id} is not allowed to ${info.verb} ${info.path}: ${decision.reason} (${decision.code})`,
-      );
-      finish(403, { decision: 'deny', rule: decision.rule, code: decision.code, reason: decision.reason });
-      return;
+      return {
+        ok: false,
+        entry,
+        status: 403,
+        message: `kube-svid-proxy: ${identity.id} is not allowed to ${info.verb} ${info.path}: ${decision.reason} (${decision.code})`,
+        extra: { decision: 'deny', rule: decision.rule, code: decision.code, reason: decision.reason },
+      };
     }
     metrics?.decision(decision.rule, true, '');
     entry.rule = decision.rule;
     entry.user = decision.identity.user;
     entry.groups = decision.identity.groups;
+    return { ok: true, entry, identity: decision.identity, longRunning: isLongRunning(info, url) };
+  }
+
+  #audit(
+    started: number,
+    entry: Record<string, unknown>,
+    status: number,
+    extra: Record<string, unknown>,
+  ): void {
+    const seconds = (performance.now() - started) / 1000;
+    this.#options.metrics?.request(status, seconds);
+    this.#options.audit.info(
+      { ...entry, ...extra, status, durationMs: Math.round(seconds * 10000) / 10 },
+      'request',
+    );
+  }
+
+  async #onRequest(req: Request, res: Response): Promise<void> {
+    const started = performance.now();
+    const socket = req.socket as StatefulSocket;
+    const admission = this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
+    if (!admission.ok) {
+      if (admission.close) closeAfter(req, res);
+      sendStatus(res, admission.status, admission.message);
+      this.#audit(started, admission.entry, admission.status, admission.extra);
+      return;
+    }
     try {
-      const status = await this.#options.upstream.forward(req, res, decision.identity, socket.remoteAddress);
-      finish(status, { decision: 'allow' });
+      const status = await this.#options.upstream.forward(
+        req,
+        res,
+        admission.identity,
+        socket.remoteAddress,
+        {
+          longRunning: admission.longRunning,
+        },
+      );
+      this.#audit(started, admission.entry, status, { decision: 'allow' });
     } catch (err) {
       const status = err instanceof UpstreamError ? err.status : 502;
       this.#log.warn({ err: { message: (err as Error).message } }, 'forwarding failed');
       sendStatus(res, status, `kube-svid-proxy: ${(err as Error).message}`);
-      finish(status, { decision: 'allow', code: 'ERR_UPSTREAM' });
+      this.#audit(started, admission.entry, status, { decision: 'allow', code: 'ERR_UPSTREAM' });
     }
   }
+
+  /** HTTP/1.1 `Upgrade` requests (exec, attach, port-forward over SPDY or WebSocket): same checks, raw tunnel. */
+  async #onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
+    const started = performance.now();
+    const admission = this.#admit(
+      req.socket as StatefulSocket,
+      req.method ?? 'GET',
+      req.url ?? '/',
+      req.headers,
+    );
+    if (!admission.ok) {
+      writeRawStatus(socket, admission.status, admission.message);
+      this.#audit(started, admission.entry, admission.status, {
+        ...admission.extra,
+        upgrade: req.headers.upgrade,
+      });
+      return;
+    }
+    try {
+      const status = await this.#options.upstream.upgrade(
+        req,
+        socket,
+        head,
+        admission.identity,
+        req.socket.remoteAddress,
+      );
+      this.#audit(started, admission.entry, status, { decision: 'allow', upgrade: req.headers.upgrade });
+    } catch (err) {
+      const status = err instanceof UpstreamError ? err.status : 502;
+      this.#log.warn({ err: { message: (err as Error).message } }, 'upgrade forwarding failed');
+      writeRawStatus(socket, status, `kube-svid-proxy: ${(err as Error).message}`);
+      this.#audit(started, admission.entry, status, { decision: 'allow', code: 'ERR_UPSTREAM' });
+    }
+  }
+}
+
+type Admission =
+  | { ok: true; entry: Record<string, unknown>; identity: KubeIdentity; longRunning: boolean }
+  | {
+      ok: false;
+      entry: Record<string, unknown>;
+      status: number;
+      message: string;
+      extra: Record<string, unknown>;
+      close?: boolean;
+    };
+
+/** Requests kube-apiserver itself treats as long-running: no response timeout on them. */
+function isLongRunning(info: RequestInfo, url: string): boolean {
+  if (info.verb === 'watch') return true;
+  if (['exec', 'attach', 'portforward', 'proxy'].includes(info.subresource)) return true;
+  return info.subresource === 'log' && /[?&]follow=(true|1)(&|$)/.test(url);
+}
+
+/** A Kubernetes Status as a whole HTTP/1.1 response on a raw socket (the upgrade path), then close. */
+function writeRawStatus(socket: Duplex, status: number, message: string): void {
+  const body = kubeStatus(status, message);
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/json\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
 }
 
 /** After a refused authentication, end the connection once the answer is out. */

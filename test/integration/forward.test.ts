@@ -1,0 +1,387 @@
+/**
+ * Forwarding, against an HTTPS STAND-IN for kube-apiserver (HTTP/2 and HTTP/1.1 with upgrades, recording what
+ * reaches it): the multiplexed HTTP/2 upstream, streaming without buffering, large bodies, the upgrade path with
+ * 101 and non-101 answers, header smuggling over HTTP/1.1 and HTTP/2, and the proxy's own 503 and 504.
+ * The e2e suite repeats the essentials against the real kube-apiserver.
+ */
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import http, { type IncomingHttpHeaders } from 'node:http';
+import http2 from 'node:http2';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import tls from 'node:tls';
+import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { parseProxyConfig } from '../../src/config/proxy.ts';
+import { silentLogger } from '../../src/observability/logger.ts';
+import { Upstream, UpstreamError } from '../../src/proxy/forward.ts';
+import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+
+const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
+
+interface Seen {
+  httpVersion: string;
+  method: string | undefined;
+  url: string | undefined;
+  headers: IncomingHttpHeaders;
+  rawHeaders: string[];
+  bodySha?: string;
+  bodyLength?: number;
+}
+
+describe('forwarding to kube-apiserver', () => {
+  let pki: DevPki;
+  let dir: string;
+  let upstream: http2.Http2SecureServer;
+  let proxy: RunningProxy;
+  let seen: Seen[] = [];
+  let releaseSecondEvent: () => void = () => {};
+
+  before(async () => {
+    pki = await makeDevPki();
+    dir = mkdtempSync(join(tmpdir(), 'ksp-forward-'));
+    const write = (name: string, text: string): void => writeFileSync(join(dir, name), text);
+    write('proxy.crt', pki.good.proxyServer.chainPem);
+    write('proxy.key', pki.good.proxyServer.keyPem);
+    write('spoke.json', bundleJson(pki.spoke));
+    write('hub.json', bundleJson(pki.hub));
+    write('ca.pem', pki.spoke.rootPem);
+    write('token', 'proxy-token\n');
+    write(
+      'policy.yaml',
+      `rules:\n  - name: argocd\n    match:\n      id: ${ARGOCD}\n    identity:\n      user: argocd\n      groups: [gitops]\n`,
+    );
+    // The stand-in serves with the spoke SVID (IP SAN 127.0.0.1), so the proxy trusts it through the spoke root.
+    upstream = http2.createSecureServer({
+      cert: pki.good.proxyServer.chainPem,
+      key: pki.good.proxyServer.keyPem,
+      allowHTTP1: true,
+    });
+    upstream.on('request', (req, res) => {
+      const record: Seen = {
+        httpVersion: req.httpVersion,
+        method: req.method,
+        url: req.url,
+        headers: req.headers,
+        rawHeaders: req.rawHeaders,
+      };
+      seen.push(record);
+      if (req.url?.includes('watch=true')) {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.write('{"type":"ADDED"}\n');
+        releaseSecondEvent = () => res.end('{"type":"MODIFIED"}\n');
+        return;
+      }
+      const hash = createHash('sha256');
+      let length = 0;
+      req.on('data', (chunk: Buffer) => {
+        hash.update(chunk);
+        length += chunk.length;
+      });
+      req.on('end', () => {
+        record.bodySha = hash.digest('hex');
+        record.bodyLength = length;
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end('{"kind":"Status","status":"Success"}');
+      });
+    });
+    upstream.on('upgrade', (req, socket) => {
+      seen.push({
+        httpVersion: req.httpVersion,
+        method: req.method,
+        url: req.url,
+        headers: req.headers,
+        rawHeaders: req.rawHeaders,
+      });
+      if (req.url?.includes('/pods/nohost/')) {
+        const body = '{"kind":"Status","code":400,"message":"pod nohost does not have a host assigned"}';
+        socket.end(
+          `HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+        );
+        return;
+      }
+      socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n');
+      socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])));
+    });
+    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    const port = (upstream.address() as AddressInfo).port;
+    proxy = await startProxy(
+      parseProxyConfig(
+        `trustDomain: spoke.example.org
+listen: 127.0.0.1:0
+admin: { listen: 127.0.0.1:0 }
+policyFile: policy.yaml
+identity:
+  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json, hub.example.org: hub.json } }
+upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
+`,
+        join(dir, 'proxy.yaml'),
+      ),
+      { logger: silentLogger(), defaultMetrics: false, probeIntervalMs: 60_000 },
+    );
+  });
+
+  after(async () => {
+    await proxy?.close();
+    await new Promise<void>((resolve) => upstream?.close(() => resolve()));
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  const client = () => ({
+    ca: pki.spoke.rootPem,
+    servername: 'localhost',
+    cert: pki.good.clientArgocd.chainPem,
+    key: pki.good.clientArgocd.keyPem,
+  });
+
+  /** A raw HTTP/1.1 exchange over TLS: full control over header names, order, duplicates and Connection. */
+  function rawHttp1(request: string, onData?: (all: string, socket: tls.TLSSocket) => void): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const socket = tls.connect({
+        host: '127.0.0.1',
+        port: proxy.port,
+        ALPNProtocols: ['http/1.1'],
+        ...client(),
+      });
+      let all = '';
+      socket.setEncoding('utf8');
+      socket.on('secureConnect', () => socket.write(request));
+      socket.on('data', (d: string) => {
+        all += d;
+        onData?.(all, socket);
+      });
+      socket.on('end', () => resolve(all));
+      socket.on('close', () => resolve(all));
+      socket.on('error', reject);
+    });
+  }
+
+  it('forwards over a multiplexed HTTP/2 session to the upstream', async () => {
+    seen = [];
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    try {
+      const statuses = await Promise.all(
+        [1, 2, 3].map(
+          (n) =>
+            new Promise<number>((resolve, reject) => {
+              const s = session.request({ ':path': `/api/v1/namespaces/default/pods/p${n}` });
+              s.on('response', (h) => resolve(Number(h[':status'])));
+              s.on('error', reject);
+              s.resume();
+              s.end();
+            }),
+        ),
+      );
+      assert.deepEqual(statuses, [200, 200, 200]);
+      assert.deepEqual(
+        seen.map((r) => r.httpVersion),
+        ['2.0', '2.0', '2.0'],
+      );
+      assert.equal(seen[0]?.headers.authorization, 'Bearer proxy-token');
+      assert.equal(seen[0]?.headers['impersonate-user'], 'argocd');
+    } finally {
+      session.close();
+    }
+  });
+
+  it('streams a watch without buffering: the first event arrives before the second is sent', async () => {
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    try {
+      const stream = session.request({ ':path': '/api/v1/namespaces/default/pods?watch=true' });
+      stream.setEncoding('utf8');
+      let received = '';
+      const first = new Promise<string>((resolve) => {
+        stream.on('data', (d: string) => {
+          received += d;
+          if (received.includes('ADDED')) resolve(received);
+        });
+      });
+      stream.end();
+      assert.equal(await first, '{"type":"ADDED"}\n', 'only the first event, while the second is held back');
+      const done = new Promise<void>((resolve) => stream.on('end', resolve));
+      releaseSecondEvent();
+      await done;
+      assert.equal(received, '{"type":"ADDED"}\n{"type":"MODIFIED"}\n');
+    } finally {
+      session.close();
+    }
+  });
+
+  it('passes a 3 MiB request body through intact', async () => {
+    seen = [];
+    const body = randomBytes(3 * 1024 * 1024);
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    try {
+      const status = await new Promise<number>((resolve, reject) => {
+        const s = session.request({
+          ':method': 'POST',
+          ':path': '/api/v1/namespaces/default/configmaps',
+          'content-type': 'application/json',
+        });
+        s.on('response', (h) => resolve(Number(h[':status'])));
+        s.on('error', reject);
+        s.resume();
+        s.end(body);
+      });
+      // The proxy's policy limits nothing here; RBAC would decide upstream.
+      assert.equal(status, 200);
+      assert.equal(seen[0]?.bodyLength, body.length);
+      assert.equal(seen[0]?.bodySha, createHash('sha256').update(body).digest('hex'));
+    } finally {
+      session.close();
+    }
+  });
+
+  it('joins an upgrade on 101 (exec over WebSocket) with the mapped identity upstream', async () => {
+    seen = [];
+    const answer = await rawHttp1(
+      'GET /api/v1/namespaces/default/pods/web/exec?command=sh HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n' +
+        'Upgrade: websocket\r\nSec-WebSocket-Protocol: v5.channel.k8s.io\r\nAuthorization: Bearer stolen\r\n\r\n',
+      (all, socket) => {
+        if (all.includes('\r\n\r\n') && !all.includes('echo:')) socket.write('ping');
+        if (all.includes('echo:ping')) socket.end();
+      },
+    );
+    assert.match(answer, /^HTTP\/1.1 101 /);
+    assert.match(answer, /echo:ping/);
+    assert.equal(seen[0]?.headers.upgrade, 'websocket');
+    assert.equal(seen[0]?.headers['impersonate-user'], 'argocd');
+    assert.equal(seen[0]?.headers.authorization, 'Bearer proxy-token');
+    assert.equal(seen[0]?.headers['sec-websocket-protocol'], 'v5.channel.k8s.io');
+  });
+
+  it('relays a non-101 answer to an upgrade unchanged and closes, so kubectl can fall back', async () => {
+    const answer = await rawHttp1(
+      'POST /api/v1/namespaces/default/pods/nohost/exec?command=sh HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n' +
+        'Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\n' +
+        // A second request pipelined behind: it must never reach the upstream through a raw tunnel.
+        'GET /api/v1/secrets HTTP/1.1\r\nHost: x\r\nImpersonate-User: system:admin\r\n\r\n',
+    );
+    assert.match(answer, /^HTTP\/1.1 400 Bad Request\r\n/);
+    assert.match(answer, /Connection: close/i);
+    assert.match(answer, /pod nohost does not have a host assigned/);
+    assert.equal((answer.match(/HTTP\/1.1 /g) ?? []).length, 1, 'one answer, then the connection closed');
+    assert.ok(
+      !seen.some((r) => r.url === '/api/v1/secrets'),
+      'the pipelined request never reached the upstream',
+    );
+  });
+
+  it('never lets a client-supplied identity or credential through, over HTTP/1.1 or HTTP/2', async () => {
+    seen = [];
+    // HTTP/1.1: names listed in Connection (CVE-2021-31999's trick), mixed case, duplicates.
+    const h1 = await rawHttp1(
+      'GET /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\n' +
+        'Connection: close, Impersonate-User, Impersonate-Group, Authorization\r\n' +
+        'AUTHORIZATION: Bearer stolen-1\r\nauthorization: Bearer stolen-2\r\n' +
+        'X-Remote-User: admin\r\nx-remote-group: system:masters\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n',
+    );
+    assert.match(h1, /^HTTP\/1.1 200 /);
+    // HTTP/2: mixed-case names arrive lower-cased; duplicates as lists.
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const s = session.request({
+          ':path': '/api/v1/namespaces/default/pods',
+          authorization: 'Bearer stolen-3',
+          'x-remote-user': ['a', 'b'],
+          'x-forwarded-host': 'evil',
+          'proxy-authorization': 'Basic x',
+        });
+        s.on('response', () => resolve());
+        s.on('error', reject);
+        s.resume();
+        s.end();
+      });
+    } finally {
+      session.close();
+    }
+    assert.equal(seen.length, 2);
+    for (const r of seen) {
+      const names = r.rawHeaders.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase());
+      assert.equal(names.filter((n) => n === 'authorization').length, 1, 'exactly one Authorization: ours');
+      assert.equal(r.headers.authorization, 'Bearer proxy-token');
+      assert.equal(
+        r.headers['impersonate-user'],
+        'argocd',
+        'ours, despite the client naming it in Connection',
+      );
+      assert.deepEqual(
+        r.rawHeaders.filter((_, i, all) => all[i - 1]?.toLowerCase() === 'impersonate-group'),
+        ['gitops'],
+      );
+      assert.ok(!names.some((n) => n.startsWith('x-remote-')));
+      assert.ok(!names.includes('proxy-authorization'));
+      assert.ok(!names.includes('x-forwarded-host'));
+      assert.equal(r.headers['x-forwarded-for'], '127.0.0.1');
+    }
+    // And any client Impersonate-* header, in any case and protocol, is refused outright.
+    for (const name of [
+      'Impersonate-User',
+      'impersonate-group',
+      'IMPERSONATE-UID',
+      'Impersonate-Extra-Scopes',
+    ]) {
+      const refused = await rawHttp1(
+        `GET /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\nConnection: close\r\n${name}: system:admin\r\n\r\n`,
+      );
+      assert.match(refused, /^HTTP\/1.1 403 /, name);
+    }
+    assert.equal(seen.length, 2, 'no refused request reached the upstream');
+  });
+});
+
+describe('the proxy’s own upstream errors', () => {
+  it('answers 503 when kube-apiserver is unreachable, and 504 when it does not answer in time', async () => {
+    const silent = http.createServer(() => {
+      // Accepts and never answers.
+    });
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const closed = http.createServer();
+    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+    const closedPort = (closed.address() as AddressInfo).port;
+    await new Promise<void>((resolve) => closed.close(() => resolve()));
+    const identity = { user: 'u', groups: [], extra: {} };
+    const through = async (upstream: Upstream): Promise<number> => {
+      const front = http.createServer((req, res) => {
+        upstream.forward(req, res, identity, '127.0.0.1').catch((err: unknown) => {
+          res.statusCode = err instanceof UpstreamError ? err.status : 500;
+          res.end();
+        });
+      });
+      await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
+      try {
+        const res = await fetch(`http://127.0.0.1:${(front.address() as AddressInfo).port}/api/v1/pods`);
+        return res.status;
+      } finally {
+        front.closeAllConnections();
+        await new Promise<void>((resolve) => front.close(() => resolve()));
+        upstream.close();
+      }
+    };
+    try {
+      assert.equal(
+        await through(
+          new Upstream({ url: new URL(`http://127.0.0.1:${closedPort}`), authorization: () => undefined }),
+        ),
+        503,
+      );
+      assert.equal(
+        await through(
+          new Upstream({
+            url: new URL(`http://127.0.0.1:${(silent.address() as AddressInfo).port}`),
+            authorization: () => undefined,
+            responseHeadersTimeoutMs: 200,
+          }),
+        ),
+        504,
+      );
+    } finally {
+      silent.closeAllConnections();
+      await new Promise<void>((resolve) => silent.close(() => resolve()));
+    }
+  });
+});
