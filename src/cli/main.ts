@@ -12,7 +12,7 @@ import {
   X509Bundle,
 } from '../spiffe/index.ts';
 import { EXIT, UsageError } from './common.ts';
-import { AGENT_USAGE, API_USAGE, POLICY_USAGE, SERVE_USAGE } from './usage.ts';
+import { AGENT_USAGE, API_USAGE, CREDENTIAL_USAGE, POLICY_USAGE, SERVE_USAGE } from './usage.ts';
 
 const USAGE = `kube-svid-proxy: SPIFFE mTLS front door for kube-apiserver
 
@@ -23,17 +23,15 @@ Commands:
         Verify an X.509-SVID chain (PEM or DER, leaf first) against the bundle of the trust domain its
         leaf claims. FILE is a SPIFFE bundle (JSON) or PEM CA certificates. Prints the SPIFFE ID, or the
         error code of the rule the SVID breaks (exit 1).
-${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${POLICY_USAGE}  version       Print the version.
+${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${CREDENTIAL_USAGE}${POLICY_USAGE}  version       Print the version.
   help          Print this help.
 
 Not built yet (each prints what it will be and exits 3):
-  credential    kubectl exec credential plugin
   bundle        bundle endpoint and federation tools
   client        client-mode listener (wraps outbound connections in SVID mTLS)
 `;
 
 const NOT_BUILT: Record<string, string> = {
-  credential: 'the kubectl exec credential plugin is not built yet',
   bundle: 'the bundle endpoint and federation commands are not built yet',
   client: 'the client-mode listener is not built yet',
 };
@@ -108,6 +106,8 @@ async function main(argv: string[]): Promise<number> {
         return await (await import('./agent.ts')).agentCommand(rest);
       case 'api':
         return await (await import('./api.ts')).apiCommand(rest);
+      case 'credential':
+        return await (await import('./credential.ts')).credentialCommand(rest);
       case 'policy':
         return await (await import('./policy.ts')).policyCommand(rest);
       case 'svid':
@@ -119,7 +119,8 @@ async function main(argv: string[]): Promise<number> {
         process.stderr.write(
           `kube-svid-proxy ${command}: ${what}.\n` +
             'What exists today: the proxy (`serve`), the bundled agent (`agent`), the Workload API client (`api`),\n' +
-            '`policy`, `svid verify`, and the SPIFFE and Workload API libraries.\n' +
+            'the exec credential plugin (`credential`), `policy`, `svid verify`, and the SPIFFE and Workload API\n' +
+            'libraries.\n' +
             'See README.md, "Status".\n',
         );
         return EXIT.notBuilt;

@@ -23,6 +23,14 @@ export const API_USAGE = `  api fetch x509 [--socket ADDR] [--write DIR] [--json
         ADDR defaults to $SPIFFE_ENDPOINT_SOCKET, else unix:///run/kube-svid-proxy/agent.sock.
 `;
 
+export const CREDENTIAL_USAGE = `  credential [--socket ADDR] [--hint HINT] [--timeout DURATION]
+        kubectl exec credential plugin: print an ExecCredential (client.authentication.k8s.io/v1, or v1beta1
+        when KUBERNETES_EXEC_INFO asks for it) holding this process's X.509-SVID chain and key, fetched from the
+        Workload API now; it expires at the SVID's half-life, so kubectl asks again before the SVID expires.
+  credential kubeconfig --server URL [--socket ADDR] [--hint HINT] [--ca-file FILE] [--name NAME]
+        Print a kubeconfig whose user runs the plugin above (exec, interactiveMode Never).
+`;
+
 export const POLICY_USAGE = `  policy check FILE
         Validate a policy file: print a one-line summary (exit 0), or every problem as FILE:LINE:COL: message
         on stderr (exit 1).

@@ -37,17 +37,27 @@ export interface ProxyConfig {
         readonly keyFile: string;
         readonly bundles: ReadonlyMap<string, string>;
       };
-  readonly upstream: {
-    readonly url: URL;
-    readonly caFile?: string;
-    readonly tokenFile?: string;
-    readonly clientCertFile?: string;
-    readonly clientKeyFile?: string;
-  };
+  readonly upstream: UpstreamConfig;
   /** The proxy reports not-ready when its SVID has less than this left (seconds). */
   readonly minSvidRemainingSeconds: number;
   readonly logLevel: LogLevel;
 }
+
+/**
+ * Where kube-apiserver is and the proxy's own credential for it: explicit files (`url` and co), the pod's
+ * service account (`inCluster: true`), or a kubeconfig file. Read by `loadUpstreamCredential`.
+ */
+export type UpstreamConfig =
+  | {
+      readonly kind?: 'explicit';
+      readonly url: URL;
+      readonly caFile?: string;
+      readonly tokenFile?: string;
+      readonly clientCertFile?: string;
+      readonly clientKeyFile?: string;
+    }
+  | { readonly kind: 'inCluster' }
+  | { readonly kind: 'kubeconfig'; readonly file: string; readonly context?: string };
 
 export const DEFAULT_LISTEN: HostPort = { host: '0.0.0.0', port: 8443 };
 export const DEFAULT_ADMIN: HostPort = { host: '127.0.0.1', port: 9443 };
@@ -74,7 +84,17 @@ const ADMIN = ['listen'] as const;
 const IDENTITY = ['workloadApi', 'files'] as const;
 const WORKLOAD_API = ['socket', 'hint'] as const;
 const FILES = ['certFile', 'keyFile', 'bundles'] as const;
-const UPSTREAM = ['url', 'caFile', 'tokenFile', 'clientCertFile', 'clientKeyFile'] as const;
+const UPSTREAM = [
+  'url',
+  'caFile',
+  'tokenFile',
+  'clientCertFile',
+  'clientKeyFile',
+  'inCluster',
+  'kubeconfig',
+  'context',
+] as const;
+const UPSTREAM_EXPLICIT = ['caFile', 'tokenFile', 'clientCertFile', 'clientKeyFile'] as const;
 const READINESS = ['minSvidRemaining'] as const;
 
 export function parseHostPort(text: string): HostPort | string {
@@ -193,41 +213,7 @@ function readTop(
   const upField = f.get('upstream');
   required(upField, 'upstream', 'upstream: { url: https://127.0.0.1:6443 }');
   const upMap = sub(upField, 'upstream');
-  let upstream: ProxyConfig['upstream'] | undefined;
-  if (upMap) {
-    const u = r.fields(upMap, UPSTREAM, 'upstream');
-    const urlField = u.get('url');
-    const urlText = str(urlField, 'upstream.url');
-    if (urlField === undefined) r.report(r.offsetOf(upMap, 0), 'upstream needs url');
-    let url: URL | undefined;
-    if (urlField && urlText !== undefined) {
-      try {
-        url = new URL(urlText);
-        if (url.protocol !== 'https:' && url.protocol !== 'http:')
-          throw new Error('must be https:// (or http:// for tests)');
-        if (url.username || url.password) throw new Error('must not carry credentials');
-      } catch (err) {
-        r.report(urlField.valueOffset, `upstream.url "${urlText}": ${(err as Error).message}`);
-        url = undefined;
-      }
-    }
-    const caFile = path(str(u.get('caFile'), 'upstream.caFile'));
-    const tokenFile = path(str(u.get('tokenFile'), 'upstream.tokenFile'));
-    const clientCertFile = path(str(u.get('clientCertFile'), 'upstream.clientCertFile'));
-    const clientKeyFile = path(str(u.get('clientKeyFile'), 'upstream.clientKeyFile'));
-    if ((clientCertFile === undefined) !== (clientKeyFile === undefined)) {
-      r.report(r.offsetOf(upMap, 0), 'upstream needs clientCertFile and clientKeyFile together');
-    }
-    if (url) {
-      upstream = {
-        url,
-        ...(caFile ? { caFile } : {}),
-        ...(tokenFile ? { tokenFile } : {}),
-        ...(clientCertFile ? { clientCertFile } : {}),
-        ...(clientKeyFile ? { clientKeyFile } : {}),
-      };
-    }
-  }
+  const upstream = upMap && readUpstream(r, upMap, path);
 
   let minSvidRemainingSeconds = DEFAULT_MIN_SVID_REMAINING_SECONDS;
   const readyMap = sub(f.get('readiness'), 'readiness');
@@ -241,4 +227,100 @@ function readTop(
 
   if (trustDomain === undefined || policyFile === undefined || upstream === undefined) return undefined;
   return { trustDomain, listen, admin, policyFile, identity, upstream, minSvidRemainingSeconds, logLevel };
+}
+
+/** `upstream`: exactly one of `url` (with its files), `inCluster: true`, or `kubeconfig` (with `context`). */
+function readUpstream(
+  r: YamlReader,
+  upMap: YAMLMap,
+  path: (value: string | undefined) => string | undefined,
+): UpstreamConfig | undefined {
+  const u = r.fields(upMap, UPSTREAM, 'upstream');
+  const str = (field: Field | undefined, what: string): string | undefined => fieldString(r, field, what);
+  const urlField = u.get('url');
+  const inClusterField = u.get('inCluster');
+  const kubeconfigField = u.get('kubeconfig');
+  const contextField = u.get('context');
+  const inCluster =
+    inClusterField && r.boolean(inClusterField.value, inClusterField.valueOffset, 'upstream.inCluster');
+
+  const modes: { key: 'url' | 'inCluster' | 'kubeconfig'; field: Field }[] = [];
+  if (urlField) modes.push({ key: 'url', field: urlField });
+  if (inClusterField && inCluster === true) modes.push({ key: 'inCluster', field: inClusterField });
+  if (kubeconfigField) modes.push({ key: 'kubeconfig', field: kubeconfigField });
+  const [first, ...others] = modes;
+  if (first === undefined) {
+    // A non-boolean inCluster was reported already.
+    if (inClusterField === undefined || inCluster === false) {
+      r.report(
+        r.offsetOf(upMap, 0),
+        'upstream needs url, inCluster: true or kubeconfig (e.g. upstream: { url: https://127.0.0.1:6443 })',
+      );
+    }
+    return undefined;
+  }
+  for (const other of others) {
+    r.report(
+      other.field.keyOffset,
+      `upstream.${other.key} conflicts with upstream.${first.key}: ` +
+        'upstream takes one of url, inCluster: true or kubeconfig',
+    );
+  }
+  if (others.length > 0) return undefined;
+
+  if (first.key !== 'url') {
+    const source = first.key === 'inCluster' ? 'the service account' : 'the kubeconfig';
+    for (const key of UPSTREAM_EXPLICIT) {
+      const field = u.get(key);
+      if (field) {
+        r.report(
+          field.keyOffset,
+          `upstream.${key} goes with upstream.url only; ` +
+            `with upstream.${first.key}, ${source} gives the CA and the credential`,
+        );
+      }
+    }
+  }
+  if (contextField && first.key !== 'kubeconfig') {
+    r.report(contextField.keyOffset, 'upstream.context goes with upstream.kubeconfig only');
+  }
+
+  if (first.key === 'inCluster') return { kind: 'inCluster' };
+  if (first.key === 'kubeconfig') {
+    const file = path(str(first.field, 'upstream.kubeconfig'));
+    const context = str(contextField, 'upstream.context');
+    if (contextField && context === '') r.report(contextField.valueOffset, 'upstream.context is empty');
+    if (file === undefined) return undefined;
+    return { kind: 'kubeconfig', file, ...(context ? { context } : {}) };
+  }
+
+  const urlText = str(first.field, 'upstream.url');
+  let url: URL | undefined;
+  if (urlText !== undefined) {
+    try {
+      url = new URL(urlText);
+      if (url.protocol !== 'https:' && url.protocol !== 'http:')
+        throw new Error('must be https:// (or http:// for tests)');
+      if (url.username || url.password) throw new Error('must not carry credentials');
+    } catch (err) {
+      r.report(first.field.valueOffset, `upstream.url "${urlText}": ${(err as Error).message}`);
+      url = undefined;
+    }
+  }
+  const caFile = path(str(u.get('caFile'), 'upstream.caFile'));
+  const tokenFile = path(str(u.get('tokenFile'), 'upstream.tokenFile'));
+  const clientCertFile = path(str(u.get('clientCertFile'), 'upstream.clientCertFile'));
+  const clientKeyFile = path(str(u.get('clientKeyFile'), 'upstream.clientKeyFile'));
+  if ((clientCertFile === undefined) !== (clientKeyFile === undefined)) {
+    r.report(r.offsetOf(upMap, 0), 'upstream needs clientCertFile and clientKeyFile together');
+  }
+  if (url === undefined) return undefined;
+  return {
+    kind: 'explicit',
+    url,
+    ...(caFile ? { caFile } : {}),
+    ...(tokenFile ? { tokenFile } : {}),
+    ...(clientCertFile ? { clientCertFile } : {}),
+    ...(clientKeyFile ? { clientKeyFile } : {}),
+  };
 }

@@ -1,25 +1,13 @@
-import { readFile } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { type AdminServer, createAdminServer, type ReadinessReport } from '../admin/server.ts';
 import { AgentError, AgentErrorCode } from '../agent/errors.ts';
 import type { ProxyConfig } from '../config/proxy.ts';
-import { type WatchedFile, watchFile } from '../config/watch.ts';
 import { ProxyMetrics } from '../observability/metrics.ts';
 import { watchPolicy } from '../policy/watch.ts';
+import { loadUpstreamCredential } from './credential.ts';
 import { Upstream } from './forward.ts';
 import { ProxyServer } from './server.ts';
 import { type IdentitySource, StaticIdentitySource, WorkloadIdentitySource } from './source.ts';
-
-/** Reads a file named by the configuration, saying which key named it when it cannot be read. */
-async function readConfigured(key: string, file: string): Promise<string> {
-  try {
-    return await readFile(file, 'utf8');
-  } catch (err) {
-    throw new AgentError(AgentErrorCode.ProxyConfig, `${key} ${file}: ${(err as Error).message}`, {
-      cause: err,
-    });
-  }
-}
 
 export interface RunningProxy {
   readonly server: ProxyServer;
@@ -95,35 +83,9 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
     closers.push(() => policy.close());
     metrics.policyLoaded(policy.generation);
 
-    let token: WatchedFile<string> | undefined;
-    if (config.upstream.tokenFile) {
-      await readConfigured('upstream.tokenFile', config.upstream.tokenFile);
-      token = await watchFile(config.upstream.tokenFile, {
-        parse: (text) => {
-          const t = text.trim();
-          if (t === '') throw new Error(`${config.upstream.tokenFile} is empty`);
-          return t;
-        },
-        pollIntervalMs,
-        onChange: () => log.info({ file: config.upstream.tokenFile }, 'upstream token rotated'),
-        onError: (err) =>
-          log.error({ err: { message: err.message } }, 'upstream token file rejected; keeping the last'),
-      });
-      closers.push(() => token?.close());
-    }
-    const upstream = new Upstream({
-      url: config.upstream.url,
-      authorization: () => (token ? `Bearer ${token.current}` : undefined),
-      ...(config.upstream.caFile
-        ? { ca: await readConfigured('upstream.caFile', config.upstream.caFile) }
-        : {}),
-      ...(config.upstream.clientCertFile
-        ? { clientCert: await readConfigured('upstream.clientCertFile', config.upstream.clientCertFile) }
-        : {}),
-      ...(config.upstream.clientKeyFile
-        ? { clientKey: await readConfigured('upstream.clientKeyFile', config.upstream.clientKeyFile) }
-        : {}),
-    });
+    const credential = await loadUpstreamCredential(config.upstream, { logger: log, pollIntervalMs });
+    closers.push(() => credential.close());
+    const upstream = new Upstream(credential);
     closers.push(() => upstream.close());
 
     const server = new ProxyServer({
@@ -165,7 +127,7 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
         {
           name: 'upstream',
           ok: upstreamOk,
-          detail: `${config.upstream.url.origin} ${upstreamOk ? 'answered' : 'did not answer'} (probed ${lastProbe})`,
+          detail: `${upstream.url.origin} ${upstreamOk ? 'answered' : 'did not answer'} (probed ${lastProbe})`,
         },
       ];
       return { ready: checks.every((c) => c.ok), checks };
@@ -183,7 +145,7 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
         spiffeId: own.toString(),
         listen: `${config.listen.host}:${address.port}`,
         admin: admin.address,
-        upstream: config.upstream.url.origin,
+        upstream: upstream.url.origin,
       },
       'proxy started',
     );

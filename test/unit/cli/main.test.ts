@@ -58,8 +58,8 @@ describe('kube-svid-proxy CLI', () => {
     assert.match(missing.stderr, /ERR_PROXY_CONFIG: cannot read \/nonexistent\/proxy.yaml/);
   });
 
-  it('answers "not built yet" (exit 3) for credential, bundle and client', async () => {
-    const commands = ['credential', 'bundle', 'client'];
+  it('answers "not built yet" (exit 3) for bundle and client', async () => {
+    const commands = ['bundle', 'client'];
     const results = await Promise.all(commands.map((c) => runAsync([c])));
     for (const [i, command] of commands.entries()) {
       const r = results[i];

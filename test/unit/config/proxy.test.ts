@@ -37,7 +37,7 @@ describe('parseProxyConfig', () => {
       socket: 'unix:///tmp/kube-svid-proxy/agent.sock',
       hint: 'proxy',
     });
-    assert.equal(config.upstream.url.href, 'https://127.0.0.1:6443/');
+    assert.equal(config.upstream.kind === 'explicit' && config.upstream.url.href, 'https://127.0.0.1:6443/');
     assert.equal(config.minSvidRemainingSeconds, 300);
   });
 
@@ -74,5 +74,73 @@ describe('parseProxyConfig', () => {
     assert.deepEqual(parseHostPort('[::1]:8443'), { host: '::1', port: 8443 });
     assert.deepEqual(parseHostPort(':8443'), { host: '0.0.0.0', port: 8443 });
     assert.match(String(parseHostPort('x:70000')), /out of range/);
+  });
+});
+
+describe('parseProxyConfig: upstream from the service account or a kubeconfig', () => {
+  const HEAD = 'trustDomain: spoke.example.org\npolicyFile: policy.yaml\nupstream:\n';
+
+  it('reads upstream.inCluster: true', () => {
+    const config = parseProxyConfig(`${HEAD}  inCluster: true\n`, '/etc/ksp/proxy.yaml');
+    assert.deepEqual(config.upstream, { kind: 'inCluster' });
+  });
+
+  it('reads upstream.kubeconfig (resolved against the config file) and upstream.context', () => {
+    const bare = parseProxyConfig(`${HEAD}  kubeconfig: kube/config\n`, '/etc/ksp/proxy.yaml');
+    assert.deepEqual(bare.upstream, { kind: 'kubeconfig', file: '/etc/ksp/kube/config' });
+    const named = parseProxyConfig(
+      `${HEAD}  kubeconfig: /root/.kube/config\n  context: spoke\n`,
+      '/etc/ksp/proxy.yaml',
+    );
+    assert.deepEqual(named.upstream, { kind: 'kubeconfig', file: '/root/.kube/config', context: 'spoke' });
+  });
+
+  it('keeps the explicit form, marked as such', () => {
+    const config = parseProxyConfig(
+      `${HEAD}  url: https://127.0.0.1:6443\n  tokenFile: t\n`,
+      '/etc/ksp/p.yaml',
+    );
+    assert.equal(config.upstream.kind, 'explicit');
+    assert.ok(config.upstream.kind === 'explicit' && config.upstream.tokenFile === '/etc/ksp/t');
+  });
+
+  it('refuses url, inCluster and kubeconfig together, at the later key', () => {
+    refuses(
+      `${HEAD}  url: https://x:6443\n  inCluster: true\n`,
+      '5:3',
+      /upstream\.inCluster conflicts with upstream\.url/,
+    );
+    refuses(
+      `${HEAD}  inCluster: true\n  kubeconfig: k\n`,
+      '5:3',
+      /upstream\.kubeconfig conflicts with upstream\.inCluster/,
+    );
+  });
+
+  it('refuses the explicit keys with inCluster or kubeconfig, and context without kubeconfig', () => {
+    refuses(
+      `${HEAD}  inCluster: true\n  caFile: ca.crt\n`,
+      '5:3',
+      /upstream\.caFile goes with upstream\.url only; with upstream\.inCluster, the service account gives/,
+    );
+    refuses(
+      `${HEAD}  kubeconfig: k\n  tokenFile: t\n`,
+      '5:3',
+      /upstream\.tokenFile goes with upstream\.url only; with upstream\.kubeconfig, the kubeconfig gives/,
+    );
+    refuses(
+      `${HEAD}  inCluster: true\n  context: c\n`,
+      '5:3',
+      /upstream\.context goes with upstream\.kubeconfig only/,
+    );
+    refuses(`${HEAD}  url: https://x:6443\n  context: c\n`, '5:3', /upstream\.context goes with/);
+  });
+
+  it('refuses an upstream with none of them, inCluster that is not a boolean, and an empty context', () => {
+    refuses(`${HEAD}  inCluster: false\n`, '4:3', /upstream needs url, inCluster: true or kubeconfig/);
+    refuses(`${HEAD}  caFile: ca.crt\n`, '4:3', /upstream needs url, inCluster: true or kubeconfig/);
+    refuses(`${HEAD}  inCluster: "yes"\n`, '4:14', /upstream\.inCluster must be true or false/);
+    refuses(`${HEAD}  kubeconfig: k\n  context: ""\n`, '5:12', /upstream\.context is empty/);
+    refuses(`${HEAD}  kubeconfig: [a]\n`, '4:15', /upstream\.kubeconfig must be a string/);
   });
 });
