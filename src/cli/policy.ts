@@ -1,7 +1,7 @@
 /** `kube-svid-proxy policy check | explain | rbac`: the policy file, offline. */
 import { parseArgs } from 'node:util';
 import { PolicyError } from '../policy/errors.ts';
-import { describedRequest, explain, formatExplanation } from '../policy/explain.ts';
+import { describedNested, describedRequest, explain, formatExplanation } from '../policy/explain.ts';
 import { loadPolicyFile, type Policy } from '../policy/policy.ts';
 import { DEFAULT_SERVICE_ACCOUNT, rbacManifests, type ServiceAccountRef } from '../policy/rbac.ts';
 import { SpiffeError } from '../spiffe/errors.ts';
@@ -47,6 +47,8 @@ async function explainCommand(args: string[]): Promise<number> {
       resource: { type: 'string' },
       namespace: { type: 'string' },
       path: { type: 'string' },
+      'impersonate-user': { type: 'string' },
+      'impersonate-group': { type: 'string', multiple: true },
       json: { type: 'boolean' },
     },
   });
@@ -54,8 +56,13 @@ async function explainCommand(args: string[]): Promise<number> {
   const id = parseId(values.id);
   const request = describedRequest(values);
   if (typeof request === 'string') throw new UsageError(request);
+  const nested = describedNested({
+    impersonateUser: values['impersonate-user'],
+    impersonateGroups: values['impersonate-group'],
+  });
+  if (typeof nested === 'string') throw new UsageError(nested);
   const policy = await loadPolicyFile(file);
-  const e = explain(policy, id, request);
+  const e = explain(policy, id, request, nested);
   if (values.json) out(`${JSON.stringify(e, null, 2)}\n`);
   else out(formatExplanation(e, file));
   return e.allowed ? EXIT.ok : EXIT.refused;

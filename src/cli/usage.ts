@@ -35,12 +35,14 @@ export const POLICY_USAGE = `  policy check FILE
         Validate a policy file: print a one-line summary (exit 0), or every problem as FILE:LINE:COL: message
         on stderr (exit 1).
   policy explain FILE --id SPIFFE_ID [--verb VERB] [--resource GROUP/RESOURCE[/SUB]] [--namespace NS]
-        [--path PATH] [--json]
+        [--path PATH] [--impersonate-user USER [--impersonate-group GROUP]...] [--json]
         Show which rule matches the ID (or why none does) and the Kubernetes user, groups, uid and extras it
         maps to; with --resource (or --path for a non-resource request) also whether the rule's limits allow
-        the request. Exit 0 when allowed, 1 when denied.
+        the request; with --impersonate-user (the client's own Impersonate-User and Impersonate-Group) whether
+        the rule's impersonate key allows that nested impersonation. Exit 0 when allowed, 1 when denied.
   policy rbac FILE [--service-account NAMESPACE/NAME]
         Print a ClusterRole and ClusterRoleBinding (YAML) letting the proxy's service account (default
         kube-system/kube-svid-proxy) impersonate exactly the users, groups, uids and extras the policy can
-        produce; values that depend on a pattern's or trust domain's IDs are warned about (stderr and YAML).
+        produce, and what nested impersonation needs (a Role and RoleBinding per namespace of service accounts
+        it allows); values that depend on a pattern's or trust domain's IDs are warned about (stderr and YAML).
 `;

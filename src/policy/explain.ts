@@ -1,11 +1,25 @@
 /**
  * `policy explain`: which rule a SPIFFE ID matches (or why none does), the Kubernetes identity it maps to, and,
- * for a described request, whether the rule's limits allow it. The same decision path as the proxy's.
+ * for a described request, whether the rule's limits allow it; for a described nested impersonation, whether
+ * the rule's `impersonate` allows it. The same decision path as the proxy's.
  */
 import type { SpiffeId } from '../spiffe/id.ts';
+import {
+  type ImpersonationAllowance,
+  nestedDecision,
+  parseImpersonationHeaders,
+  parseServiceAccountUser,
+} from './nested.ts';
 import { type MatchKind, type Policy, parseRequestResource, type RequestLimits } from './policy.ts';
 import { describeRequest, requestInfo } from './request.ts';
-import { type Decision, type KubeIdentity, PolicyDenyCode, type RequestInfo } from './types.ts';
+import {
+  type Decision,
+  type KubeIdentity,
+  type NestedDecision,
+  type NestedImpersonationRequest,
+  PolicyDenyCode,
+  type RequestInfo,
+} from './types.ts';
 
 export interface RequestDescription {
   readonly verb?: string | undefined;
@@ -82,6 +96,36 @@ export function describedRequest(d: RequestDescription): RequestInfo | undefined
   };
 }
 
+/** A nested impersonation as `policy explain` flags describe it (`--impersonate-user`, `--impersonate-group`). */
+export interface NestedDescription {
+  readonly impersonateUser?: string | undefined;
+  readonly impersonateGroups?: readonly string[] | undefined;
+}
+
+/**
+ * The nested impersonation a description asks for, read as the proxy reads a client's Impersonate-User and
+ * Impersonate-Group headers; undefined when none; a string is what is wrong with the description.
+ */
+export function describedNested(d: NestedDescription): NestedImpersonationRequest | undefined | string {
+  const groups = d.impersonateGroups ?? [];
+  if (d.impersonateUser === undefined) {
+    return groups.length === 0
+      ? undefined
+      : '--impersonate-group needs --impersonate-user (kube-apiserver requires a user)';
+  }
+  const parsed = parseImpersonationHeaders({
+    'impersonate-user': d.impersonateUser,
+    'impersonate-group': groups,
+  });
+  if (parsed === undefined) return undefined;
+  if ('refused' in parsed) {
+    return parsed.refused
+      .replaceAll('Impersonate-User', '--impersonate-user')
+      .replaceAll('Impersonate-Group', '--impersonate-group');
+  }
+  return parsed;
+}
+
 export interface Explanation {
   readonly id: string;
   /** The rule the ID matched, if any. */
@@ -91,6 +135,7 @@ export interface Explanation {
     readonly line: number;
     readonly match: string;
     readonly limits?: RequestLimits;
+    readonly impersonate?: ImpersonationAllowance;
   };
   /** Why no rule matched, when none did. */
   readonly noRule?: string;
@@ -98,24 +143,51 @@ export interface Explanation {
   /** Why the matched rule cannot make an identity for this ID. */
   readonly identityProblem?: string;
   readonly request?: RequestInfo & { readonly description: string };
-  /** Present when a request was described. */
+  /**
+   * Present when a request was described: `decide`'s, or with a nested impersonation `decideNested`'s (then an
+   * allowed decision also holds `nested`, the identity to forward).
+   */
   readonly decision?: Decision;
-  /** The request is allowed (or, with no request described, the ID maps to an identity). */
+  /**
+   * Present when a nested impersonation was described; `decision` is absent when no rule could map the ID (the
+   * nested identity is then not considered).
+   */
+  readonly nested?: { readonly requested: NestedImpersonationRequest; readonly decision?: NestedDecision };
+  /**
+   * The request is allowed (or, with no request described, the ID maps to an identity), and so is the nested
+   * impersonation when one was described.
+   */
   readonly allowed: boolean;
   /** Why not, when not allowed. */
   readonly code?: PolicyDenyCode;
 }
 
-export function explain(policy: Policy, id: SpiffeId, request?: RequestInfo): Explanation {
+export function explain(
+  policy: Policy,
+  id: SpiffeId,
+  request?: RequestInfo,
+  nested?: NestedImpersonationRequest,
+): Explanation {
   const resolution = policy.resolve(id);
-  const decision = request === undefined ? undefined : policy.decide(id, request);
+  const decision =
+    request === undefined
+      ? undefined
+      : nested === undefined
+        ? policy.decide(id, request)
+        : policy.decideNested(id, request, nested);
   const base = {
     id: id.toString(),
     ...(request !== undefined && { request: { ...request, description: describeRequest(request) } }),
     ...(decision !== undefined && { decision }),
   };
   if (resolution === undefined) {
-    return { ...base, noRule: policy.noRuleReason(id), allowed: false, code: PolicyDenyCode.NoRule };
+    return {
+      ...base,
+      ...(nested !== undefined && { nested: { requested: nested } }),
+      noRule: policy.noRuleReason(id),
+      allowed: false,
+      code: PolicyDenyCode.NoRule,
+    };
   }
   const { rule } = resolution;
   const ruleInfo = {
@@ -124,22 +196,32 @@ export function explain(policy: Policy, id: SpiffeId, request?: RequestInfo): Ex
     line: rule.line,
     match: rule.match,
     ...(rule.limits !== undefined && { limits: rule.limits }),
+    ...(rule.impersonate !== undefined && { impersonate: rule.impersonate }),
   };
   if (!('identity' in resolution)) {
     return {
       ...base,
+      ...(nested !== undefined && { nested: { requested: nested } }),
       rule: ruleInfo,
       identityProblem: resolution.problem,
       allowed: false,
       code: PolicyDenyCode.Identity,
     };
   }
+  const nestedOutcome = nested === undefined ? undefined : nestedDecision(rule, nested);
+  const code =
+    decision !== undefined && !decision.allowed
+      ? decision.code
+      : nestedOutcome !== undefined && !nestedOutcome.allowed
+        ? nestedOutcome.code
+        : undefined;
   return {
     ...base,
+    ...(nested !== undefined && { nested: { requested: nested, decision: nestedOutcome } }),
     rule: ruleInfo,
     identity: resolution.identity,
-    allowed: decision === undefined || decision.allowed,
-    ...(decision !== undefined && !decision.allowed && { code: decision.code }),
+    allowed: code === undefined,
+    ...(code !== undefined && { code }),
   };
 }
 
@@ -158,6 +240,32 @@ function formatLimits(limits: RequestLimits | undefined): string {
   return parts.join('; ');
 }
 
+function formatImpersonate(allowance: ImpersonationAllowance | undefined): string {
+  if (allowance === undefined) return 'none (Impersonate-* headers from its clients are refused)';
+  return (['serviceAccounts', 'users', 'groups'] as const)
+    .filter((key) => allowance[key] !== undefined)
+    .map((key) => `${key} [${(allowance[key] ?? []).join(', ')}]`)
+    .join('; ');
+}
+
+function formatNested(e: Explanation, lines: string[]): void {
+  const nested = e.nested;
+  if (nested === undefined) return;
+  const { requested, decision } = nested;
+  const sa = parseServiceAccountUser(requested.user);
+  lines.push(
+    `as:       ${requested.user}${sa === undefined ? '' : ` (service account ${sa.namespace}/${sa.name})`}`,
+  );
+  if (requested.groups.length > 0) lines.push(`as-group: ${requested.groups.join(', ')}`);
+  if (decision === undefined) lines.push('nested:   not considered (no identity for this ID)');
+  else if (decision.allowed) {
+    const by = e.identity === undefined ? 'the mapped user' : `user ${e.identity.user}`;
+    lines.push(
+      `nested:   ALLOWED by the policy (the proxy then asks kube-apiserver, with a SubjectAccessReview, whether ${by} may impersonate it)`,
+    );
+  } else lines.push(`nested:   DENIED ${decision.code}: ${decision.reason}`);
+}
+
 /** The explanation for people, several lines. */
 export function formatExplanation(e: Explanation, file: string): string {
   const lines: string[] = [`id:       ${e.id}`];
@@ -169,6 +277,9 @@ export function formatExplanation(e: Explanation, file: string): string {
     );
   }
   if (e.rule !== undefined) lines.push(`limits:   ${formatLimits(e.rule.limits)}`);
+  if (e.rule !== undefined && (e.rule.impersonate !== undefined || e.nested !== undefined)) {
+    lines.push(`nesting:  ${formatImpersonate(e.rule.impersonate)}`);
+  }
   if (e.identity !== undefined) {
     lines.push(`user:     ${e.identity.user}`);
     lines.push(`groups:   ${e.identity.groups.length === 0 ? '(none)' : e.identity.groups.join(', ')}`);
@@ -179,6 +290,7 @@ export function formatExplanation(e: Explanation, file: string): string {
     lines.push(`identity: none: ${e.identityProblem}`);
   }
   if (e.request !== undefined) lines.push(`request:  ${e.request.description}`);
+  formatNested(e, lines);
   if (e.decision !== undefined) {
     lines.push(
       e.decision.allowed ? 'decision: ALLOWED' : `decision: DENIED ${e.decision.code}: ${e.decision.reason}`,

@@ -1,12 +1,30 @@
 /** The policy layer: parse, compile and decide; request info; RBAC for the proxy; hot reload. */
 export { isPolicyError, PolicyError, PolicyErrorCode, RequestInfoError } from './errors.ts';
 export {
+  describedNested,
   describedRequest,
   type Explanation,
   explain,
   formatExplanation,
+  type NestedDescription,
   type RequestDescription,
 } from './explain.ts';
+export {
+  type ImpersonationAllowance,
+  type ImpersonationCheck,
+  impliedGroups,
+  NESTED_SPIFFE_ID_EXTRA,
+  type NestedRule,
+  nestedDecision,
+  nestedImpersonationChecks,
+  nestedNameProblem,
+  parseImpersonationHeaders,
+  parseServiceAccountUser,
+  SERVICE_ACCOUNT_USER_PREFIX,
+  serviceAccountAllowedBy,
+  serviceAccountEntryProblem,
+  serviceAccountGroups,
+} from './nested.ts';
 export {
   DOTLESS_GROUPS,
   expandTemplate,
@@ -33,7 +51,9 @@ export {
   impersonationGrants,
   type RbacManifests,
   rbacManifests,
+  type ServiceAccountGrant,
   type ServiceAccountRef,
+  serviceAccountGrants,
   type UnboundedCause,
   unboundedWarnings,
 } from './rbac.ts';
@@ -47,7 +67,12 @@ export {
 export {
   type CompiledPolicy,
   type Decision,
+  type Denial,
   type KubeIdentity,
+  type NestedDecision,
+  type NestedIdentity,
+  type NestedImpersonationRequest,
+  type NestedPolicyDecision,
   PolicyDenyCode,
   type RequestInfo,
 } from './types.ts';

@@ -14,6 +14,8 @@
  *       groups: ["gitops"]
  *     limits:
  *       verbs: [get, list, watch]
+ *     impersonate:                 # optional: nested impersonation (the client's own Impersonate-User)
+ *       serviceAccounts: ["apps/*"]
  * ```
  *
  * Precedence: exact-ID rules, then pattern rules, then trust-domain rules; within each kind, file order. Only
@@ -25,11 +27,19 @@ import { describe, quote, readYaml, YamlReader } from '../config/yaml.ts';
 import { SpiffeError } from '../spiffe/errors.ts';
 import { MAX_ID_BYTES, SpiffeId, TrustDomain } from '../spiffe/id.ts';
 import { PolicyError } from './errors.ts';
+import {
+  type ImpersonationAllowance,
+  nestedDecision,
+  nestedNameProblem,
+  serviceAccountEntryProblem,
+} from './nested.ts';
 import { formatResource } from './request.ts';
 import {
   type CompiledPolicy,
   type Decision,
   type KubeIdentity,
+  type NestedImpersonationRequest,
+  type NestedPolicyDecision,
   PolicyDenyCode,
   type RequestInfo,
 } from './types.ts';
@@ -85,6 +95,8 @@ export interface PolicyRule {
   readonly segments: readonly string[];
   readonly identity: IdentityTemplates;
   readonly limits?: RequestLimits;
+  /** Nested impersonation its clients may request; absent: none (any client Impersonate-* header is refused). */
+  readonly impersonate?: ImpersonationAllowance;
 }
 
 /** The rule an ID matched and the identity it maps to, or why no identity could be made for that ID. */
@@ -356,7 +368,25 @@ export class Policy implements CompiledPolicy {
   }
 
   decide(id: SpiffeId, request: RequestInfo): Decision {
+    return this.#decide(id, this.resolve(id), request);
+  }
+
+  decideNested(
+    id: SpiffeId,
+    request: RequestInfo,
+    requested: NestedImpersonationRequest,
+  ): NestedPolicyDecision {
     const resolution = this.resolve(id);
+    const decision = this.#decide(id, resolution, request);
+    if (!decision.allowed) return decision;
+    // An allowed decision always comes from a resolution.
+    const nested = nestedDecision(resolution?.rule ?? { name: decision.rule }, requested);
+    if (!nested.allowed)
+      return { allowed: false, rule: decision.rule, code: nested.code, reason: nested.reason };
+    return { ...decision, nested: nested.impersonated };
+  }
+
+  #decide(id: SpiffeId, resolution: Resolution | undefined, request: RequestInfo): Decision {
     if (resolution === undefined) {
       return { allowed: false, code: PolicyDenyCode.NoRule, reason: this.noRuleReason(id) };
     }
@@ -486,10 +516,11 @@ export function parseTemplate(source: string): ParsedTemplate | { problems: Temp
 // Parsing
 
 const TOP_KEYS = ['rules'] as const;
-const RULE_KEYS = ['name', 'match', 'identity', 'limits'] as const;
+const RULE_KEYS = ['name', 'match', 'identity', 'limits', 'impersonate'] as const;
 const MATCH_KEYS = ['id', 'pattern', 'trustDomain'] as const;
 const IDENTITY_KEYS = ['user', 'groups', 'uid', 'extra'] as const;
 const LIMIT_KEYS = ['verbs', 'resources', 'namespaces', 'nonResourcePaths'] as const;
+const IMPERSONATE_KEYS = ['serviceAccounts', 'users', 'groups'] as const;
 
 /** Verbs `limits.verbs` may name, besides `*`. */
 export const VERBS = [
@@ -869,6 +900,11 @@ class Parser extends YamlReader {
       if (parsed !== undefined) ({ limits, resourceMatchers } = parsed);
     }
 
+    // impersonate
+    let impersonate: ImpersonationAllowance | undefined;
+    const impersonateField = fields.get('impersonate');
+    if (impersonateField !== undefined) impersonate = this.impersonate(impersonateField, where);
+
     const partial = {
       nameOffset,
       line,
@@ -887,6 +923,7 @@ class Parser extends YamlReader {
       identity,
       ...(limits !== undefined && { limits }),
       ...(resourceMatchers !== undefined && { resourceMatchers: Object.freeze(resourceMatchers) }),
+      ...(impersonate !== undefined && { impersonate }),
     });
     return { ...partial, rule };
   }
@@ -1146,6 +1183,65 @@ class Parser extends YamlReader {
       ...(paths !== undefined && { nonResourcePaths: Object.freeze(paths) }),
     });
     return { limits, ...(resources !== undefined && { resourceMatchers: matchers }) };
+  }
+
+  impersonate(field: Field, where: string): ImpersonationAllowance | undefined {
+    const map = this.map(field.value, field.valueOffset, `${where}: impersonate`);
+    if (map === undefined) return undefined;
+    const before = this.problems.length;
+    const fields = this.fields(map, IMPERSONATE_KEYS, 'impersonate');
+    const entries = (
+      key: (typeof IMPERSONATE_KEYS)[number],
+      check: (text: string) => string | undefined,
+    ): StringItem[] | undefined => {
+      const f = fields.get(key);
+      if (f === undefined) return undefined;
+      const beforeItems = this.problems.length;
+      const items = this.stringList(f, `impersonate.${key}`);
+      if (items === undefined) return undefined;
+      if (items.length === 0 && this.problems.length === beforeItems) {
+        this.report(f.valueOffset, `impersonate.${key} must not be empty (omit it to allow no ${key})`);
+      }
+      const out: StringItem[] = [];
+      for (const item of items) {
+        const problem = check(item.text);
+        if (problem !== undefined) {
+          this.report(item.offset, `impersonate.${key} entry ${quote(item.text)}: ${problem}`);
+        } else if (out.some((o) => o.text === item.text)) {
+          this.report(item.offset, `duplicate entry ${quote(item.text)} in impersonate.${key}`);
+        } else {
+          out.push(item);
+        }
+      }
+      return out;
+    };
+    const serviceAccounts = entries('serviceAccounts', serviceAccountEntryProblem);
+    const users = entries('users', (u) => nestedNameProblem(u, 'user'));
+    const groups = entries('groups', (g) => nestedNameProblem(g, 'group'));
+    // "apps/deployer" next to "apps/*" reads narrower than the rule is.
+    const texts = serviceAccounts?.map((i) => i.text) ?? [];
+    for (const item of serviceAccounts ?? []) {
+      const [namespace, name] = item.text.split('/') as [string, string];
+      if (name !== '*' && texts.includes(`${namespace}/*`)) {
+        this.report(
+          item.offset,
+          `impersonate.serviceAccounts entry ${quote(item.text)} is already allowed by "${namespace}/*"`,
+        );
+      }
+    }
+    if (this.problems.length === before && serviceAccounts === undefined && users === undefined) {
+      this.report(
+        field.valueOffset,
+        `${where}: impersonate needs serviceAccounts or users (kube-apiserver requires a user to impersonate; groups alone allow nothing)`,
+      );
+    }
+    if (this.problems.length !== before) return undefined;
+    const frozen = (items: StringItem[]): readonly string[] => Object.freeze(items.map((i) => i.text));
+    return Object.freeze({
+      ...(serviceAccounts !== undefined && { serviceAccounts: frozen(serviceAccounts) }),
+      ...(users !== undefined && { users: frozen(users) }),
+      ...(groups !== undefined && { groups: frozen(groups) }),
+    });
   }
 }
 

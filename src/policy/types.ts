@@ -57,8 +57,66 @@ export const PolicyDenyCode = {
    * names a `{segment:N}` the ID lacks): deny rather than impersonate a partial or empty user.
    */
   Identity: 'ERR_POLICY_IDENTITY',
+  /**
+   * The client sent Impersonate-* headers of its own (nested impersonation), and its rule does not allow that
+   * identity: no `impersonate` key, a user or group it does not list, a uid or extra (never allowed), or headers
+   * kube-apiserver would not accept as one identity.
+   */
+  NestedImpersonation: 'ERR_POLICY_NESTED_IMPERSONATION',
 } as const;
 export type PolicyDenyCode = (typeof PolicyDenyCode)[keyof typeof PolicyDenyCode];
+
+/** A decision that refused: what `decide` and `decideNested` answer when the request may not go through. */
+export type Denial = Extract<Decision, { readonly allowed: false }>;
+
+/**
+ * The identity a client asked to act as with its own `Impersonate-User` and `Impersonate-Group` headers (nested
+ * impersonation), as read by `parseImpersonationHeaders`.
+ */
+export interface NestedImpersonationRequest {
+  /** Never empty. */
+  readonly user: string;
+  /** In the order sent, without duplicates; may be empty. */
+  readonly groups: readonly string[];
+}
+
+/** A nested identity the policy allows: what the proxy forwards once the SubjectAccessReview agrees. */
+export interface NestedIdentity {
+  /** Forwarded as `Impersonate-User`. */
+  readonly user: string;
+  /**
+   * Forwarded as `Impersonate-Group`, exactly as requested: kube-apiserver adds `system:authenticated` (and, for
+   * a service account without groups, `system:serviceaccounts` and `system:serviceaccounts:<ns>`) itself.
+   */
+  readonly groups: readonly string[];
+  /** Set when `user` is `system:serviceaccount:<namespace>:<name>`. */
+  readonly serviceAccount?: { readonly namespace: string; readonly name: string };
+}
+
+/** Whether a rule allows a nested identity. */
+export type NestedDecision =
+  | { readonly allowed: true; readonly impersonated: NestedIdentity }
+  | {
+      readonly allowed: false;
+      readonly code: typeof PolicyDenyCode.NestedImpersonation;
+      readonly reason: string;
+    };
+
+/**
+ * The decision for a request that carries a nested impersonation: the request's own decision (as `decide`
+ * gives it) first, then the nested identity. Allowed only when both are; a refusal has the shape of `decide`'s
+ * (code `ERR_POLICY_NESTED_IMPERSONATION` when the nested identity is what is refused).
+ */
+export type NestedPolicyDecision =
+  | {
+      readonly allowed: true;
+      readonly rule: string;
+      /** The identity the client's SPIFFE ID maps to: the one the SubjectAccessReview asks about. */
+      readonly identity: KubeIdentity;
+      /** The identity to forward once the SubjectAccessReview allows `identity` to impersonate it. */
+      readonly nested: NestedIdentity;
+    }
+  | Denial;
 
 /** A compiled policy: immutable, swapped whole on reload. */
 export interface CompiledPolicy {
@@ -70,4 +128,13 @@ export interface CompiledPolicy {
   match(id: SpiffeId): { rule: string; identity: KubeIdentity } | undefined;
   /** The full decision for one request. */
   decide(id: SpiffeId, request: RequestInfo): Decision;
+  /**
+   * The full decision for one request that carries a nested impersonation (`parseImpersonationHeaders` read
+   * it): `decide`'s, and then whether the matched rule's `impersonate` allows `requested`.
+   */
+  decideNested(
+    id: SpiffeId,
+    request: RequestInfo,
+    requested: NestedImpersonationRequest,
+  ): NestedPolicyDecision;
 }

@@ -50,18 +50,37 @@ const BROKEN = `rules:
     identity: {user: u}
 `;
 
+const NESTED = `rules:
+  - name: argocd-controller
+    match:
+      id: spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller
+    identity:
+      user: argocd-controller
+    impersonate:
+      serviceAccounts: ["team-a/*", "team-b/deployer"]
+      groups: [team-a]
+  - name: flux
+    match:
+      pattern: spiffe://hub.example.org/ns/flux-system/sa/*
+    identity:
+      user: "flux:{segment:3}"
+`;
+
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
 
 describe('kube-svid-proxy policy', () => {
   let dir: string;
   let good: string;
   let broken: string;
+  let nested: string;
   before(() => {
     dir = mkdtempSync(join(tmpdir(), 'ksp-cli-policy-'));
     good = join(dir, 'policy.yaml');
     broken = join(dir, 'broken.yaml');
+    nested = join(dir, 'nested.yaml');
     writeFileSync(good, POLICY);
     writeFileSync(broken, BROKEN);
+    writeFileSync(nested, NESTED);
   });
   after(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -183,6 +202,143 @@ describe('kube-svid-proxy policy', () => {
     );
   });
 
+  it('explain: --impersonate-user and --impersonate-group show the nested impersonation decision', async () => {
+    const [allowed, denied, noImpersonate, json] = await Promise.all([
+      run(
+        'policy',
+        'explain',
+        nested,
+        '--id',
+        ARGOCD,
+        '--verb',
+        'create',
+        '--resource',
+        'apps/deployments',
+        '--namespace',
+        'team-a',
+        '--impersonate-user',
+        'system:serviceaccount:team-a:deployer',
+        '--impersonate-group',
+        'team-a',
+      ),
+      run(
+        'policy',
+        'explain',
+        nested,
+        '--id',
+        ARGOCD,
+        '--impersonate-user',
+        'system:serviceaccount:team-b:admin',
+      ),
+      run(
+        'policy',
+        'explain',
+        nested,
+        '--id',
+        'spiffe://hub.example.org/ns/flux-system/sa/kustomize-controller',
+        '--impersonate-user',
+        'system:serviceaccount:team-a:deployer',
+      ),
+      run(
+        'policy',
+        'explain',
+        nested,
+        '--id',
+        ARGOCD,
+        '--impersonate-user',
+        'system:serviceaccount:team-a:deployer',
+        '--impersonate-group',
+        'system:masters',
+        '--json',
+      ),
+    ]);
+    assert.equal(allowed.status, 0, allowed.stderr);
+    assert.equal(
+      allowed.stdout,
+      [
+        `id:       ${ARGOCD}`,
+        `rule:     argocd-controller (exact ID ${ARGOCD}, ${nested}:2)`,
+        'limits:   none (the cluster RBAC alone decides)',
+        'nesting:  serviceAccounts [team-a/*, team-b/deployer]; groups [team-a]',
+        'user:     argocd-controller',
+        'groups:   (none)',
+        'request:  create apps/deployments in namespace "team-a"',
+        'as:       system:serviceaccount:team-a:deployer (service account team-a/deployer)',
+        'as-group: team-a',
+        'nested:   ALLOWED by the policy (the proxy then asks kube-apiserver, with a SubjectAccessReview, whether user argocd-controller may impersonate it)',
+        'decision: ALLOWED',
+        '',
+      ].join('\n'),
+    );
+    assert.equal(denied.status, 1);
+    assert.match(
+      denied.stdout,
+      /^nested: {3}DENIED ERR_POLICY_NESTED_IMPERSONATION: rule "argocd-controller": service account "team-b\/admin" is not in impersonate\.serviceAccounts \[team-a\/\*, team-b\/deployer\]$/m,
+    );
+    assert.match(denied.stdout, /^decision: DENIED ERR_POLICY_NESTED_IMPERSONATION$/m);
+    assert.equal(noImpersonate.status, 1);
+    assert.match(
+      noImpersonate.stdout,
+      /^nesting: {2}none \(Impersonate-\* headers from its clients are refused\)$/m,
+    );
+    assert.match(noImpersonate.stdout, /rule "flux" does not allow nested impersonation/);
+    assert.equal(json.status, 1);
+    const parsed = JSON.parse(json.stdout) as {
+      allowed: boolean;
+      code: string;
+      nested: {
+        requested: { user: string; groups: string[] };
+        decision: { allowed: boolean; reason: string };
+      };
+    };
+    assert.equal(parsed.allowed, false);
+    assert.equal(parsed.code, 'ERR_POLICY_NESTED_IMPERSONATION');
+    assert.deepEqual(parsed.nested.requested, {
+      user: 'system:serviceaccount:team-a:deployer',
+      groups: ['system:masters'],
+    });
+    assert.match(parsed.nested.decision.reason, /group "system:masters" is not allowed/);
+  });
+
+  it('explain: usage errors (exit 2) for a bad nested impersonation', async () => {
+    const [groupOnly, twoUsers] = await Promise.all([
+      run('policy', 'explain', nested, '--id', ARGOCD, '--impersonate-group', 'team-a'),
+      run('policy', 'explain', nested, '--id', ARGOCD, '--impersonate-user', 'a,b'),
+    ]);
+    assert.equal(groupOnly.status, 2);
+    assert.match(groupOnly.stderr, /--impersonate-group needs --impersonate-user/);
+    assert.equal(twoUsers.status, 2);
+    assert.match(twoUsers.stderr, /--impersonate-user given 2 times/);
+  });
+
+  it('rbac: adds Roles per namespace and SubjectAccessReviews for nested impersonation', async () => {
+    const r = await run('policy', 'rbac', nested);
+    assert.equal(r.status, 0, r.stderr);
+    const docs = parseAllDocuments(r.stdout);
+    assert.ok(Array.isArray(docs));
+    const objects = docs.map(
+      (d) =>
+        d.toJS() as { kind: string; metadata: { namespace?: string }; rules?: { resources: string[] }[] },
+    );
+    assert.deepEqual(
+      objects.map((o) => `${o.kind} ${o.metadata.namespace ?? ''}`.trim()),
+      [
+        'ClusterRole',
+        'ClusterRoleBinding',
+        'Role team-a',
+        'RoleBinding team-a',
+        'Role team-b',
+        'RoleBinding team-b',
+      ],
+    );
+    assert.deepEqual(
+      objects[0]?.rules?.map((rule) => rule.resources[0]),
+      ['users', 'groups', 'userextras/spiffe.io/id', 'subjectaccessreviews'],
+    );
+    assert.equal(r.stderr.split('\n').filter((l) => l.startsWith('warning: ')).length, 1, r.stderr);
+    assert.match(r.stderr, /^warning: users is granted without resourceNames \(any value\): rule "flux"/m);
+  });
+
   it('rbac: prints the ClusterRole and binding, warning about unbounded values on stderr', async () => {
     const [r, custom, bad] = await Promise.all([
       run('policy', 'rbac', good),
@@ -228,6 +384,7 @@ describe('kube-svid-proxy policy', () => {
     assert.equal(none.status, 2);
     assert.match(help.stdout, /^ {2}policy check FILE$/m);
     assert.match(help.stdout, /^ {2}policy explain FILE --id SPIFFE_ID/m);
+    assert.match(help.stdout, /\[--impersonate-user USER \[--impersonate-group GROUP\]\.\.\.\]/);
     assert.match(help.stdout, /^ {2}policy rbac FILE \[--service-account NAMESPACE\/NAME\]$/m);
     assert.doesNotMatch(help.stdout, /^ {2}policy {8}policy check/m);
   });

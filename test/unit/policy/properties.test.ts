@@ -40,6 +40,9 @@ const KEYS = [
   'resources',
   'namespaces',
   'nonResourcePaths',
+  'impersonate',
+  'serviceAccounts',
+  'users',
 ];
 
 const TEXTS = [
@@ -59,6 +62,9 @@ const TEXTS = [
   '*',
   '',
   'x',
+  'apps/*',
+  'apps/deployer',
+  'system:serviceaccount:apps:x',
 ];
 
 /** JSON-ish values whose map keys are mostly the policy's own keys, to reach deep into the parser. */

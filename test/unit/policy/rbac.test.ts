@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { parseAllDocuments } from 'yaml';
 import { parsePolicy } from '../../../src/policy/policy.ts';
-import { impersonationGrants, rbacManifests } from '../../../src/policy/rbac.ts';
+import { impersonationGrants, rbacManifests, serviceAccountGrants } from '../../../src/policy/rbac.ts';
 
 const parse = (text: string) => parsePolicy(text, { file: 'policy.yaml' });
 
@@ -146,6 +146,159 @@ describe('rbacManifests', () => {
       ],
     );
     assert.match(grants[1]?.unbounded[0]?.why ?? '', /any ID of trust domain spoke\.example\.org/);
+  });
+
+  it('without impersonate keys: no Roles, no SubjectAccessReviews, no service accounts', () => {
+    const m = rbacManifests(parse(EXACT));
+    assert.deepEqual(m.serviceAccountGrants, []);
+    assert.equal(m.subjectAccessReviews, false);
+    assert.equal(documents(m.yaml).length, 2);
+    assert.doesNotMatch(m.yaml, /subjectaccessreviews|kind: Role|serviceaccounts/);
+    assert.match(
+      m.yaml,
+      /^# the policy can map SPIFFE IDs to\. No service account impersonation is granted\./m,
+    );
+  });
+
+  it('grants what nested impersonation needs: service accounts per namespace, users, groups, the SPIFFE ID extra and SubjectAccessReviews', () => {
+    const policy = parse(`${EXACT}    impersonate:
+      serviceAccounts: ["team-b/deployer", "team-a/*", "team-b/builder"]
+      users: [alice]
+      groups: [team-a]
+  - name: flux
+    match: {pattern: "spiffe://hub.example.org/ns/flux-system/sa/*"}
+    identity: {user: flux}
+    impersonate:
+      serviceAccounts: ["team-b/flux", "flux-system/*"]
+`);
+    const m = rbacManifests(policy, { namespace: 'proxy', name: 'front' });
+    assert.equal(m.subjectAccessReviews, true);
+    assert.deepEqual(m.serviceAccountGrants, [
+      { namespace: 'flux-system', rules: ['flux'] },
+      { namespace: 'team-a', rules: ['ci'] },
+      { namespace: 'team-b', resourceNames: ['builder', 'deployer', 'flux'], rules: ['ci', 'flux'] },
+    ]);
+    const docs = documents(m.yaml);
+    assert.deepEqual(
+      docs.map((d) => [d.kind, (d.metadata as { namespace?: string }).namespace]),
+      [
+        ['ClusterRole', undefined],
+        ['ClusterRoleBinding', undefined],
+        ['Role', 'flux-system'],
+        ['RoleBinding', 'flux-system'],
+        ['Role', 'team-a'],
+        ['RoleBinding', 'team-a'],
+        ['Role', 'team-b'],
+        ['RoleBinding', 'team-b'],
+      ],
+    );
+    const id = 'spiffe://hub.example.org/ns/argocd/sa/controller';
+    assert.deepEqual(docs[0]?.rules as Rule[], [
+      {
+        apiGroups: [''],
+        resources: ['users'],
+        verbs: ['impersonate'],
+        resourceNames: ['alice', 'ci', 'flux', 'spiffe:hub.example.org:ns/argocd/sa/controller'],
+      },
+      {
+        apiGroups: [''],
+        resources: ['groups'],
+        verbs: ['impersonate'],
+        // The implied groups too: a client may send them explicitly, and the proxy forwards them.
+        resourceNames: [
+          'gitops',
+          'ns:argocd',
+          'spiffe:hub.example.org',
+          'system:authenticated',
+          'system:serviceaccounts',
+          'system:serviceaccounts:flux-system',
+          'system:serviceaccounts:team-a',
+          'system:serviceaccounts:team-b',
+          'team-a',
+        ],
+      },
+      {
+        apiGroups: ['authentication.k8s.io'],
+        resources: ['uids'],
+        verbs: ['impersonate'],
+        resourceNames: [id],
+      },
+      {
+        apiGroups: ['authentication.k8s.io'],
+        resources: ['userextras/spiffe.io/id'],
+        verbs: ['impersonate'],
+      },
+      { apiGroups: ['authorization.k8s.io'], resources: ['subjectaccessreviews'], verbs: ['create'] },
+    ]);
+    // The pattern rule's clients are unbounded: the SPIFFE ID extra is granted for any value, with a warning.
+    assert.deepEqual(m.warnings, [
+      'userextras/spiffe.io/id is granted without resourceNames (any value): rule "flux" (line 19) allows nested impersonation, which records the client\'s SPIFFE ID ("{id}") in extra spiffe.io/id, and {id} depends on the ID (pattern spiffe://hub.example.org/ns/flux-system/sa/*)',
+    ]);
+    assert.match(m.yaml, /^ {2}# WARNING: userextras\/spiffe\.io\/id is granted without resourceNames/m);
+    assert.match(
+      m.yaml,
+      /^ {2}# Nested impersonation \(rules "ci", "flux"\): before forwarding it, the proxy$/m,
+    );
+    assert.deepEqual(docs[4], {
+      apiVersion: 'rbac.authorization.k8s.io/v1',
+      kind: 'Role',
+      metadata: {
+        name: 'front-impersonate',
+        namespace: 'team-a',
+        labels: { 'app.kubernetes.io/name': 'kube-svid-proxy' },
+      },
+      rules: [{ apiGroups: [''], resources: ['serviceaccounts'], verbs: ['impersonate'] }],
+    });
+    assert.deepEqual((docs[6]?.rules as Rule[] | undefined)?.[0]?.resourceNames, [
+      'builder',
+      'deployer',
+      'flux',
+    ]);
+    assert.deepEqual(docs[7], {
+      apiVersion: 'rbac.authorization.k8s.io/v1',
+      kind: 'RoleBinding',
+      metadata: {
+        name: 'front-impersonate',
+        namespace: 'team-b',
+        labels: { 'app.kubernetes.io/name': 'kube-svid-proxy' },
+      },
+      roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name: 'front-impersonate' },
+      subjects: [{ kind: 'ServiceAccount', name: 'front', namespace: 'proxy' }],
+    });
+    assert.match(
+      m.yaml,
+      /^# Nested impersonation of service accounts in namespace team-a \(rule "ci"\): every service account of the namespace \("team-a\/\*"\)\.$/m,
+    );
+    assert.match(
+      m.yaml,
+      /^# Nested impersonation of service accounts in namespace team-b \(rules "ci", "flux"\)\.$/m,
+    );
+  });
+
+  it('records the SPIFFE ID extra by name for exact-ID rules, and users alone imply only system:authenticated', () => {
+    const policy = parse(`rules:
+  - name: argocd
+    match: {id: "spiffe://hub.example.org/ns/argocd/sa/controller"}
+    identity: {user: argocd}
+    impersonate: {users: [alice, system:anonymous]}
+`);
+    const grants = impersonationGrants(policy);
+    assert.deepEqual(
+      grants.map((g) => [g.resource, g.resourceNames]),
+      [
+        ['users', ['alice', 'argocd', 'system:anonymous']],
+        ['groups', ['system:authenticated']],
+        ['userextras/spiffe.io/id', ['spiffe://hub.example.org/ns/argocd/sa/controller']],
+      ],
+    );
+    assert.deepEqual(serviceAccountGrants(policy), []);
+    const m = rbacManifests(policy);
+    assert.deepEqual(m.warnings, []);
+    assert.equal(documents(m.yaml).length, 2);
+    assert.match(
+      m.yaml,
+      /^# the policy can map SPIFFE IDs to, and the nested identities its "impersonate" keys allow$/m,
+    );
   });
 
   it('grants nothing for a policy without rules', () => {
