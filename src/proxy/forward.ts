@@ -398,6 +398,55 @@ export class Upstream {
     });
   }
 
+  /**
+   * A request of the proxy's own, as itself (its credential, no impersonation): e.g. a SubjectAccessReview.
+   * The body is JSON; resolves with the status and the parsed JSON answer.
+   */
+  call(
+    method: string,
+    path: string,
+    body?: unknown,
+    timeoutMs = 10_000,
+  ): Promise<{ status: number; json: unknown }> {
+    const transport = this.url.protocol === 'https:' ? https : http;
+    const authorization = this.#options.authorization();
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    return new Promise((resolve, reject) => {
+      const req = transport.request(
+        new URL(path, this.url),
+        {
+          method,
+          agent: this.#agent,
+          timeout: timeoutMs,
+          headers: {
+            accept: 'application/json',
+            ...(authorization ? { authorization } : {}),
+            ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}),
+          },
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            let json: unknown;
+            try {
+              json = JSON.parse(text);
+            } catch {
+              json = undefined;
+            }
+            resolve({ status: res.statusCode ?? 0, json });
+          });
+        },
+      );
+      req.on('timeout', () =>
+        req.destroy(new UpstreamError(504, `kube-apiserver did not answer ${path} in time`)),
+      );
+      req.on('error', (err) => reject(upstreamFailure(this.url.origin, err)));
+      req.end(payload);
+    });
+  }
+
   /** A cheap reachability probe for readiness: any HTTP answer from /readyz counts as reachable. */
   probe(timeoutMs = 2000): Promise<boolean> {
     const transport = this.url.protocol === 'https:' ? https : http;

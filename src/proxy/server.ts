@@ -6,8 +6,16 @@ import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import type { ProxyMetrics } from '../observability/metrics.ts';
+import { NESTED_SPIFFE_ID_EXTRA, parseImpersonationHeaders } from '../policy/nested.ts';
 import { requestInfo } from '../policy/request.ts';
-import type { CompiledPolicy, Decision, KubeIdentity, RequestInfo } from '../policy/types.ts';
+import {
+  type CompiledPolicy,
+  type Decision,
+  type KubeIdentity,
+  type NestedImpersonationRequest,
+  PolicyDenyCode,
+  type RequestInfo,
+} from '../policy/types.ts';
 import { BundleSet } from '../spiffe/bundle.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
 import {
@@ -17,7 +25,8 @@ import {
   stillValid,
   type TrustState,
 } from './authenticate.ts';
-import { hasImpersonationHeaders, type Upstream, UpstreamError } from './forward.ts';
+import { type Upstream, UpstreamError } from './forward.ts';
+import { mayImpersonate, type SarResult } from './sar.ts';
 import type { IdentitySource } from './source.ts';
 import { kubeStatus, sendStatus } from './status.ts';
 
@@ -43,6 +52,8 @@ interface ConnectionState {
   identity: PeerIdentity | undefined;
   /** Why this connection's client was refused, for the trust generation it was checked against. */
   refused: { code: string; message: string; generation: number } | undefined;
+  /** SubjectAccessReview answers for nested impersonation, briefly reused. */
+  reviews: Map<string, { result: SarResult; until: number }>;
   /** Decisions of this connection, for one policy generation. */
   decisions: Map<string, Decision>;
   decisionsGeneration: number;
@@ -50,6 +61,8 @@ interface ConnectionState {
 
 const kConnection = Symbol('kube-svid-proxy.connection');
 const DECISION_CACHE_PER_CONNECTION = 64;
+/** How long a SubjectAccessReview's answer is reused on one connection. */
+const REVIEW_CACHE_MS = 10_000;
 
 type Request = IncomingMessage | Http2ServerRequest;
 type Response = ServerResponse | Http2ServerResponse;
@@ -200,6 +213,7 @@ export class ProxyServer {
     const state: ConnectionState = {
       identity: undefined,
       refused: undefined,
+      reviews: new Map(),
       decisions: new Map(),
       decisionsGeneration: -1,
     };
@@ -287,7 +301,12 @@ export class ProxyServer {
    * The request path up to forwarding, shared by ordinary and upgrade requests: request target, authentication,
    * impersonation headers, policy. Returns what to forward, or the refusal to answer.
    */
-  #admit(socket: StatefulSocket, method: string, url: string, headers: IncomingHttpHeaders): Admission {
+  async #admit(
+    socket: StatefulSocket,
+    method: string,
+    url: string,
+    headers: IncomingHttpHeaders,
+  ): Promise<Admission> {
     const entry: Record<string, unknown> = { peer: socket.remoteAddress };
     let info: RequestInfo;
     try {
@@ -327,16 +346,8 @@ export class ProxyServer {
     }
     entry.spiffeId = identity.id.toString();
     const metrics = this.#options.metrics;
-    if (hasImpersonationHeaders(headers)) {
-      metrics?.decision('', false, 'ERR_POLICY_NESTED_IMPERSONATION');
-      return {
-        ok: false,
-        entry,
-        status: 403,
-        message: `kube-svid-proxy: ${identity.id} may not send Impersonate-* headers (nested impersonation is not allowed)`,
-        extra: { decision: 'deny', code: 'ERR_POLICY_NESTED_IMPERSONATION' },
-      };
-    }
+    const requested = parseImpersonationHeaders(headers);
+    if (requested !== undefined) return this.#admitNested(state, identity, info, url, entry, requested);
     const decision = this.#decide(state, identity, info);
     if (!decision.allowed) {
       metrics?.decision(decision.rule ?? '', false, decision.code);
@@ -353,6 +364,57 @@ export class ProxyServer {
     entry.user = decision.identity.user;
     entry.groups = decision.identity.groups;
     return { ok: true, entry, identity: decision.identity, longRunning: isLongRunning(info, url) };
+  }
+
+  /**
+   * A request with the client's own Impersonate-* headers (Argo CD's sync impersonation, Flux's
+   * serviceAccountName): allowed only when the rule lists that identity, and then only when kube-apiserver agrees,
+   * through a SubjectAccessReview, that the client's mapped identity may impersonate it. The nested identity is
+   * forwarded, with the client's SPIFFE ID in the extra `spiffe.io/id`.
+   */
+  async #admitNested(
+    state: ConnectionState,
+    identity: PeerIdentity,
+    info: RequestInfo,
+    url: string,
+    entry: Record<string, unknown>,
+    requested: NestedImpersonationRequest | { readonly refused: string },
+  ): Promise<Admission> {
+    const metrics = this.#options.metrics;
+    const refuse = (rule: string | undefined, code: string, reason: string): Admission => {
+      metrics?.decision(rule ?? '', false, code);
+      return {
+        ok: false,
+        entry,
+        status: 403,
+        message: `kube-svid-proxy: ${identity.id} is not allowed to ${info.verb} ${info.path}: ${reason} (${code})`,
+        extra: { decision: 'deny', ...(rule ? { rule } : {}), code, reason },
+      };
+    };
+    if ('refused' in requested)
+      return refuse(undefined, PolicyDenyCode.NestedImpersonation, requested.refused);
+    const decision = this.#options.policy.current.decideNested(identity.id, info, requested);
+    if (!decision.allowed) return refuse(decision.rule, decision.code, decision.reason);
+    entry.rule = decision.rule;
+    entry.user = decision.identity.user;
+    entry.groups = decision.identity.groups;
+    entry.impersonating = decision.nested.user;
+    const key = `${this.#options.policy.generation}|${decision.nested.user}|${decision.nested.groups.join(',')}`;
+    const cached = state.reviews.get(key);
+    let review = cached !== undefined && cached.until > Date.now() ? cached.result : undefined;
+    if (review === undefined) {
+      review = await mayImpersonate(this.#options.upstream, decision.identity, decision.nested);
+      if (state.reviews.size >= DECISION_CACHE_PER_CONNECTION) state.reviews.clear();
+      state.reviews.set(key, { result: review, until: Date.now() + REVIEW_CACHE_MS });
+    }
+    if (!review.allowed) return refuse(decision.rule, PolicyDenyCode.NestedImpersonation, review.reason);
+    metrics?.decision(decision.rule, true, '');
+    const forwarded: KubeIdentity = {
+      user: decision.nested.user,
+      groups: decision.nested.groups,
+      extra: { [NESTED_SPIFFE_ID_EXTRA]: [identity.id.toString()] },
+    };
+    return { ok: true, entry, identity: forwarded, longRunning: isLongRunning(info, url) };
   }
 
   #audit(
@@ -372,7 +434,7 @@ export class ProxyServer {
   async #onRequest(req: Request, res: Response): Promise<void> {
     const started = performance.now();
     const socket = req.socket as StatefulSocket;
-    const admission = this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
+    const admission = await this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
     if (!admission.ok) {
       if (admission.close) closeAfter(req, res);
       sendStatus(res, admission.status, admission.message);
@@ -401,7 +463,7 @@ export class ProxyServer {
   /** HTTP/1.1 `Upgrade` requests (exec, attach, port-forward over SPDY or WebSocket): same checks, raw tunnel. */
   async #onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     const started = performance.now();
-    const admission = this.#admit(
+    const admission = await this.#admit(
       req.socket as StatefulSocket,
       req.method ?? 'GET',
       req.url ?? '/',
