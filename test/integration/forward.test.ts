@@ -39,6 +39,7 @@ describe('forwarding to kube-apiserver', () => {
   let proxy: RunningProxy;
   let seen: Seen[] = [];
   let releaseSecondEvent: () => void = () => {};
+  const reviews: { user: string; resourceAttributes: { name: string } }[] = [];
 
   before(async () => {
     pki = await makeDevPki();
@@ -69,6 +70,27 @@ describe('forwarding to kube-apiserver', () => {
         rawHeaders: req.rawHeaders,
       };
       seen.push(record);
+      if (req.url === '/apis/authorization.k8s.io/v1/subjectaccessreviews') {
+        let text = '';
+        req.setEncoding('utf8');
+        req.on('data', (d: string) => {
+          text += d;
+        });
+        req.on('end', () => {
+          const review = JSON.parse(text) as { spec: { user: string; resourceAttributes: { name: string } } };
+          reviews.push(review.spec);
+          // The stand-in's RBAC: the mapped user may impersonate the service account "deployer" only.
+          const allowed = review.spec.user === 'argocd' && review.spec.resourceAttributes.name === 'deployer';
+          res.writeHead(201, { 'content-type': 'application/json' });
+          res.end(
+            JSON.stringify({
+              ...review,
+              status: { allowed, ...(allowed ? {} : { reason: 'no RBAC rule' }) },
+            }),
+          );
+        });
+        return;
+      }
       if (req.url?.includes('watch=true')) {
         res.writeHead(200, { 'content-type': 'application/json' });
         res.write('{"type":"ADDED"}\n');
@@ -331,6 +353,60 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
       assert.match(refused, /^HTTP\/1.1 403 /, name);
     }
     assert.equal(seen.length, 2, 'no refused request reached the upstream');
+  });
+  it('forwards a nested impersonation only when the rule lists it and the SubjectAccessReview allows it', async () => {
+    writeFileSync(
+      join(dir, 'policy.yaml'),
+      `rules:\n  - name: argocd\n    match:\n      id: ${ARGOCD}\n    identity:\n      user: argocd\n      groups: [gitops]\n` +
+        '    impersonate:\n      serviceAccounts: ["apps/*"]\n',
+    );
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    const get = (as: string): Promise<{ status: number; body: string }> =>
+      new Promise((resolve, reject) => {
+        const s = session.request({ ':path': '/api/v1/namespaces/apps/secrets', 'impersonate-user': as });
+        let status = 0;
+        let body = '';
+        s.on('response', (h) => {
+          status = Number(h[':status']);
+        });
+        s.setEncoding('utf8');
+        s.on('data', (d: string) => {
+          body += d;
+        });
+        s.on('end', () => resolve({ status, body }));
+        s.on('error', reject);
+        s.end();
+      });
+    try {
+      // The policy reload is asynchronous: wait until the nested identity is admitted.
+      let allowed = await get('system:serviceaccount:apps:deployer');
+      for (let i = 0; i < 50 && allowed.status === 403; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        allowed = await get('system:serviceaccount:apps:deployer');
+      }
+      assert.equal(allowed.status, 200, allowed.body);
+      const forwarded = seen.filter((r) => r.url === '/api/v1/namespaces/apps/secrets').at(-1);
+      assert.equal(forwarded?.headers['impersonate-user'], 'system:serviceaccount:apps:deployer');
+      assert.equal(forwarded?.headers['impersonate-group'], undefined, 'the mapped groups are not forwarded');
+      assert.equal(forwarded?.headers['impersonate-extra-spiffe.io%2fid'], ARGOCD);
+      assert.ok(reviews.some((r) => r.user === 'argocd' && r.resourceAttributes.name === 'deployer'));
+
+      const sarDenied = await get('system:serviceaccount:apps:intruder');
+      assert.equal(sarDenied.status, 403);
+      assert.match(
+        sarDenied.body,
+        /argocd may not impersonate serviceaccounts apps\/intruder.*ERR_POLICY_NESTED_IMPERSONATION/,
+      );
+      const policyDenied = await get('system:serviceaccount:kube-system:default');
+      assert.equal(policyDenied.status, 403);
+      assert.match(policyDenied.body, /ERR_POLICY_NESTED_IMPERSONATION/);
+      assert.ok(
+        !reviews.some((r) => r.resourceAttributes.name === 'default'),
+        'no review for what the policy refuses',
+      );
+    } finally {
+      session.close();
+    }
   });
 });
 
