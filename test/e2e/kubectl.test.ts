@@ -7,10 +7,12 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import http2 from 'node:http2';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
+import tls from 'node:tls';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
 import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
@@ -414,6 +416,79 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
       logs.some((l) => l.includes('"upgrade"') && l.includes('/pods/web/portforward')),
       'port-forward too',
     );
+  });
+
+  it('never lets a smuggled credential or identity through, over HTTP/1.1 and HTTP/2', async () => {
+    // A stolen admin token and identity headers, hidden every way a naive proxy lets through: named in Connection
+    // (so a proxy that strips after adding would strip its own), mixed case, duplicated, X-Remote-*.
+    const review = JSON.stringify({ apiVersion: 'authentication.k8s.io/v1', kind: 'SelfSubjectReview' });
+    const who = (body: string): { username: string; groups: string[] } =>
+      (
+        JSON.parse(body.slice(body.indexOf('{'))) as {
+          status: { userInfo: { username: string; groups: string[] } };
+        }
+      ).status.userInfo;
+    const h1 = await new Promise<string>((resolve, reject) => {
+      const socket = tls.connect({
+        host: '127.0.0.1',
+        port: proxy.port,
+        servername: 'localhost',
+        ca: pki.spoke.rootPem,
+        cert: pki.good.clientArgocd.chainPem,
+        key: pki.good.clientArgocd.keyPem,
+        ALPNProtocols: ['http/1.1'],
+      });
+      let answer = '';
+      socket.setEncoding('utf8');
+      socket.on('secureConnect', () =>
+        socket.write(
+          'POST /apis/authentication.k8s.io/v1/selfsubjectreviews HTTP/1.1\r\nHost: localhost\r\n' +
+            'Connection: close, Impersonate-User, Impersonate-Group, Authorization\r\n' +
+            `Authorization: Bearer ${cp.adminToken}\r\nAUTHORIZATION: Bearer ${cp.adminToken}\r\n` +
+            'X-Remote-User: ksp-admin\r\nx-remote-group: system:masters\r\nX-Forwarded-User: ksp-admin\r\n' +
+            `Content-Type: application/json\r\nContent-Length: ${review.length}\r\n\r\n${review}`,
+        ),
+      );
+      socket.on('data', (d: string) => {
+        answer += d;
+      });
+      socket.on('close', () => resolve(answer));
+      socket.on('error', reject);
+    });
+    assert.match(h1, /^HTTP\/1.1 201 /);
+    assert.equal(who(h1).username, 'argocd');
+    assert.ok(!who(h1).groups.includes('system:masters'));
+
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, {
+      servername: 'localhost',
+      ca: pki.spoke.rootPem,
+      cert: pki.good.clientArgocd.chainPem,
+      key: pki.good.clientArgocd.keyPem,
+    });
+    try {
+      const h2 = await new Promise<string>((resolve, reject) => {
+        const stream = session.request({
+          ':method': 'POST',
+          ':path': '/apis/authentication.k8s.io/v1/selfsubjectreviews',
+          'content-type': 'application/json',
+          authorization: `Bearer ${cp.adminToken}`,
+          'x-remote-user': ['ksp-admin', 'ksp-admin'],
+          'x-remote-group': 'system:masters',
+        });
+        let body = '';
+        stream.setEncoding('utf8');
+        stream.on('data', (d: string) => {
+          body += d;
+        });
+        stream.on('end', () => resolve(body));
+        stream.on('error', reject);
+        stream.end(review);
+      });
+      assert.equal(who(h2).username, 'argocd');
+      assert.ok(!who(h2).groups.includes('system:masters'));
+    } finally {
+      session.close();
+    }
   });
 
   it('never lets a client-supplied identity through: kubectl --as with a group or a uid is refused', async () => {
