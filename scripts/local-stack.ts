@@ -18,7 +18,7 @@ import { parseProxyConfig } from '../src/config/proxy.ts';
 import { createLogger, type Logger } from '../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../src/proxy/proxy.ts';
 import { TrustDomain } from '../src/spiffe/id.ts';
-import { type ControlPlane, PROXY_USER, startControlPlane } from '../test/e2e/controlplane.ts';
+import { type ControlPlane, proxyRbac, startControlPlane } from '../test/e2e/controlplane.ts';
 
 const run = promisify(execFile);
 const CLI = join(import.meta.dirname, '..', 'src', 'cli', 'main.ts');
@@ -39,27 +39,7 @@ export interface LocalStack {
 /** Read-only access everywhere for the local developer, and what the proxy itself needs. */
 function rbac(): string {
   const objects = [
-    {
-      apiVersion: 'rbac.authorization.k8s.io/v1',
-      kind: 'ClusterRole',
-      metadata: { name: 'kube-svid-proxy' },
-      rules: [
-        { apiGroups: [''], resources: ['users', 'groups'], verbs: ['impersonate'] },
-        {
-          apiGroups: ['authentication.k8s.io'],
-          resources: ['userextras/spiffe.io/id'],
-          verbs: ['impersonate'],
-        },
-        { apiGroups: ['authorization.k8s.io'], resources: ['subjectaccessreviews'], verbs: ['create'] },
-      ],
-    },
-    {
-      apiVersion: 'rbac.authorization.k8s.io/v1',
-      kind: 'ClusterRoleBinding',
-      metadata: { name: 'kube-svid-proxy' },
-      roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: 'kube-svid-proxy' },
-      subjects: [{ apiGroup: 'rbac.authorization.k8s.io', kind: 'User', name: PROXY_USER }],
-    },
+    ...proxyRbac(),
     {
       apiVersion: 'rbac.authorization.k8s.io/v1',
       kind: 'ClusterRole',

@@ -9,7 +9,6 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { peer, peersRequired } from '../peers/peers.ts';
 import {
   ADMIN_USER,
   type ControlPlane,
@@ -17,25 +16,12 @@ import {
   PROXY_USER,
   startControlPlane,
 } from './controlplane.ts';
+import { e2eSkip } from './skip.ts';
 
 // Never execFileSync here: this process must stay responsive while kubectl runs.
 const run = promisify(execFile);
 
-async function kubectlMissing(): Promise<string | false> {
-  try {
-    await run('kubectl', ['version', '--client']);
-    return false;
-  } catch (err) {
-    const reason = `kubectl is not on PATH (${err instanceof Error ? err.message.split('\n')[0] : String(err)})`;
-    if (peersRequired()) throw new Error(reason);
-    return `${reason}; set KSP_REQUIRE_PEERS=1 to make this a failure`;
-  }
-}
-
-// Resolved at load time so that a missing Go or kubectl becomes a visible skip of the whole suite.
-const etcd = peer('etcd');
-const apiserver = peer('kube-apiserver');
-const skip = 'skip' in etcd ? etcd.skip : 'skip' in apiserver ? apiserver.skip : await kubectlMissing();
+const skip = await e2eSkip();
 
 interface Failure {
   readonly stderr: string;

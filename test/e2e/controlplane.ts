@@ -525,3 +525,34 @@ if (import.meta.main) {
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
 }
+
+/**
+ * What the proxy's user needs in this cluster: impersonate the users, groups and service accounts it forwards
+ * (and the `spiffe.io/id` extra, which RBAC names exactly: `userextras/*` would not match), and create
+ * SubjectAccessReviews for nested impersonation. Real deployments generate a tighter one with `policy rbac`.
+ */
+export function proxyRbac(): Record<string, unknown>[] {
+  return [
+    {
+      apiVersion: 'rbac.authorization.k8s.io/v1',
+      kind: 'ClusterRole',
+      metadata: { name: 'kube-svid-proxy' },
+      rules: [
+        { apiGroups: [''], resources: ['users', 'groups', 'serviceaccounts'], verbs: ['impersonate'] },
+        {
+          apiGroups: ['authentication.k8s.io'],
+          resources: ['userextras/spiffe.io/id'],
+          verbs: ['impersonate'],
+        },
+        { apiGroups: ['authorization.k8s.io'], resources: ['subjectaccessreviews'], verbs: ['create'] },
+      ],
+    },
+    {
+      apiVersion: 'rbac.authorization.k8s.io/v1',
+      kind: 'ClusterRoleBinding',
+      metadata: { name: 'kube-svid-proxy' },
+      roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: 'kube-svid-proxy' },
+      subjects: [{ apiGroup: 'rbac.authorization.k8s.io', kind: 'User', name: PROXY_USER }],
+    },
+  ];
+}

@@ -19,27 +19,14 @@ import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
-import { peer, peersRequired } from '../peers/peers.ts';
-import { type ControlPlane, PROXY_USER, startControlPlane } from './controlplane.ts';
+import { type ControlPlane, proxyRbac, startControlPlane } from './controlplane.ts';
+import { e2eSkip } from './skip.ts';
 
 const run = promisify(execFile);
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
 const FLUX = 'spiffe://hub.example.org/ns/flux-system/sa/kustomize-controller';
 
-async function kubectlMissing(): Promise<string | false> {
-  try {
-    await run('kubectl', ['version', '--client']);
-    return false;
-  } catch (err) {
-    const reason = `kubectl is not on PATH (${(err as Error).message.split('\n')[0]})`;
-    if (peersRequired()) throw new Error(reason);
-    return `${reason}; set KSP_REQUIRE_PEERS=1 to make this a failure`;
-  }
-}
-
-const etcd = peer('etcd');
-const apiserver = peer('kube-apiserver');
-const skip = 'skip' in etcd ? etcd.skip : 'skip' in apiserver ? apiserver.skip : await kubectlMissing();
+const skip = await e2eSkip();
 
 const POLICY = `rules:
   - name: argocd
@@ -61,27 +48,7 @@ const POLICY = `rules:
 
 /** RBAC of the test cluster: what the proxy, the mapped users and the nested service account may do. */
 const RBAC = [
-  {
-    apiVersion: 'rbac.authorization.k8s.io/v1',
-    kind: 'ClusterRole',
-    metadata: { name: 'ksp-proxy' },
-    rules: [
-      { apiGroups: [''], resources: ['users', 'groups', 'serviceaccounts'], verbs: ['impersonate'] },
-      {
-        apiGroups: ['authentication.k8s.io'],
-        resources: ['userextras/spiffe.io/id'],
-        verbs: ['impersonate'],
-      },
-      { apiGroups: ['authorization.k8s.io'], resources: ['subjectaccessreviews'], verbs: ['create'] },
-    ],
-  },
-  {
-    apiVersion: 'rbac.authorization.k8s.io/v1',
-    kind: 'ClusterRoleBinding',
-    metadata: { name: 'ksp-proxy' },
-    roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: 'ksp-proxy' },
-    subjects: [{ apiGroup: 'rbac.authorization.k8s.io', kind: 'User', name: PROXY_USER }],
-  },
+  ...proxyRbac(),
   { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'apps' } },
   { apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'deployer', namespace: 'apps' } },
   {

@@ -13,24 +13,11 @@ import { promisify } from 'node:util';
 import { parse } from 'yaml';
 import { LOCAL_CLIENT_ID, LOCAL_USER, type LocalStack, startLocalStack } from '../../scripts/local-stack.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
-import { peer, peersRequired } from '../peers/peers.ts';
+import { e2eSkip } from './skip.ts';
 
 const run = promisify(execFile);
 
-async function kubectlMissing(): Promise<string | false> {
-  try {
-    await run('kubectl', ['version', '--client']);
-    return false;
-  } catch (err) {
-    const reason = `kubectl is not on PATH (${(err as Error).message.split('\n')[0]})`;
-    if (peersRequired()) throw new Error(reason);
-    return `${reason}; set KSP_REQUIRE_PEERS=1 to make this a failure`;
-  }
-}
-
-const etcd = peer('etcd');
-const apiserver = peer('kube-apiserver');
-const skip = 'skip' in etcd ? etcd.skip : 'skip' in apiserver ? apiserver.skip : await kubectlMissing();
+const skip = await e2eSkip();
 
 describe('npm start: the local stack', { skip }, () => {
   let dir: string;
