@@ -22,7 +22,7 @@ import http2 from 'node:http2';
 import type { Profiler } from 'node:inspector';
 import { Session } from 'node:inspector/promises';
 import net, { type AddressInfo } from 'node:net';
-import { cpus, release, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { basename, join, resolve } from 'node:path';
 import tls, { type SecureContext, type TLSSocket } from 'node:tls';
 import { fileURLToPath } from 'node:url';
@@ -31,7 +31,7 @@ import { bundleJson, makeDevPki } from '../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../src/config/proxy.ts';
 import { silentLogger } from '../src/observability/logger.ts';
 import { importIssuer, makeLeaf } from '../test/unit/spiffe/helpers/certs.ts';
-import { type Summary, summarize } from './stats.ts';
+import { machineInfo, positive, type Summary, summarize } from './stats.ts';
 
 const SERVERS = ['tls', 'h2', 'proxy'] as const;
 type ServerKind = (typeof SERVERS)[number];
@@ -560,12 +560,6 @@ async function closedPort(): Promise<number> {
   return port;
 }
 
-function positive(name: string, text: string): number {
-  const value = Number(text);
-  if (!Number.isInteger(value) || value < 1) throw new RangeError(`--${name} must be a positive integer`);
-  return value;
-}
-
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
@@ -592,13 +586,8 @@ async function main(): Promise<void> {
   const warmup = positive('warmup', values.warmup);
   const protocols: Protocol[] = values['tls13-only'] ? ['TLSv1.3'] : ['TLSv1.3', 'TLSv1.2'];
 
-  const cpu = cpus()[0]?.model ?? 'cpu';
-  const machine = {
-    cpu,
-    cores: cpus().length,
-    node: process.version,
-    os: `${process.platform} ${release()}`,
-  };
+  const machine = machineInfo();
+  const cpu = machine.cpu;
   out(`node ${machine.node}, ${cpu} x${machine.cores}, ${machine.os}`);
   out(
     `${n} full handshakes x ${roundCount} rounds per server and protocol, after ${warmup} warm-up; ` +

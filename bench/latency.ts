@@ -26,7 +26,7 @@ import type http from 'node:http';
 import type { OutgoingHttpHeaders } from 'node:http';
 import http2, { type ClientHttp2Session } from 'node:http2';
 import https from 'node:https';
-import { cpus, loadavg, release, tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs, promisify } from 'node:util';
@@ -37,8 +37,9 @@ import { createLogger } from '../src/observability/logger.ts';
 import type { KubeIdentity } from '../src/policy/types.ts';
 import { upstreamHeaders } from '../src/proxy/forward.ts';
 import { type ControlPlane, PROXY_USER, startControlPlane } from '../test/e2e/controlplane.ts';
-import { PEERS, peer, peersRequired } from '../test/peers/peers.ts';
-import { type Summary, summarize } from './stats.ts';
+import { e2eSkip } from '../test/e2e/skip.ts';
+import { PEERS } from '../test/peers/peers.ts';
+import { machineInfo, positive, type Summary, summarize } from './stats.ts';
 
 const run = promisify(execFile);
 
@@ -304,25 +305,6 @@ function h1Request(agent: https.Agent, port: number, headers: OutgoingHttpHeader
   });
 }
 
-function skipReason(): string | undefined {
-  for (const name of ['etcd', 'kube-apiserver'] as const) {
-    const found = peer(name);
-    if ('skip' in found) return found.skip;
-  }
-  return undefined;
-}
-
-async function kubectlMissing(): Promise<string | undefined> {
-  try {
-    await run('kubectl', ['version', '--client']);
-    return undefined;
-  } catch (err) {
-    const reason = `kubectl is not on PATH (${(err as Error).message.split('\n')[0]})`;
-    if (peersRequired()) throw new Error(reason);
-    return `${reason}; set KSP_REQUIRE_PEERS=1 to make this a failure`;
-  }
-}
-
 function admin(cp: ControlPlane, ...args: string[]): Promise<{ stdout: string; stderr: string }> {
   return run('kubectl', [`--kubeconfig=${cp.kubeconfig('admin')}`, ...args]);
 }
@@ -354,12 +336,6 @@ async function whoami(session: ClientHttp2Session, headers: OutgoingHttpHeaders)
     groups: [...(info.groups ?? [])].sort(),
     extra: info.extra ?? {},
   };
-}
-
-function positive(name: string, text: string): number {
-  const value = Number(text);
-  if (!Number.isInteger(value) || value < 1) throw new RangeError(`--${name} must be a positive integer`);
-  return value;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -434,18 +410,13 @@ async function main(): Promise<void> {
   const paths: PathKind[] = values['skip-http1'] ? ['direct-h2', 'proxy-h2'] : [...PATHS];
   const pairs = PAIRS.filter((p) => paths.includes(p.proxied) && paths.includes(p.direct));
 
-  const cpu = cpus()[0]?.model ?? 'cpu';
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
     version: string;
   };
-  const machine = {
-    cpu,
-    cores: cpus().length,
-    node: process.version,
-    os: `${process.platform} ${release()}`,
-  };
+  const machine = machineInfo();
+  const cpu = machine.cpu;
   out(`node ${machine.node}, ${cpu} x${machine.cores}, ${machine.os}`);
-  const skip = skipReason() ?? (await kubectlMissing());
+  const skip = (await e2eSkip()) || undefined;
   if (skip !== undefined) {
     out(`latency benchmark skipped: ${skip}`);
     return;

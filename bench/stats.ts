@@ -1,3 +1,5 @@
+import { cpus, release } from 'node:os';
+
 // Statistics shared by the benchmarks.
 
 export interface Summary {
@@ -26,4 +28,21 @@ export function summarize(samples: readonly number[]): Summary {
     max: sorted[sorted.length - 1] ?? Number.NaN,
     mean: sorted.reduce((a, b) => a + b, 0) / sorted.length,
   };
+}
+
+/** The machine a benchmark ran on, as every suite prints and records it. */
+export function machineInfo(): { cpu: string; cores: number; node: string; os: string } {
+  return {
+    cpu: cpus()[0]?.model ?? 'cpu',
+    cores: cpus().length,
+    node: process.version,
+    os: `${process.platform} ${release()}`,
+  };
+}
+
+/** A positive integer flag value, or a RangeError naming the flag. */
+export function positive(name: string, text: string): number {
+  const value = Number(text);
+  if (!Number.isInteger(value) || value < 1) throw new RangeError(`--${name} must be a positive integer`);
+  return value;
 }

@@ -10,7 +10,7 @@
 import { type ChildProcess, fork } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
-import { cpus, release, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -22,7 +22,7 @@ import { silentLogger } from '../src/observability/logger.ts';
 import { TrustDomain } from '../src/spiffe/index.ts';
 import { WorkloadClient, X509Source } from '../src/workload/client.ts';
 import { WorkloadApiClient, type X509SvidResponse } from '../src/workload/proto.ts';
-import { percentile, type Summary, summarize } from './stats.ts';
+import { machineInfo, percentile, type Summary, summarize } from './stats.ts';
 
 const WARMUP = 20;
 const ROTATIONS = 5;
@@ -525,13 +525,8 @@ async function main(): Promise<void> {
         ? ['in-process']
         : ['client-process', 'in-process'];
 
-  const cpu = cpus()[0]?.model ?? 'cpu';
-  const machine = {
-    cpu,
-    cores: cpus().length,
-    node: process.version,
-    os: `${process.platform} ${release()}`,
-  };
+  const machine = machineInfo();
+  const cpu = machine.cpu;
   out(`node ${machine.node}, ${cpu} x${machine.cores}, ${machine.os}`);
   const started = performance.now();
   const dir = await mkdtemp(join(tmpdir(), 'ksp-bench-'));
