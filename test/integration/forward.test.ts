@@ -39,6 +39,7 @@ describe('forwarding to kube-apiserver', () => {
   let proxy: RunningProxy;
   let seen: Seen[] = [];
   let releaseSecondEvent: () => void = () => {};
+  const upstreamSessions: http2.ServerHttp2Session[] = [];
   const reviews: { user: string; resourceAttributes: { name: string } }[] = [];
 
   before(async () => {
@@ -61,6 +62,7 @@ describe('forwarding to kube-apiserver', () => {
       key: pki.good.proxyServer.keyPem,
       allowHTTP1: true,
     });
+    upstream.on('session', (session) => upstreamSessions.push(session));
     upstream.on('request', (req, res) => {
       const record: Seen = {
         httpVersion: req.httpVersion,
@@ -204,6 +206,29 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
       );
       assert.equal(seen[0]?.headers.authorization, 'Bearer proxy-token');
       assert.equal(seen[0]?.headers['impersonate-user'], 'argocd');
+    } finally {
+      session.close();
+    }
+  });
+
+  it('moves to a new upstream session after GOAWAY, without failing a request', async () => {
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    const get = (): Promise<number> =>
+      new Promise((resolve, reject) => {
+        const s = session.request({ ':path': '/api/v1/namespaces/default/pods/goaway' });
+        s.on('response', (h) => resolve(Number(h[':status'])));
+        s.on('error', reject);
+        s.resume();
+        s.end();
+      });
+    try {
+      assert.equal(await get(), 200);
+      const before = upstreamSessions.length;
+      // kube-apiserver sends GOAWAY when it shuts down or rebalances (--goaway-chance).
+      for (const s of upstreamSessions) if (!s.closed) s.goaway();
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.equal(await get(), 200);
+      assert.equal(upstreamSessions.length, before + 1, 'a new session was opened');
     } finally {
       session.close();
     }
