@@ -86,6 +86,8 @@ export class ProxyServer {
   #trust: TrustState;
   #trustKey = '';
   #roots = new Set<string>();
+  /** The inputs the trust state was last computed from; unchanged objects mean nothing to recompute. */
+  #trustInputs: { bundles: BundleSet; policy: CompiledPolicy } | undefined;
   #closed = false;
 
   constructor(options: ProxyServerOptions) {
@@ -170,14 +172,18 @@ export class ProxyServer {
   }
 
   /** Recomputes the trust state when the bundles or the policy's trust domains changed. */
-  #refreshTrust(): void {
+  /** Returns whether the trust state changed (and the secure context with it). */
+  #refreshTrust(): boolean {
     const policy = this.#options.policy.current;
-    const accepted = new Set([this.#options.trustDomain.name, ...policy.trustDomains]);
     const all = this.#options.source.bundles();
+    // Called on every request: both inputs are immutable values swapped whole, so identity says "unchanged".
+    if (this.#trustInputs?.bundles === all && this.#trustInputs.policy === policy) return false;
+    this.#trustInputs = { bundles: all, policy };
+    const accepted = new Set([this.#options.trustDomain.name, ...policy.trustDomains]);
     const bundles = new BundleSet(all.bundles().filter((b) => accepted.has(b.trustDomain.name)));
     const roots = new Set(bundles.allX509Authorities().map((c) => c.fingerprint256));
     const key = `${[...roots].sort().join(',')}|${[...accepted].sort().join(',')}`;
-    if (key === this.#trustKey) return;
+    if (key === this.#trustKey) return false;
     const lost = [...this.#roots].some((fp) => !roots.has(fp));
     this.#trustKey = key;
     this.#roots = roots;
@@ -190,12 +196,13 @@ export class ProxyServer {
         this.#log.info('a trust bundle lost an authority: session ticket keys replaced');
       }
     }
+    return true;
   }
 
   #onIdentityUpdate(): void {
     if (this.#closed) return;
-    this.#refreshTrust();
-    this.server.setSecureContext(this.#secureContextOptions());
+    // A changed trust state installed the new context already; otherwise only the SVID changed.
+    if (!this.#refreshTrust()) this.server.setSecureContext(this.#secureContextOptions());
     const svid = this.#options.source.svid();
     this.#log.info(
       {
