@@ -1,15 +1,9 @@
-/**
- * The agent's configuration file (`kube-svid-proxy agent --config agent.yaml`). Every key is documented in
- * README ("Agent configuration"); every problem is reported with its line and column, and a file with any
- * problem is refused as a whole. Relative paths are resolved against the config file's directory.
- */
-import { readFile } from 'node:fs/promises';
 import type { Node, YAMLMap } from 'yaml';
 import type { AgentOptions } from '../agent/agent.ts';
 import type { K8sAttestorOptions } from '../agent/attestors/k8s.ts';
 import type { UnixAttestorOptions } from '../agent/attestors/unix.ts';
 import { DEFAULT_CA_TTL_SECONDS } from '../agent/ca.ts';
-import { AgentError, AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
+import { AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
 import { DEFAULT_X509_SVID_TTL_SECONDS } from '../agent/issuer.ts';
 import { isKeyType, KEY_TYPES, type KeyType } from '../agent/keys.ts';
 import type { LogLevel } from '../observability/logger.ts';
@@ -17,12 +11,13 @@ import {
   type Field,
   fieldMap,
   fieldString,
-  pathResolver,
+  parseConfig,
+  readConfigFile,
   readLogLevel,
   readTrustDomain,
   readTrustDomainFiles,
 } from './common.ts';
-import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
+import type { YamlProblem, YamlReader } from './yaml.ts';
 
 export const DEFAULT_AGENT_SOCKET = '/run/kube-svid-proxy/agent.sock';
 
@@ -72,30 +67,20 @@ export function parseAgentConfig(
   file: string,
   env: NodeJS.ProcessEnv = process.env,
 ): AgentConfig {
-  const { reader, ok } = readYaml(text, 'the agent configuration');
-  const path = pathResolver(file);
-  let config: AgentConfig | undefined;
-  if (ok) config = readTop(reader, path, env);
-  if (config === undefined || reader.problems.length > 0) {
-    if (reader.problems.length === 0) reader.report(0, 'the configuration is empty');
-    throw new ConfigError(file, reader.sortedProblems());
-  }
-  return config;
+  return parseConfig(
+    text,
+    file,
+    'the agent configuration',
+    (r, path) => readTop(r, path, env),
+    (f, problems) => new ConfigError(f, problems),
+  );
 }
 
 export async function loadAgentConfig(
   file: string,
   env: NodeJS.ProcessEnv = process.env,
 ): Promise<AgentConfig> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (err) {
-    throw new AgentError(AgentErrorCode.Config, `cannot read ${file}: ${(err as Error).message}`, {
-      cause: err,
-    });
-  }
-  return parseAgentConfig(text, file, env);
+  return parseAgentConfig(await readConfigFile(file, AgentErrorCode.Config), file, env);
 }
 
 function readTop(

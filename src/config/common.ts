@@ -2,11 +2,13 @@
  * What the agent's and the proxy's configuration files share: relative paths, the trust domain, the log level,
  * and maps of trust domain → bundle file. Each reports problems on the reader, at the value at fault.
  */
+import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { Node, YAMLMap } from 'yaml';
+import { AgentError, type AgentErrorCode } from '../agent/errors.ts';
 import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
 import { TrustDomain } from '../spiffe/id.ts';
-import type { YamlReader } from './yaml.ts';
+import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
 
 /** A key's value node with the offsets of key and value, as `YamlReader.fields` returns it. */
 export type Field = { value: Node | null; keyOffset: number; valueOffset: number };
@@ -85,4 +87,33 @@ export function readTrustDomainFiles(
     }
   }
   return out;
+}
+
+/**
+ * Parses a whole configuration file: YAML with positions, then `readTop`. Any problem refuses the file, with
+ * every problem listed (`makeError` gives the command's error class and code).
+ */
+export function parseConfig<T>(
+  text: string,
+  file: string,
+  what: string,
+  readTop: (r: YamlReader, path: (value: string | undefined) => string | undefined) => T | undefined,
+  makeError: (file: string, problems: readonly YamlProblem[]) => Error,
+): T {
+  const { reader, ok } = readYaml(text, what);
+  const config = ok ? readTop(reader, pathResolver(file)) : undefined;
+  if (config === undefined || reader.problems.length > 0) {
+    if (reader.problems.length === 0) reader.report(0, 'the configuration is empty');
+    throw makeError(file, reader.sortedProblems());
+  }
+  return config;
+}
+
+/** Reads a configuration file, refusing an unreadable one with `code`, naming the file. */
+export async function readConfigFile(file: string, code: AgentErrorCode): Promise<string> {
+  try {
+    return await readFile(file, 'utf8');
+  } catch (err) {
+    throw new AgentError(code, `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+  }
 }

@@ -1,23 +1,18 @@
-/**
- * The proxy's configuration file (`kube-svid-proxy serve --config proxy.yaml`). Every key is documented in
- * README ("Proxy configuration"); all problems are reported together with line and column, and a file with any
- * problem is refused. Relative paths are resolved against the config file's directory.
- */
-import { readFile } from 'node:fs/promises';
 import type { Node, YAMLMap } from 'yaml';
-import { AgentError, AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
+import { AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
 import type { LogLevel } from '../observability/logger.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
 import {
   type Field,
   fieldMap,
   fieldString,
-  pathResolver,
+  parseConfig,
+  readConfigFile,
   readLogLevel,
   readTrustDomain,
   readTrustDomainFiles,
 } from './common.ts';
-import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
+import type { YamlProblem, YamlReader } from './yaml.ts';
 
 export interface HostPort {
   readonly host: string;
@@ -106,27 +101,17 @@ export function parseHostPort(text: string): HostPort | string {
 }
 
 export function parseProxyConfig(text: string, file: string): ProxyConfig {
-  const { reader, ok } = readYaml(text, 'the proxy configuration');
-  const path = pathResolver(file);
-  let config: ProxyConfig | undefined;
-  if (ok) config = readTop(reader, path);
-  if (config === undefined || reader.problems.length > 0) {
-    if (reader.problems.length === 0) reader.report(0, 'the configuration is empty');
-    throw new ProxyConfigError(file, reader.sortedProblems());
-  }
-  return config;
+  return parseConfig(
+    text,
+    file,
+    'the proxy configuration',
+    readTop,
+    (f, problems) => new ProxyConfigError(f, problems),
+  );
 }
 
 export async function loadProxyConfig(file: string): Promise<ProxyConfig> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (err) {
-    throw new AgentError(AgentErrorCode.ProxyConfig, `cannot read ${file}: ${(err as Error).message}`, {
-      cause: err,
-    });
-  }
-  return parseProxyConfig(text, file);
+  return parseProxyConfig(await readConfigFile(file, AgentErrorCode.ProxyConfig), file);
 }
 
 function readTop(
