@@ -1,7 +1,7 @@
 import type { X509Certificate } from 'node:crypto';
 import type { TLSSocket } from 'node:tls';
 import type { BundleSet } from '../spiffe/bundle.ts';
-import { isSpiffeError, SpiffeError, X509ErrorCode } from '../spiffe/errors.ts';
+import { isSpiffeError } from '../spiffe/errors.ts';
 import type { SpiffeId } from '../spiffe/id.ts';
 import { verifyX509Svid } from '../spiffe/x509svid.ts';
 
@@ -102,14 +102,6 @@ function bounded<V>(map: Map<string, V>, key: string, value: V): void {
 /** True when an identity verified earlier may still be used for a request at `now`. */
 export function stillValid(identity: PeerIdentity, trust: TrustState, now = new Date()): boolean {
   return identity.generation === trust.generation && now.getTime() < identity.validUntil.getTime();
-}
-
-/** The error an identity that is past its validity gives, with the SPIFFE code. */
-export function expiredError(identity: PeerIdentity): SpiffeError {
-  return new SpiffeError(
-    X509ErrorCode.Expired,
-    `the client's X509-SVID for ${identity.id} expired at ${identity.validUntil.toISOString()}`,
-  );
 }
 
 /** The certificates the client sent after its leaf (OpenSSL's view of the peer chain), leaf excluded. */

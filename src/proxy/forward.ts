@@ -31,11 +31,6 @@ function isIdentityHeader(name: string): boolean {
   );
 }
 
-/** True when the client sent any Impersonate-* header (nested impersonation; refused unless the policy allows). */
-export function hasImpersonationHeaders(headers: IncomingHttpHeaders): boolean {
-  return Object.keys(headers).some((name) => name.toLowerCase().startsWith('impersonate-'));
-}
-
 /**
  * Escapes an Impersonate-Extra key as client-go does (and kube-apiserver unescapes): every byte that is not a
  * legal header-name character (RFC 7230 tchar), and '%', becomes %XX.
