@@ -9,5 +9,5 @@ export async function agentCommand(args: string[]): Promise<number> {
   const config = await loadAgentConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy-agent' });
   const agent = await WorkloadAgent.start({ ...config, logger });
-  return runUntilSignal(logger, 'agent', () => agent.close());
+  return runUntilSignal(logger, 'agent', { stop: () => agent.close() });
 }

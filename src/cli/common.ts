@@ -38,23 +38,59 @@ export function serviceFlags(
   return { config: values.config, ...(level === undefined ? {} : { level }) };
 }
 
-/** Waits for SIGINT or SIGTERM, then stops the service; resolves with the exit code. */
+/** What a long-running command does on signals. */
+export interface SignalHandlers {
+  /** SIGINT/SIGTERM: stop the service (drain, then close). Called once; a second signal forces exit. */
+  readonly stop: () => Promise<void>;
+  /** SIGHUP: re-read every file the service reads. Must not throw for a bad file (keep the last good). */
+  readonly reload?: () => Promise<void>;
+}
+
+/**
+ * Waits for SIGINT or SIGTERM, then stops the service; resolves with the exit code. SIGHUP re-reads the
+ * service's files and never exits (without a `reload`, it is logged and ignored). A second SIGINT/SIGTERM while
+ * stopping exits at once with status 1.
+ */
 export async function runUntilSignal(
   logger: Logger,
   what: string,
-  stop: () => Promise<void>,
+  handlers: SignalHandlers,
 ): Promise<number> {
-  await new Promise<void>((resolve) => {
-    const onSignal = (signal: NodeJS.Signals): void => {
-      logger.info({ signal }, 'stopping');
+  const onHup = (): void => {
+    if (handlers.reload === undefined) {
+      logger.warn({ signal: 'SIGHUP' }, `${what}: nothing to reload; SIGHUP ignored`);
+      return;
+    }
+    logger.info({ signal: 'SIGHUP' }, `${what}: reloading every file it reads`);
+    handlers.reload().then(
+      () => logger.info({ signal: 'SIGHUP' }, `${what}: reload done`),
+      (e: Error) => logger.error({ signal: 'SIGHUP', err: { message: e.message } }, `${what}: reload failed`),
+    );
+  };
+  process.on('SIGHUP', onHup);
+  const signal = await new Promise<NodeJS.Signals>((resolve) => {
+    const onSignal = (s: NodeJS.Signals): void => {
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
-      resolve();
+      resolve(s);
     };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
   });
-  await stop();
+  logger.info({ signal }, `${what}: stopping`);
+  const force = (s: NodeJS.Signals): void => {
+    logger.warn({ signal: s }, `${what}: second signal while stopping; exiting now`);
+    process.exit(EXIT.refused);
+  };
+  process.once('SIGINT', force);
+  process.once('SIGTERM', force);
+  try {
+    await handlers.stop();
+  } finally {
+    process.off('SIGHUP', onHup);
+    process.off('SIGINT', force);
+    process.off('SIGTERM', force);
+  }
   logger.info(`${what} stopped`);
   return EXIT.ok;
 }

@@ -9,5 +9,5 @@ export async function serveCommand(args: string[]): Promise<number> {
   const config = await loadProxyConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy' });
   const proxy = await startProxy(config, { logger });
-  return runUntilSignal(logger, 'proxy', () => proxy.close());
+  return runUntilSignal(logger, 'proxy', { stop: () => proxy.close() });
 }
