@@ -57,6 +57,17 @@ function rbac(): string {
   return objects.map((o) => stringify(o)).join('---\n');
 }
 
+/**
+ * The agent's socket: in the caller's directory when one is given (tests keep everything together), else under
+ * /run as in the sample configuration (root: /run, others: their runtime directory /run/user/<uid>), never in a
+ * shared directory such as /tmp, which the agent refuses. Without a runtime directory, in the state directory.
+ */
+function localSocketPath(given: string | undefined, stateDir: string): string {
+  if (given !== undefined) return join(given, 'agent', 'agent.sock');
+  const runtime = process.getuid?.() === 0 ? '/run' : process.env.XDG_RUNTIME_DIR;
+  return join(runtime || stateDir, 'kube-svid-proxy-local', 'agent.sock');
+}
+
 export async function startLocalStack(
   options: { dir?: string; logger?: Logger; port?: number } = {},
 ): Promise<LocalStack> {
@@ -85,7 +96,7 @@ export async function startLocalStack(
         ],
       }),
     );
-    const socketPath = join(dir, 'agent', 'agent.sock');
+    const socketPath = localSocketPath(options.dir, dir);
     const agent = await WorkloadAgent.start({
       trustDomain: TrustDomain.parse(LOCAL_TRUST_DOMAIN),
       socketPath,

@@ -22,6 +22,18 @@ export const AgentErrorCode = {
   Ca: 'ERR_AGENT_CA',
   /** SO_PEERCRED is unavailable (the native addon is not built, or the platform is not Linux). */
   PeerCred: 'ERR_AGENT_PEERCRED',
+  /**
+   * The socket's directory, or a directory above it, could be changed by a user other than root and the agent:
+   * owned by someone else, writable by group or others (a sticky world-writable directory too, for the socket's
+   * own directory), reached through someone else's symlink, or not a directory. Whoever can write there could
+   * put a fake agent in our place.
+   */
+  SocketDirectory: 'ERR_AGENT_SOCKET_DIR',
+  /**
+   * The socket path is taken by something the agent may not replace: a file that is not a socket, a socket of
+   * another user, a server that answers on it, or a socket whose liveness cannot be told.
+   */
+  SocketInUse: 'ERR_AGENT_SOCKET_IN_USE',
 } as const;
 
 export type AgentErrorCode = (typeof AgentErrorCode)[keyof typeof AgentErrorCode];

@@ -1,6 +1,7 @@
-import { chmod, lstat, mkdir, stat, unlink } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { chmod, link, unlink } from 'node:fs/promises';
 import net from 'node:net';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { readProcessStartTime } from '../agent/attestors/proc.ts';
@@ -22,6 +23,13 @@ import {
   type X509BundlesResponse,
   type X509SvidResponse,
 } from './proto.ts';
+import {
+  prepareSocketPath,
+  removeSocketFile,
+  type SocketFileId,
+  socketDirectoryMode,
+  socketFileId,
+} from './socket.ts';
 
 /** One X.509-SVID as the Workload API sends it. */
 export interface ServedX509Svid {
@@ -66,7 +74,10 @@ export interface WorkloadApiServerOptions {
   readonly socketPath: string;
   readonly backend: WorkloadApiBackend;
   readonly logger: Logger;
-  /** Permissions of the socket file (default 0o777: every local process may ask; the directory guards it). */
+  /**
+   * Permissions of the socket file (default 0o777: every local process may ask). A directory the server creates
+   * for it gets the matching search bits (0755 for 0777, 0750 for 0660, 0700 for 0600).
+   */
   readonly socketMode?: number;
   /** procfs root for the PID-reuse guard (default /proc; tests use a fake tree). */
   readonly procRoot?: string;
@@ -123,6 +134,8 @@ export class WorkloadApiServer {
   #nextConnection = 1;
   #totalConnections = 0;
   #net: net.Server | undefined;
+  /** The socket this server linked into place, at its real path: the only file `close()` may remove. */
+  #socket: { readonly path: string; readonly id: SocketFileId } | undefined;
   #injector: ReturnType<grpc.Server['createConnectionInjector']> | undefined;
   #closing = false;
 
@@ -180,9 +193,16 @@ export class WorkloadApiServer {
     };
   }
 
-  /** Creates the socket (and its directory), refusing unsafe or occupied paths. */
+  /**
+   * Creates the socket (and its directory), refusing unsafe or occupied paths (see socket.ts). The socket is
+   * bound under a temporary name, given its mode, then linked into place: it is never reachable with the
+   * umask's mode, and the name libuv unlinks when the server closes is the temporary one, not the socket path,
+   * which `close()` removes only if it still holds this very socket.
+   */
   async listen(): Promise<void> {
-    await prepareSocketPath(this.socketPath);
+    const { state, realPath } = await prepareSocketPath(this.socketPath, {
+      directoryMode: socketDirectoryMode(this.#socketMode),
+    });
     this.#injector = this.#grpc.createConnectionInjector(grpc.ServerCredentials.createInsecure());
     const server = net.createServer((socket) => {
       this.#accept(socket).catch((err: Error) => {
@@ -193,19 +213,37 @@ export class WorkloadApiServer {
         socket.destroy();
       });
     });
+    const bound = join(dirname(realPath), `.${randomBytes(4).toString('hex')}.sock`);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(this.socketPath, () => {
+      server.listen(bound, () => {
         server.off('error', reject);
         resolve();
       });
     });
+    try {
+      await chmod(bound, this.#socketMode);
+      const id = await socketFileId(bound);
+      // The directory passed the checks, so only root or this user could have changed the path since.
+      if (state === 'stale') await unlink(realPath).catch(() => {});
+      await link(bound, realPath).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== 'EEXIST') throw err;
+        throw new AgentError(
+          AgentErrorCode.SocketInUse,
+          `socket ${this.socketPath}: created by someone else while this server was starting`,
+        );
+      });
+      this.#socket = { path: realPath, id };
+      await unlink(bound);
+    } catch (err) {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      throw err;
+    }
     this.#net = server;
-    await chmod(this.socketPath, this.#socketMode);
     this.#log.info({ socket: this.socketPath, mode: this.#socketMode.toString(8) }, 'Workload API listening');
   }
 
-  /** Stops accepting, ends every stream, and removes the socket. */
+  /** Stops accepting, ends every stream, and removes the socket if the path still holds the one it created. */
   async close(): Promise<void> {
     this.#closing = true;
     const server = this.#net;
@@ -213,11 +251,15 @@ export class WorkloadApiServer {
     this.#injector?.destroy();
     for (const socket of this.#sockets) socket.destroy();
     this.#grpc.forceShutdown();
-    if (server) {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-      // Only the socket this server created: one that never listened (e.g. refused because another server
-      // answers on the path) must leave that server's socket alone.
-      await unlink(this.socketPath).catch(() => {});
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+    const own = this.#socket;
+    this.#socket = undefined;
+    if (own === undefined) return; // never bound: whatever is at the path belongs to someone else
+    if ((await removeSocketFile(own.path, own.id)) === 'replaced') {
+      this.#log.warn(
+        { socket: this.socketPath },
+        'the socket path holds a file this server did not create; left in place',
+      );
     }
   }
 
@@ -516,40 +558,4 @@ function serializeResponse(kind: StreamKind, message: unknown): Buffer {
   const serialize =
     streamSerializers.get(kind) ?? (workloadApiService[kind]?.responseSerialize as grpc.serialize<unknown>);
   return serialize(message);
-}
-
-/**
- * Makes the socket's directory if needed and refuses paths another user could tamper with: a directory writable
- * by others without the sticky bit, an existing non-socket file, or a socket another server still answers on.
- */
-export async function prepareSocketPath(socketPath: string): Promise<void> {
-  const fail = (message: string): never => {
-    throw new AgentError(AgentErrorCode.Config, `socket ${socketPath}: ${message}`);
-  };
-  const dir = dirname(socketPath);
-  await mkdir(dir, { recursive: true, mode: 0o755 });
-  const dirStat = await stat(dir);
-  if ((dirStat.mode & 0o002) !== 0 && (dirStat.mode & 0o1000) === 0) {
-    fail(`directory ${dir} is writable by every user and not sticky; anyone could replace the socket`);
-  }
-  const existing = await lstat(socketPath).catch(() => undefined);
-  if (existing === undefined) return;
-  if (!existing.isSocket()) fail('the path exists and is not a socket; refusing to replace it');
-  // Only a refused connection proves the socket is stale; any other error (EAGAIN: a live server's backlog is
-  // full, EACCES) leaves the question open, and then we refuse rather than unlink someone's live socket.
-  const probe = await new Promise<'live' | 'stale' | string>((resolve) => {
-    const socket = net.connect(socketPath);
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve('live');
-    });
-    socket.once('error', (err: NodeJS.ErrnoException) =>
-      resolve(err.code === 'ECONNREFUSED' ? 'stale' : (err.code ?? err.message)),
-    );
-  });
-  if (probe !== 'live' && probe !== 'stale')
-    fail(`cannot tell whether another server is listening on it (${probe})`);
-  const live = probe === 'live';
-  if (live) fail('another server is listening on it');
-  await unlink(socketPath);
 }

@@ -6,13 +6,26 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chownSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  renameSync,
+  rmSync,
+  unlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { bundleJson, makeDevPki } from '../../certs-dev/devpki.ts';
+import { WorkloadAgent } from '../../src/agent/agent.ts';
+import { AgentErrorCode } from '../../src/agent/errors.ts';
+import { silentLogger } from '../../src/observability/logger.ts';
 import { TrustDomain } from '../../src/spiffe/id.ts';
 import { verifyX509Svid, type X509Svid } from '../../src/spiffe/x509svid.ts';
 import {
@@ -324,6 +337,89 @@ describe('bundles', () => {
       );
     } finally {
       client.close();
+      await t.close();
+    }
+  });
+});
+
+describe("the socket: a safe directory, removed at the end only while it is still the agent's own", () => {
+  const isRoot = process.geteuid?.() === 0;
+
+  it('refuses to start in a socket directory another user owns (the attacker could swap in a fake agent)', {
+    skip: isRoot ? false : 'needs root to give the directory to another uid',
+  }, async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'ksp-socket-dir-'));
+    try {
+      writeFileSync(join(dir, 'entries.yaml'), `entries:\n${entryFor(uid, 'me')}`);
+      const attackers = join(dir, 'made-by-someone-else');
+      mkdirSync(attackers, { mode: 0o755 });
+      chownSync(attackers, 4001, 4001);
+      await assert.rejects(
+        WorkloadAgent.start({
+          trustDomain: TrustDomain.parse(TRUST_DOMAIN),
+          socketPath: join(attackers, 'agent.sock'),
+          entriesFile: join(dir, 'entries.yaml'),
+          logger: silentLogger(),
+        }),
+        (err: Error & { code?: string }) => {
+          assert.equal(err.code, AgentErrorCode.SocketDirectory);
+          assert.match(err.message, /owner uid 4001, mode 0755\) is owned by uid 4001/);
+          return true;
+        },
+      );
+      assert.equal(existsSync(join(attackers, 'agent.sock')), false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('leaves a fake agent that took over the socket path answering after it stops', async () => {
+    const t = await startTestAgent(`entries:\n${entryFor(uid, 'me')}`);
+    const fake = net.createServer((socket) => socket.end('fake'));
+    try {
+      unlinkSync(t.socketPath);
+      await new Promise<void>((resolve) => fake.listen(t.socketPath, resolve));
+      await t.agent.close();
+      const answer = await new Promise<string>((resolve, reject) => {
+        const socket = net.connect(t.socketPath);
+        socket.setEncoding('utf8').once('data', resolve);
+        socket.once('error', reject);
+      });
+      assert.equal(answer, 'fake');
+    } finally {
+      await new Promise((resolve) => fake.close(resolve));
+      await t.close();
+    }
+  });
+
+  it('replaces the stale socket a crashed agent left behind', async () => {
+    const t = await startTestAgent(`entries:\n${entryFor(uid, 'me')}`);
+    try {
+      // A crashed agent: its socket file stays, nobody answers on it.
+      const stale = net.createServer();
+      await new Promise<void>((resolve) => stale.listen(`${t.socketPath}.crashed`, resolve));
+      await t.agent.close();
+      renameSync(`${t.socketPath}.crashed`, t.socketPath);
+      await new Promise((resolve) => stale.close(resolve));
+      assert.ok(existsSync(t.socketPath), 'the stale socket is there');
+      const again = await WorkloadAgent.start({
+        trustDomain: TrustDomain.parse(TRUST_DOMAIN),
+        socketPath: t.socketPath,
+        entriesFile: t.entriesFile,
+        logger: silentLogger(),
+      });
+      try {
+        const client = new WorkloadClient({ address: t.address });
+        try {
+          const context = await client.fetchX509Context();
+          assert.equal(context.svids[0]?.id.toString(), `spiffe://${TRUST_DOMAIN}/me`);
+        } finally {
+          client.close();
+        }
+      } finally {
+        await again.close();
+      }
+    } finally {
       await t.close();
     }
   });

@@ -34,7 +34,7 @@ describe('parseProxyConfig', () => {
     assert.equal(config.policyFile, join(repo, 'examples', 'proxy', 'policy.yaml'));
     assert.deepEqual(config.identity, {
       kind: 'workloadApi',
-      socket: 'unix:///tmp/kube-svid-proxy/agent.sock',
+      socket: 'unix:///run/kube-svid-proxy/agent.sock',
       hint: 'proxy',
     });
     assert.equal(config.upstream.kind === 'explicit' && config.upstream.url.href, 'https://127.0.0.1:6443/');

@@ -13,7 +13,22 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { webcrypto } from 'node:crypto';
 import { once } from 'node:events';
-import { chmod, lstat, mkdir, mkdtemp, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import {
+  chmod,
+  chown,
+  lchown,
+  lstat,
+  mkdir,
+  mkdtemp,
+  readdir,
+  readFile,
+  rename,
+  rm,
+  stat,
+  symlink,
+  unlink,
+  writeFile,
+} from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, afterEach, before, beforeEach, describe, it } from 'node:test';
@@ -33,12 +48,12 @@ import {
   type X509SvidResponse,
 } from '../../../src/workload/proto.ts';
 import {
-  prepareSocketPath,
   type ServedX509Svid,
   type WorkloadApiBackend,
   WorkloadApiServer,
   type WorkloadState,
 } from '../../../src/workload/server.ts';
+import { prepareSocketPath } from '../../../src/workload/socket.ts';
 
 const td = TrustDomain.parse('example.org');
 const federatedTd = TrustDomain.parse('other.org');
@@ -161,7 +176,18 @@ async function makeStaleSocket(socketPath: string): Promise<void> {
   await exited;
 }
 
-const isConfigError = (err: unknown): boolean => (err as { code?: unknown }).code === AgentErrorCode.Config;
+/** Asserts an AgentError with this code whose message matches every pattern. */
+function refusedWith(code: string, ...patterns: RegExp[]): (err: Error) => boolean {
+  return (err) => {
+    assert.equal((err as { code?: unknown }).code, code, String(err));
+    for (const pattern of patterns) assert.match(err.message, pattern);
+    return true;
+  };
+}
+
+const isRoot = process.geteuid?.() === 0;
+const NEEDS_ROOT = isRoot ? false : 'needs root to give a directory to another uid';
+const OTHER_UID = 4001;
 
 describe('WorkloadApiServer with a stand-in backend', () => {
   let dir: string;
@@ -342,11 +368,24 @@ describe('WorkloadApiServer with a stand-in backend', () => {
       extra = undefined;
     });
 
-    it('creates the missing directory; the socket is 0777 by default; close() removes it', async () => {
+    /** A fresh directory of ours (0755) under the suite's directory. */
+    const fresh = async (name: string, mode = 0o755): Promise<string> => {
+      const path = join(dir, name);
+      await mkdir(path);
+      await chmod(path, mode);
+      return path;
+    };
+
+    it('creates the missing directories 0755 and owned by us; the socket is 0777 by default; close() removes it', async () => {
       const path = join(dir, 'new', 'deeper', 'agent.sock');
       extra = newServer(path);
       await extra.listen();
-      assert.ok((await stat(join(dir, 'new', 'deeper'))).isDirectory());
+      for (const d of [join(dir, 'new'), join(dir, 'new', 'deeper')]) {
+        const info = await stat(d);
+        assert.ok(info.isDirectory());
+        assert.equal(info.mode & 0o7777, 0o755, d);
+        assert.equal(info.uid, process.geteuid?.());
+      }
       const info = await lstat(path);
       assert.ok(info.isSocket());
       assert.equal(info.mode & 0o777, 0o777);
@@ -354,62 +393,206 @@ describe('WorkloadApiServer with a stand-in backend', () => {
       await assert.rejects(lstat(path), { code: 'ENOENT' });
     });
 
-    it('honours socketMode', async () => {
+    it('honours socketMode, and gives a directory it creates only the matching search bits', async () => {
       const path = join(dir, 'mode', 'agent.sock');
       extra = newServer(path, { socketMode: 0o660 });
       await extra.listen();
       assert.equal((await lstat(path)).mode & 0o777, 0o660);
+      assert.equal((await stat(join(dir, 'mode'))).mode & 0o7777, 0o750);
     });
 
-    it('refuses a world-writable directory without the sticky bit, and accepts it with one', async () => {
-      const open = join(dir, 'world-writable');
-      await mkdir(open);
-      await chmod(open, 0o777);
-      await assert.rejects(prepareSocketPath(join(open, 'agent.sock')), (err: Error) => {
-        assert.ok(isConfigError(err), String(err));
-        assert.match(err.message, /writable by every user/);
-        return true;
+    it('refuses a socket directory writable by group or others, sticky or not, naming its owner and mode', async () => {
+      for (const mode of [0o777, 0o775, 0o757, 0o1777]) {
+        const open = await fresh(`writable-${mode.toString(8)}`, mode);
+        const octal = `0${mode.toString(8)}`;
+        await assert.rejects(
+          prepareSocketPath(join(open, 'agent.sock')),
+          refusedWith(
+            AgentErrorCode.SocketDirectory,
+            new RegExp(`${open} \\(owner (root|uid \\d+), mode ${octal}\\) is writable by group or others`),
+            /fake agent/,
+          ),
+        );
+      }
+    });
+
+    it('accepts a sticky world-writable directory above the socket directory (like /tmp above a mkdtemp one)', async () => {
+      const sticky = await fresh('sticky-parent', 0o1777);
+      const path = join(sticky, 'ours', 'agent.sock');
+      assert.equal((await prepareSocketPath(path)).state, 'free');
+      assert.equal((await stat(join(sticky, 'ours'))).mode & 0o7777, 0o755);
+    });
+
+    it('refuses a directory above the socket directory that others may write without the sticky bit, creating nothing in it', async () => {
+      const open = await fresh('open-parent', 0o777);
+      await assert.rejects(
+        prepareSocketPath(join(open, 'sub', 'agent.sock')),
+        refusedWith(
+          AgentErrorCode.SocketDirectory,
+          new RegExp(`${open} .*writable by group or others and not sticky`),
+        ),
+      );
+      await assert.rejects(lstat(join(open, 'sub')), { code: 'ENOENT' });
+    });
+
+    it('follows a symlink to the directory it points at, refusing an unsafe target and accepting a safe one', async () => {
+      const unsafe = await fresh('link-target-unsafe', 0o777);
+      const safe = await fresh('link-target-safe');
+      const links = await fresh('links');
+      await symlink(unsafe, join(links, 'to-unsafe'));
+      await symlink('../link-target-safe', join(links, 'to-safe'));
+      await assert.rejects(
+        prepareSocketPath(join(links, 'to-unsafe', 'agent.sock')),
+        refusedWith(AgentErrorCode.SocketDirectory, new RegExp(`${unsafe} .*writable by group or others`)),
+      );
+      await assert.rejects(
+        prepareSocketPath(join(links, 'to-unsafe', 'below', 'agent.sock')),
+        refusedWith(AgentErrorCode.SocketDirectory, new RegExp(`${unsafe} .*not sticky`)),
+      );
+      assert.deepEqual(await prepareSocketPath(join(links, 'to-safe', 'agent.sock')), {
+        state: 'free',
+        realPath: join(safe, 'agent.sock'),
       });
-      await chmod(open, 0o1777);
-      await prepareSocketPath(join(open, 'agent.sock'));
+      extra = newServer(join(links, 'to-safe', 'agent.sock'));
+      await extra.listen();
+      assert.ok((await lstat(join(safe, 'agent.sock'))).isSocket());
+    });
+
+    it('walks `..` after a symlink as the kernel does (from the link target), not lexically', async () => {
+      const unsafe = await fresh('dotdot-unsafe', 0o777);
+      await mkdir(join(unsafe, 'inner'), { mode: 0o755 });
+      const links = await fresh('dotdot-links');
+      await symlink(join(unsafe, 'inner'), join(links, 'l'));
+      // Lexically this is links/agent.sock, a safe place; the kernel binds it in `unsafe`.
+      await assert.rejects(
+        prepareSocketPath(`${links}/l/../agent.sock`),
+        refusedWith(AgentErrorCode.SocketDirectory, new RegExp(`${unsafe} .*is writable by group or others`)),
+      );
+    });
+
+    it('refuses a socket directory owned by another uid', { skip: NEEDS_ROOT }, async () => {
+      const foreign = await fresh('foreign');
+      await chown(foreign, OTHER_UID, OTHER_UID);
+      extra = newServer(join(foreign, 'agent.sock'));
+      await assert.rejects(
+        extra.listen(),
+        refusedWith(
+          AgentErrorCode.SocketDirectory,
+          new RegExp(`${foreign} \\(owner uid ${OTHER_UID}, mode 0755\\) is owned by uid ${OTHER_UID}`),
+          /chown/,
+        ),
+      );
+      await assert.rejects(lstat(join(foreign, 'agent.sock')), { code: 'ENOENT' });
+    });
+
+    it('refuses a directory above the socket directory owned by another uid', {
+      skip: NEEDS_ROOT,
+    }, async () => {
+      const foreign = await fresh('foreign-parent');
+      await mkdir(join(foreign, 'ours'));
+      await chown(foreign, OTHER_UID, OTHER_UID);
+      await assert.rejects(
+        prepareSocketPath(join(foreign, 'ours', 'agent.sock')),
+        refusedWith(AgentErrorCode.SocketDirectory, new RegExp(`${foreign} .*is owned by uid ${OTHER_UID}`)),
+      );
+    });
+
+    it('refuses a symlink owned by another uid in a sticky directory, even to a safe directory', {
+      skip: NEEDS_ROOT,
+    }, async () => {
+      const sticky = await fresh('sticky-links', 0o1777);
+      const safe = await fresh('safe-target');
+      const link = join(sticky, 'link');
+      await symlink(safe, link);
+      await lchown(link, OTHER_UID, OTHER_UID);
+      await assert.rejects(
+        prepareSocketPath(join(link, 'agent.sock')),
+        refusedWith(
+          AgentErrorCode.SocketDirectory,
+          new RegExp(`${link} .*is a symlink owned by uid ${OTHER_UID}`),
+        ),
+      );
     });
 
     it('refuses an existing regular file at the path and leaves it intact', async () => {
-      const path = join(dir, 'file', 'agent.sock');
-      await mkdir(join(dir, 'file'));
+      const path = join(await fresh('file'), 'agent.sock');
       await writeFile(path, 'precious');
       extra = newServer(path);
-      await assert.rejects(extra.listen(), (err: Error) => {
-        assert.ok(isConfigError(err), String(err));
-        assert.match(err.message, /not a socket/);
-        return true;
-      });
+      await assert.rejects(extra.listen(), refusedWith(AgentErrorCode.SocketInUse, /not a socket/));
       await extra.close();
       assert.equal(await readFile(path, 'utf8'), 'precious');
     });
 
+    it('refuses a stale socket of another uid and leaves it', { skip: NEEDS_ROOT }, async () => {
+      const path = join(await fresh('foreign-stale'), 'agent.sock');
+      await makeStaleSocket(path);
+      await lchown(path, OTHER_UID, OTHER_UID);
+      extra = newServer(path);
+      await assert.rejects(
+        extra.listen(),
+        refusedWith(AgentErrorCode.SocketInUse, new RegExp(`a socket of uid ${OTHER_UID} is there`)),
+      );
+      await extra.close();
+      assert.equal((await lstat(path)).uid, OTHER_UID);
+    });
+
     it('refuses a path another server listens on, and closing the refused server leaves that socket alone', async () => {
       extra = newServer(socketPath);
-      await assert.rejects(extra.listen(), (err: Error) => {
-        assert.ok(isConfigError(err), String(err));
-        assert.match(err.message, /another server is listening/);
-        return true;
-      });
+      await assert.rejects(
+        extra.listen(),
+        refusedWith(AgentErrorCode.SocketInUse, /another server is listening/),
+      );
       await extra.close();
       assert.ok((await lstat(socketPath)).isSocket());
       const r = await first(socketPath, 'FetchX509SVID');
       assert.equal(r.code, grpc.status.OK, r.details);
     });
 
-    it('replaces a stale socket nobody listens on', async () => {
-      const path = join(dir, 'stale', 'agent.sock');
-      await mkdir(join(dir, 'stale'));
+    it('replaces a stale socket of its own that nobody listens on', async () => {
+      const path = join(await fresh('stale'), 'agent.sock');
       await makeStaleSocket(path);
-      assert.ok((await lstat(path)).isSocket(), 'the killed listener left its socket behind');
+      const before = await lstat(path);
+      assert.ok(before.isSocket(), 'the killed listener left its socket behind');
+      assert.equal((await prepareSocketPath(path)).state, 'stale');
       extra = newServer(path);
       await extra.listen();
+      assert.notEqual((await lstat(path)).ino, before.ino);
       const r = await first(path, 'FetchX509SVID');
       assert.equal(r.code, grpc.status.OK, r.details);
+    });
+
+    it('leaves in place a file that replaced its socket after it bound', async () => {
+      const d = await fresh('swapped-file');
+      const path = join(d, 'agent.sock');
+      extra = newServer(path);
+      await extra.listen();
+      await rename(path, join(d, 'moved.sock'));
+      await writeFile(path, 'not the agent');
+      await extra.close();
+      assert.equal(await readFile(path, 'utf8'), 'not the agent');
+    });
+
+    it('leaves in place another socket that replaced its socket after it bound', async () => {
+      const d = await fresh('swapped-socket');
+      const path = join(d, 'agent.sock');
+      extra = newServer(path);
+      await extra.listen();
+      await unlink(path);
+      await makeStaleSocket(path);
+      const replacement = await lstat(path);
+      await extra.close();
+      const after = await lstat(path);
+      assert.ok(after.isSocket());
+      assert.equal(after.ino, replacement.ino);
+    });
+
+    it('leaves no temporary socket behind in the directory', async () => {
+      const d = await fresh('tidy');
+      extra = newServer(join(d, 'agent.sock'));
+      await extra.listen();
+      assert.deepEqual(await readdir(d), ['agent.sock']);
+      await extra.close();
+      assert.deepEqual(await readdir(d), []);
     });
   });
 });
