@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
+import type { LogLevel } from '../observability/levels.ts';
 import { BundleSet, SpiffeBundle } from '../spiffe/bundle.ts';
 import { type SpiffeId, TrustDomain } from '../spiffe/id.ts';
 import { type JwtSvid, verifyJwtSvid } from '../spiffe/jwtsvid.ts';
@@ -10,7 +11,7 @@ import { type WorkloadApiBackend, WorkloadApiServer, type WorkloadState } from '
 import { K8sAttestor, type K8sAttestorOptions } from './attestors/k8s.ts';
 import type { WorkloadAttestor } from './attestors/types.ts';
 import { UnixAttestor, type UnixAttestorOptions } from './attestors/unix.ts';
-import { LocalCa, loadUpstreamAuthority, type UpstreamFiles } from './ca.ts';
+import { LocalCa, loadUpstreamAuthority, type UpstreamAuthority, type UpstreamFiles } from './ca.ts';
 import { type EntriesWatcher, type EntrySet, type RegistrationEntry, watchEntries } from './entries.ts';
 import { AgentError, AgentErrorCode } from './errors.ts';
 import { type IssuedX509Svid, SvidIssuer } from './issuer.ts';
@@ -48,6 +49,26 @@ export interface AgentOptions {
   readonly logger: Logger;
 }
 
+/** What `reload` re-reads: the options without the logger, and the log level (when the command does not pin it). */
+export type AgentSettings = Omit<AgentOptions, 'logger'> & { readonly logLevel?: LogLevel };
+
+/** Settings that only a restart applies, under their names in agent.yaml. */
+const RESTART_ONLY: readonly (readonly [keyof AgentSettings, string])[] = [
+  ['trustDomain', 'trustDomain'],
+  ['socketPath', 'socketPath'],
+  ['socketMode', 'socketMode'],
+  ['entriesFile', 'entriesFile'],
+  ['watchPollMs', 'watchPollInterval'],
+  ['ca', 'ca'],
+  ['svid', 'svid'],
+];
+
+/** Federated bundle files the agent follows, by trust domain name. */
+interface FederatedFile {
+  readonly file: string;
+  readonly watcher: WatchedFile<SpiffeBundle>;
+}
+
 interface AgentEvents {
   change: [];
 }
@@ -63,16 +84,24 @@ export class WorkloadAgent implements WorkloadApiBackend {
   readonly issuer: SvidIssuer;
   readonly server: WorkloadApiServer;
   readonly #log: Logger;
-  readonly #attestors: readonly WorkloadAttestor[];
   readonly #events = new EventEmitter<AgentEvents>();
   readonly #federated = new Map<string, SpiffeBundle>();
-  readonly #bundleWatchers: WatchedFile<SpiffeBundle>[] = [];
+  readonly #federatedFiles = new Map<string, FederatedFile>();
+  readonly #pollIntervalMs: number;
+  /** The settings in force: what a reload compares the re-read configuration with. */
+  #settings: AgentSettings;
+  /** Swapped whole when a reload changes the attestors' configuration. */
+  #attestors: readonly WorkloadAttestor[];
   #entries!: EntriesWatcher;
+  #reloading: Promise<void> = Promise.resolve();
   #closed = false;
 
   private constructor(options: AgentOptions, ca: LocalCa) {
     this.trustDomain = options.trustDomain;
     this.#log = options.logger;
+    const { logger: _, ...settings } = options;
+    this.#settings = settings;
+    this.#pollIntervalMs = options.watchPollMs ?? 5000;
     this.ca = ca;
     this.issuer = new SvidIssuer({
       ca,
@@ -81,9 +110,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
       ...(options.svid?.jwtTtlSeconds ? { jwtSvidTtlSeconds: options.svid.jwtTtlSeconds } : {}),
       ...(options.svid?.rotationJitter !== undefined ? { jitter: options.svid.rotationJitter } : {}),
     });
-    const attestors: WorkloadAttestor[] = [new UnixAttestor(options.attestors?.unix ?? {})];
-    if (options.attestors?.k8s) attestors.push(new K8sAttestor(options.attestors.k8s));
-    this.#attestors = attestors;
+    this.#attestors = makeAttestors(options.attestors);
     this.server = new WorkloadApiServer({
       socketPath: options.socketPath,
       backend: this,
@@ -154,7 +181,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
     this.issuer.on('error', (err, spiffeId) => {
       log.error({ spiffeId, err: { message: err.message } }, 'minting an SVID failed; will retry');
     });
-    const pollIntervalMs = options.watchPollMs ?? 5000;
+    const pollIntervalMs = this.#pollIntervalMs;
     this.#entries = await watchEntries(options.entriesFile, {
       trustDomain: options.trustDomain,
       pollIntervalMs,
@@ -174,13 +201,15 @@ export class WorkloadAgent implements WorkloadApiBackend {
       },
     });
     for (const [name, file] of options.federatedBundles ?? []) {
-      await this.#watchFederatedBundle(name, file, pollIntervalMs);
+      const watcher = await this.#watchFederatedBundle(name, file);
+      this.#federatedFiles.set(name, { file, watcher });
+      this.#federated.set(name, watcher.current);
     }
     ca.start();
     await this.server.listen();
   }
 
-  async #watchFederatedBundle(name: string, file: string, pollIntervalMs: number): Promise<void> {
+  async #watchFederatedBundle(name: string, file: string): Promise<WatchedFile<SpiffeBundle>> {
     const trustDomain = TrustDomain.parse(name);
     if (trustDomain.equals(this.trustDomain)) {
       throw new AgentError(AgentErrorCode.Config, `federated bundle ${name}: that is our own trust domain`);
@@ -190,7 +219,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
     try {
       watcher = await watchFile(file, {
         parse,
-        pollIntervalMs,
+        pollIntervalMs: this.#pollIntervalMs,
         onChange: (bundle) => {
           this.#log.info({ trustDomain: name, file }, 'federated bundle changed');
           this.setFederatedBundle(bundle);
@@ -211,8 +240,141 @@ export class WorkloadAgent implements WorkloadApiBackend {
         },
       );
     }
-    this.#bundleWatchers.push(watcher);
-    this.#federated.set(name, watcher.current);
+    return watcher;
+  }
+
+  /**
+   * SIGHUP: applies a re-read configuration where that can be done live, then re-reads every file the agent
+   * reads: the entries, the federated bundles and, with an upstream CA, its files. Never throws: a broken file
+   * is logged and the last good content kept. `loadSettings` re-reads agent.yaml; keys that need a restart
+   * (socket, entries file, CA, SVID settings, poll interval) are logged and keep their running values, while the
+   * log level, the attestors and the federated bundle files apply at once. Reloads run one after another.
+   */
+  reload(loadSettings?: () => Promise<AgentSettings>): Promise<void> {
+    const run = async (): Promise<void> => {
+      if (this.#closed) return;
+      if (loadSettings) await this.#reloadSettings(loadSettings);
+      await Promise.all([
+        this.#entries.reload(),
+        ...[...this.#federatedFiles.values()].map((f) => f.watcher.reload()),
+        this.#reloadUpstream(),
+      ]);
+    };
+    this.#reloading = this.#reloading.then(run, run);
+    return this.#reloading;
+  }
+
+  async #reloadSettings(loadSettings: () => Promise<AgentSettings>): Promise<void> {
+    const log = this.#log;
+    let next: AgentSettings;
+    try {
+      next = await loadSettings();
+    } catch (err) {
+      const e = err as Error & { code?: string };
+      log.error(
+        { err: { code: e.code, message: e.message } },
+        'configuration rejected; keeping the running configuration',
+      );
+      return;
+    }
+    const running = this.#settings;
+    const restart = RESTART_ONLY.filter(([key]) => canonical(running[key]) !== canonical(next[key])).map(
+      ([, name]) => name,
+    );
+    if (restart.length > 0) {
+      log.warn(
+        { keys: restart },
+        'configuration changed in keys that need a restart; keeping their running values',
+      );
+    }
+    let applied: AgentSettings = running;
+    if (next.logLevel !== undefined && next.logLevel !== log.level) {
+      log.info({ from: log.level, to: next.logLevel }, 'log level changed');
+      log.level = next.logLevel;
+      applied = { ...applied, logLevel: next.logLevel };
+    }
+    if (canonical(running.attestors) !== canonical(next.attestors)) {
+      try {
+        this.#attestors = makeAttestors(next.attestors);
+        applied = { ...applied, attestors: next.attestors };
+        log.info({ attestors: this.#attestors.map((a) => a.name) }, 'attestors reconfigured');
+      } catch (err) {
+        log.error(
+          { err: { code: (err as AgentError).code, message: (err as Error).message } },
+          'attestors configuration refused; keeping the running attestors',
+        );
+      }
+    }
+    const bundles = next.federatedBundles ?? new Map<string, string>();
+    if (canonical(running.federatedBundles ?? new Map()) !== canonical(bundles)) {
+      const files = await this.#applyFederation(bundles);
+      applied = { ...applied, federatedBundles: files };
+    }
+    this.#settings = applied;
+  }
+
+  /** Follows the configured federated bundle files; returns the files in force afterwards. */
+  async #applyFederation(wanted: ReadonlyMap<string, string>): Promise<Map<string, string>> {
+    const log = this.#log;
+    let changed = false;
+    for (const [name, followed] of this.#federatedFiles) {
+      if (wanted.has(name)) continue;
+      followed.watcher.close();
+      this.#federatedFiles.delete(name);
+      this.#federated.delete(name);
+      changed = true;
+      log.info({ trustDomain: name, file: followed.file }, 'federated trust domain removed');
+    }
+    for (const [name, file] of wanted) {
+      const followed = this.#federatedFiles.get(name);
+      if (followed?.file === file) continue;
+      try {
+        const watcher = await this.#watchFederatedBundle(name, file);
+        followed?.watcher.close();
+        this.#federatedFiles.set(name, { file, watcher });
+        this.#federated.set(name, watcher.current);
+        changed = true;
+        log.info(
+          { trustDomain: name, file },
+          followed ? 'federated bundle file changed' : 'federated trust domain added',
+        );
+      } catch (err) {
+        log.error(
+          {
+            trustDomain: name,
+            file,
+            err: { code: (err as AgentError).code, message: (err as Error).message },
+          },
+          followed
+            ? 'new federated bundle file rejected; keeping the last good bundle'
+            : 'federated bundle file rejected; trust domain not added',
+        );
+      }
+    }
+    if (changed) this.#changed();
+    return new Map([...this.#federatedFiles].map(([name, f]) => [name, f.file]));
+  }
+
+  /** Re-reads the upstream CA files (upstream mode); the next CA generation is signed by a changed authority. */
+  async #reloadUpstream(): Promise<void> {
+    const files = this.#settings.ca?.upstream;
+    if (files === undefined) return;
+    let upstream: UpstreamAuthority;
+    try {
+      upstream = await loadUpstreamAuthority(files);
+    } catch (err) {
+      this.#log.error(
+        { err: { code: (err as AgentError).code, message: (err as Error).message } },
+        'upstream CA files rejected; keeping the running upstream CA',
+      );
+      return;
+    }
+    if (this.ca.setUpstream(upstream)) {
+      this.#log.info(
+        { certFile: files.certFile, notAfter: upstream.certificates[0]?.validTo },
+        'upstream CA reloaded; the next CA generation is signed by it',
+      );
+    }
   }
 
   /** Adds or replaces a federated trust domain's bundle (the federation fetcher will call this). */
@@ -232,7 +394,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
     if (this.#closed) return;
     this.#closed = true;
     this.#entries?.close();
-    for (const w of this.#bundleWatchers) w.close();
+    for (const f of this.#federatedFiles.values()) f.watcher.close();
     this.ca.close();
     this.issuer.close();
     await this.server.close();
@@ -285,4 +447,21 @@ export class WorkloadAgent implements WorkloadApiBackend {
       .map((name) => this.#federated.get(name))
       .filter((b): b is SpiffeBundle => b !== undefined);
   }
+}
+
+function makeAttestors(options: AgentOptions['attestors']): readonly WorkloadAttestor[] {
+  const attestors: WorkloadAttestor[] = [new UnixAttestor(options?.unix ?? {})];
+  if (options?.k8s) attestors.push(new K8sAttestor(options.k8s));
+  return attestors;
+}
+
+/** A comparable text of a setting: maps in key order, empty objects as absent (trust domains have toJSON). */
+function canonical(value: unknown): string {
+  const text = JSON.stringify(value, (_key, v: unknown) => {
+    if (v instanceof Map) return [...v].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    if (typeof v === 'object' && v !== null && !Array.isArray(v) && Object.keys(v).length === 0)
+      return undefined;
+    return v;
+  });
+  return text === undefined || text === '{}' ? '' : text;
 }

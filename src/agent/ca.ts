@@ -25,7 +25,9 @@ import {
  *   - at five sixths of its life the next CA becomes active;
  *   - a retired CA stays in the bundle until it expires, and every SVID it signed expires no later than it.
  * Keys live in memory only. With an upstream (SPIRE's "disk" UpstreamAuthority), each slot is an intermediate
- * signed by the organisation's CA and the bundle holds the organisation's roots, which do not rotate here.
+ * signed by the organisation's CA and the bundle holds the organisation's roots. A replaced upstream (its files
+ * re-read on SIGHUP) signs from the next slot on; its roots are published at once, and the old roots stay while
+ * a slot that chains to them lives.
  */
 
 export interface UpstreamAuthority {
@@ -67,6 +69,8 @@ export interface CaSlot {
   readonly issuedAt: Date;
   /** Certificates a leaf it signs must present after itself: this CA when it is an intermediate, and upstream's. */
   readonly intermediates: readonly X509Certificate[];
+  /** The trust anchors its chain ends at: itself when self-signed, else the upstream roots it was minted under. */
+  readonly roots: readonly X509Certificate[];
   readonly jwtAuthority: JwtAuthority;
   /** @internal */
   readonly signingKey: webcrypto.CryptoKey;
@@ -103,7 +107,7 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
   readonly trustDomain: TrustDomain;
   readonly keyType: KeyType;
   readonly caTtlSeconds: number;
-  readonly #upstream: UpstreamAuthority | undefined;
+  #upstream: UpstreamAuthority | undefined;
   readonly #now: () => Date;
   readonly #organization: string;
   #active!: CaSlot;
@@ -155,6 +159,29 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
       signer: { kid: slot.jwtAuthority.kid, privateKey: slot.jwtPrivateKey },
       notAfter: slot.notAfter,
     };
+  }
+
+  /**
+   * Replaces the upstream authority (its files were re-read): the next CA generation is signed by it. New roots
+   * are published at once, and roots that a live CA generation chains to stay until it expires, so no SVID ever
+   * chains to a root its peers were not told about. Returns false when it is the same authority. A self-signed
+   * CA cannot take an upstream without a restart.
+   */
+  setUpstream(upstream: UpstreamAuthority): boolean {
+    const current = this.#upstream;
+    if (current === undefined) {
+      throw new AgentError(
+        AgentErrorCode.Ca,
+        'this CA is self-signed; adding an upstream authority needs a restart',
+      );
+    }
+    const ids = (u: UpstreamAuthority): string =>
+      [...u.certificates, ...u.roots].map((c) => c.fingerprint256).join(',');
+    if (ids(current) === ids(upstream)) return false;
+    const before = this.#authorities();
+    this.#upstream = upstream;
+    if (fingerprintsOf(this.#authorities()) !== fingerprintsOf(before)) this.#republish();
+    return true;
   }
 
   /** Starts the rotation schedule. Timers are unref'd: they never keep the process alive by themselves. */
@@ -277,12 +304,24 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
     this.#timer.unref();
   }
 
+  #slots(): CaSlot[] {
+    return [...this.#retired, this.#active, ...(this.#next ? [this.#next] : [])];
+  }
+
+  /** Every root a live slot chains to, then the current upstream's, each once. */
+  #authorities(): X509Certificate[] {
+    const seen = new Map<string, X509Certificate>();
+    for (const root of [...this.#slots().flatMap((slot) => slot.roots), ...(this.#upstream?.roots ?? [])]) {
+      if (!seen.has(root.fingerprint256)) seen.set(root.fingerprint256, root);
+    }
+    return [...seen.values()];
+  }
+
   #republish(): void {
-    const slots = [...this.#retired, this.#active, ...(this.#next ? [this.#next] : [])];
-    const x509Authorities = this.#upstream ? this.#upstream.roots : slots.map((slot) => slot.certificate);
+    const slots = this.#slots();
     this.#sequence += 1n;
     this.#bundle = new SpiffeBundle(this.trustDomain, {
-      x509Authorities,
+      x509Authorities: this.#authorities(),
       jwtAuthorities: slots.map((slot) => slot.jwtAuthority),
       sequence: this.#sequence,
     });
@@ -355,12 +394,17 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
       notAfter,
       issuedAt: new Date(now),
       intermediates,
+      roots: upstream ? upstream.roots : [certificate],
       jwtAuthority: { kid: randomKid(), publicKey: KeyObject.from(jwtKeys.publicKey) },
       signingKey: keys.privateKey,
       peculiarCert: cert,
       jwtPrivateKey: KeyObject.from(jwtKeys.privateKey),
     };
   }
+}
+
+function fingerprintsOf(certs: readonly X509Certificate[]): string {
+  return certs.map((c) => c.fingerprint256).join(',');
 }
 
 function subjectName(organization: string, commonName: string | undefined): string {

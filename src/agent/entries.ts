@@ -435,6 +435,8 @@ export interface EntriesWatcher {
   readonly current: EntrySet;
   /** 0 for the initial load, incremented on every change of `current`. */
   readonly generation: number;
+  /** Re-reads the file now (SIGHUP); resolves once the change (or the refusal) was handled. */
+  reload(): Promise<void>;
   /** Stops watching. Idempotent. */
   close(): void;
 }
@@ -478,13 +480,16 @@ export async function watchEntries(file: string, options: WatchEntriesOptions): 
   } catch (err) {
     throw asAgentError(err as Error);
   }
+  // Counted from this watcher's own start, whatever number the file watcher gives its first load.
+  const initial = watched.generation;
   return {
     get current() {
       return watched.current;
     },
     get generation() {
-      return watched.generation;
+      return watched.generation - initial;
     },
+    reload: () => watched.reload(),
     close: () => watched.close(),
   };
 }

@@ -3,11 +3,16 @@ import { loadAgentConfig } from '../config/agent.ts';
 import { createLogger } from '../observability/logger.ts';
 import { runUntilSignal, serviceFlags } from './common.ts';
 
-/** Runs the agent until SIGINT or SIGTERM; resolves with the exit code. */
+/** Runs the agent until SIGINT or SIGTERM (SIGHUP re-reads its files); resolves with the exit code. */
 export async function agentCommand(args: string[]): Promise<number> {
   const flags = serviceFlags('agent', args, 'Agent configuration');
   const config = await loadAgentConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy-agent' });
   const agent = await WorkloadAgent.start({ ...config, logger });
-  return runUntilSignal(logger, 'agent', { stop: () => agent.close() });
+  // --log-level pins the level: a reload keeps it whatever the file says.
+  const reread = async () => ({
+    ...(await loadAgentConfig(flags.config)),
+    ...(flags.level ? { logLevel: flags.level } : {}),
+  });
+  return runUntilSignal(logger, 'agent', { stop: () => agent.close(), reload: () => agent.reload(reread) });
 }

@@ -36,6 +36,7 @@ const TOP = [
   'socketPath',
   'socketMode',
   'entriesFile',
+  'watchPollInterval',
   'logLevel',
   'ca',
   'svid',
@@ -58,6 +59,9 @@ const K8S = [
   'pollInterval',
 ] as const;
 const FEDERATION = ['bundles'] as const;
+
+/** Longest `watchPollInterval`: a day (fs.watch does the prompt work; the poll only catches what it missed). */
+const MAX_WATCH_POLL_SECONDS = 86400;
 
 /** The rotation schedule activates a new CA at 5/6 of the old one's life; SVIDs must fit in the last sixth. */
 const SVID_FRACTION_OF_CA = 1 / 6;
@@ -109,6 +113,17 @@ function readTop(
         modeField.valueOffset,
         `socketMode "${modeText}" is not an octal mode such as "0777" or "0660"`,
       );
+  }
+
+  let watchPollMs: number | undefined;
+  const pollField = f.get('watchPollInterval');
+  const pollSeconds = pollField && r.duration(pollField.value, pollField.valueOffset, 'watchPollInterval', 1);
+  if (pollField && pollSeconds !== undefined) {
+    if (pollSeconds > MAX_WATCH_POLL_SECONDS) {
+      r.report(pollField.valueOffset, 'watchPollInterval must be at most 24h');
+    } else {
+      watchPollMs = pollSeconds * 1000;
+    }
   }
 
   const logLevel = readLogLevel(r, f.get('logLevel'));
@@ -267,6 +282,7 @@ function readTop(
     socketPath,
     ...(socketMode !== undefined ? { socketMode } : {}),
     entriesFile,
+    ...(watchPollMs !== undefined ? { watchPollMs } : {}),
     logLevel,
     ca,
     svid,

@@ -521,6 +521,71 @@ describe('LocalCa with an upstream authority (disk)', () => {
     assert.deepEqual(fingerprints(ca.bundle.x509Authorities), [spokeRoot.fingerprint256]);
   });
 
+  it('setUpstream (a SIGHUP re-read): publishes the new roots at once, signs the next CA with the new upstream, and drops the old roots only when no live CA chains to them', async () => {
+    const clock = clockAt(T0);
+    const ca = await LocalCa.create({
+      trustDomain: spokeTd,
+      upstream: await loadUpstreamAuthority(org, new Date(T0)),
+      caTtlSeconds: 60,
+      now: clock.now,
+    });
+    const hubFiles = {
+      certFile: await write('reload-hub-root.crt.pem', pki.hub.rootPem),
+      keyFile: await write('reload-hub-root.key.pem', pki.hub.rootKeyPem),
+    };
+    const hub = await loadUpstreamAuthority(hubFiles, new Date(T0));
+    const hubRoot = hub.certificates[0] as X509Certificate;
+
+    assert.equal(ca.setUpstream(await loadUpstreamAuthority(org, new Date(T0))), false, 'the same files');
+    assert.equal(ca.bundle.sequence, 1n);
+    const first = ca.active;
+    assert.equal(ca.setUpstream(hub), true);
+    assert.equal(ca.bundle.sequence, 2n);
+    assert.deepEqual(fingerprints(ca.bundle.x509Authorities), [
+      spokeRoot.fingerprint256,
+      hubRoot.fingerprint256,
+    ]);
+    assert.equal(ca.active, first, 'the active CA keeps signing');
+    assert.ok(issuedBy((await signFor(ca, '/before')).certificates[1] as X509Certificate, orgCert));
+
+    const start = first.issuedAt.getTime();
+    const life = first.notAfter.getTime() - start;
+    clock.ms = Math.ceil(start + life / 2);
+    await ca.tick();
+    assert.ok(
+      issuedBy((ca.next as CaSlot).certificate, hubRoot),
+      'the next CA is signed by the new upstream',
+    );
+    clock.ms = Math.ceil(start + (life * 5) / 6);
+    await ca.tick();
+    const rotated = await signFor(ca, '/after');
+    assert.equal(
+      (
+        verifyX509Svid(rotated.certificates, ca.bundle, new Date(clock.ms)).verifiedChain.at(
+          -1,
+        ) as X509Certificate
+      ).fingerprint256,
+      hubRoot.fingerprint256,
+    );
+    // The retired CA still lives, so its root stays published.
+    assert.deepEqual(fingerprints(ca.bundle.x509Authorities), [
+      spokeRoot.fingerprint256,
+      hubRoot.fingerprint256,
+    ]);
+    clock.ms = first.notAfter.getTime();
+    await ca.tick();
+    assert.deepEqual(fingerprints(ca.bundle.x509Authorities), [hubRoot.fingerprint256]);
+  });
+
+  it('setUpstream refuses a self-signed CA (adding an upstream needs a restart)', async () => {
+    const ca = await LocalCa.create({ trustDomain: spokeTd, now: clockAt(T0).now });
+    const upstream = await loadUpstreamAuthority(org, new Date(T0));
+    assert.throws(
+      () => ca.setUpstream(upstream),
+      (err: unknown) => isAgentError(err, AgentErrorCode.Ca),
+    );
+  });
+
   it('caps the CA slot life at the upstream certificate expiry', async () => {
     const root = await importIssuer(pki.spoke.rootPem, pki.spoke.rootKeyPem);
     const shortLived = await makeCa({

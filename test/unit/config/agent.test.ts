@@ -46,7 +46,8 @@ describe('agent configuration', () => {
       const config = await loadAgentConfig(file, {});
       assert.equal(config.trustDomain.name, 'spoke.example.org');
       assert.equal(config.entriesFile, resolve(root, 'examples', 'agent', 'entries.yaml'));
-      assert.equal(config.socketPath, '/tmp/kube-svid-proxy/agent.sock');
+      assert.equal(config.socketPath, '/run/kube-svid-proxy/agent.sock');
+      assert.equal(config.watchPollMs, 5000);
       assert.equal(config.ca?.keyType, 'ec-p256');
       assert.equal(config.ca?.ttlSeconds, 86400);
       assert.equal(config.ca?.upstream, undefined);
@@ -66,6 +67,7 @@ describe('agent configuration', () => {
       assert.equal(config.socketPath, DEFAULT_AGENT_SOCKET);
       assert.equal(DEFAULT_AGENT_SOCKET, '/run/kube-svid-proxy/agent.sock');
       assert.equal(config.socketMode, undefined);
+      assert.equal(config.watchPollMs, undefined);
       assert.equal(config.logLevel, 'info');
       assert.deepEqual(config.ca, {});
       assert.deepEqual(config.svid, {});
@@ -116,6 +118,11 @@ describe('agent configuration', () => {
         NODE_NAME: 'worker-7',
       });
       assert.equal(config.attestors?.k8s?.nodeName, 'worker-7');
+    });
+
+    it('reads watchPollInterval as a duration', () => {
+      assert.equal(parse(`${MINIMAL}watchPollInterval: 1h\n`).watchPollMs, 3_600_000);
+      assert.equal(parse(`${MINIMAL}watchPollInterval: 90\n`).watchPollMs, 90_000);
     });
 
     it('accepts a short ca.ttl when svid.x509Ttl fits in a sixth of it', () => {
@@ -175,6 +182,16 @@ describe('agent configuration', () => {
 
     it('refuses an unknown log level', () => {
       refuses(`${MINIMAL}logLevel: loud\n`, '3:11', /logLevel "loud" is not one of .*info/);
+    });
+
+    it('refuses a watchPollInterval under 1s or over 24h', () => {
+      refuses(
+        `${MINIMAL}watchPollInterval: 500ms\n`,
+        '3:20',
+        /watchPollInterval "500ms" is shorter than the minimum of 1s/,
+      );
+      refuses(`${MINIMAL}watchPollInterval: 25h\n`, '3:20', /watchPollInterval must be at most 24h/);
+      refuses(`${MINIMAL}watchPollInterval: soon\n`, '3:20', /watchPollInterval/);
     });
 
     it('refuses a socketMode that is not octal', () => {
