@@ -30,6 +30,12 @@ const SPECIAL_VERBS = new Set(['proxy', 'watch']);
 const NAMESPACE_SUBRESOURCES = new Set(['status', 'finalize']);
 
 const HEX = /^[0-9a-fA-F]{2}$/;
+/**
+ * The characters RFC 3986 allows unescaped in an origin-form target (pchar, "/" and "?"): unreserved,
+ * sub-delims, ":", "@" and "%" for escapes. Everything else (`\`, `#`, `"`, `<`, `>`, `[`, `]`, `^`, `` ` ``,
+ * `{`, `|`, `}`) is read differently by different parsers (WHATWG URL reads `\` as `/`), so it is refused.
+ */
+const TARGET_CHARS = /^[A-Za-z0-9\-._~!$&'()*+,;=:@%/?]*$/;
 
 /** Go's `unescape`: every `%` takes two hex digits; `+` is a space in query mode. Undefined when malformed. */
 function unescapeBytes(text: string, query: boolean): Buffer | undefined {
@@ -81,15 +87,21 @@ function isFalse(value: string): boolean {
 /**
  * The RequestInfo of a request, from its method (as sent, upper case) and its request target (`req.url`:
  * origin form, path and optional query). Throws `RequestInfoError` (code `ERR_POLICY_BAD_REQUEST`) for a
- * target that is not origin form, holds characters outside printable ASCII, has a malformed `%` escape, or
- * whose decoded path has `.`, `..` or empty segments, control characters or invalid UTF-8.
+ * target that is not origin form, holds a character RFC 3986 does not allow unescaped (`\`, `#`, spaces,
+ * controls, non-ASCII…), has a malformed `%` escape, or whose decoded path has `.`, `..` or empty segments,
+ * control characters, `\` or invalid UTF-8.
  */
 export function requestInfo(method: string, target: string): RequestInfo {
   if (target.length > MAX_REQUEST_TARGET) fail(`request target is longer than ${MAX_REQUEST_TARGET}`, target);
   if (!target.startsWith('/')) fail('request target must be a path starting with "/"', target);
-  for (let i = 0; i < target.length; i++) {
-    const c = target.charCodeAt(i);
-    if (c <= 0x20 || c >= 0x7f) fail('request target may hold only printable ASCII', target);
+  if (!TARGET_CHARS.test(target)) {
+    for (let i = 0; i < target.length; i++) {
+      const c = target.charCodeAt(i);
+      if (c <= 0x20 || c >= 0x7f) fail('request target may hold only printable ASCII', target);
+      if (!TARGET_CHARS.test(target[i] as string)) {
+        fail(`request target holds ${JSON.stringify(target[i])}, which RFC 3986 allows only escaped`, target);
+      }
+    }
   }
   const q = target.indexOf('?');
   const rawPath = q < 0 ? target : target.slice(0, q);
@@ -108,6 +120,9 @@ export function requestInfo(method: string, target: string): RequestInfo {
   for (let i = 0; i < path.length; i++) {
     const c = path.charCodeAt(i);
     if (c < 0x20 || c === 0x7f) fail('request path holds control characters once decoded', target);
+    // kube-apiserver reads "\" literally, but URL parsers of the WHATWG kind (and some proxies behind the
+    // apiserver) read it as "/": refused, so no reader can see another path.
+    if (c === 0x5c) fail('request path holds "\\" once decoded', target);
   }
   if (path.includes('//')) fail('request path has an empty segment ("//")', target);
   // splitPath: trim slashes at both ends, split on "/".
