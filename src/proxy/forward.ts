@@ -27,7 +27,12 @@ function isIdentityHeader(name: string): boolean {
     name === 'proxy-authorization' ||
     name.startsWith('impersonate-') ||
     name.startsWith('x-remote-') ||
-    name.startsWith('x-forwarded-')
+    name.startsWith('x-forwarded-') ||
+    // Client addresses kube-apiserver may record as audit source IPs: only the proxy says where a client is.
+    name === 'forwarded' ||
+    name === 'x-real-ip' ||
+    // Some servers and proxies fold "_" into "-" (X_Remote_User would become X-Remote-User): never forwarded.
+    name.includes('_')
   );
 }
 
@@ -93,7 +98,7 @@ export function downstreamHeaders(incoming: IncomingHttpHeaders): OutgoingHttpHe
 }
 
 export interface UpstreamOptions {
-  /** kube-apiserver's URL, e.g. https://127.0.0.1:6443. */
+  /** kube-apiserver's origin, e.g. https://127.0.0.1:6443 (a path is never used: targets go as received). */
   readonly url: URL;
   /** CA bundle (PEM) for the apiserver's serving certificate. */
   readonly ca?: string;
@@ -103,14 +108,23 @@ export interface UpstreamOptions {
   readonly clientKey?: string;
   /** How long an ordinary (not long-running) request may wait for response headers (default 70 s). */
   readonly responseHeadersTimeoutMs?: number;
+  /** How long a long-running request (watch, exec, follow…) may wait for its headers or its 101 (default 30 s). */
+  readonly longRunningHeadersTimeoutMs?: number;
+  /** HTTP/2 sessions to kube-apiserver for ordinary requests (default 4); a new one opens when all are full. */
+  readonly maxSessions?: number;
+  /** HTTP/2 sessions to kube-apiserver for long-running requests (default 16), apart from ordinary ones. */
+  readonly maxLongRunningSessions?: number;
 }
 
 export class UpstreamError extends Error {
-  /** 502: kube-apiserver answered badly or the TLS/HTTP exchange failed; 503: unreachable; 504: no answer in time. */
+  /** 502: kube-apiserver answered badly or the TLS/HTTP exchange failed; 503: unreachable or full; 504: no answer in time. */
   readonly status: 502 | 503 | 504;
-  constructor(status: 502 | 503 | 504, message: string, options?: ErrorOptions) {
+  /** The configuration key of the limit that refused the request, when one did. */
+  readonly limit: string | undefined;
+  constructor(status: 502 | 503 | 504, message: string, options?: ErrorOptions & { limit?: string }) {
     super(message, options);
     this.status = status;
+    this.limit = options?.limit;
   }
 }
 
@@ -132,40 +146,183 @@ function upstreamFailure(origin: string, err: Error & { code?: string }): Upstre
 
 /** How long a request that is not long-running may wait for kube-apiserver's response headers. */
 export const RESPONSE_HEADERS_TIMEOUT_MS = 70_000;
-/** Multiplexed HTTP/2 sessions kept to kube-apiserver; a new one opens only when the others are full. */
-const MAX_SESSIONS = 4;
+/** How long a watch, exec, attach, port-forward or followed log may wait for its headers (or its 101). */
+export const LONG_RUNNING_HEADERS_TIMEOUT_MS = 30_000;
+/** HTTP/2 sessions kept to kube-apiserver for ordinary requests; a new one opens only when the others are full. */
+export const MAX_SESSIONS = 4;
+/** HTTP/2 sessions for long-running requests, so watches can never take the streams ordinary requests need. */
+export const MAX_LONG_RUNNING_SESSIONS = 16;
+/** Streams assumed per session until kube-apiserver's SETTINGS say otherwise (Go's transport assumes 100 too). */
+const DEFAULT_STREAMS_PER_SESSION = 100;
 
 interface PooledSession {
   readonly session: http2.ClientHttp2Session;
   active: number;
 }
 
+/** One set of multiplexed sessions: grows while every session's streams are taken, up to `max`. */
+class SessionPool {
+  readonly #sessions: PooledSession[] = [];
+  readonly name: string;
+  readonly key: string;
+  readonly max: number;
+
+  constructor(name: string, key: string, max: number) {
+    this.name = name;
+    this.key = key;
+    this.max = max;
+  }
+
+  /** Sessions open now and streams in use, for metrics and readiness. */
+  usage(): { sessions: number; streams: number; capacity: number } {
+    let streams = 0;
+    let capacity = 0;
+    for (const p of this.#live()) {
+      streams += p.active;
+      capacity += limitOf(p);
+    }
+    return {
+      sessions: this.#live().length,
+      streams,
+      capacity: capacity + (this.max - this.#live().length) * DEFAULT_STREAMS_PER_SESSION,
+    };
+  }
+
+  #live(): PooledSession[] {
+    return this.#sessions.filter((p) => !p.session.closed && !p.session.destroyed);
+  }
+
+  /** A session with room for one more stream, a new one while under `max`, or undefined when all are full. */
+  acquire(connect: () => http2.ClientHttp2Session): PooledSession | undefined {
+    const live = this.#live();
+    let best: PooledSession | undefined;
+    for (const p of live)
+      if (p.active < limitOf(p) && (best === undefined || p.active < best.active)) best = p;
+    if (best !== undefined) return best;
+    if (live.length >= this.max) return undefined;
+    const pooled: PooledSession = { session: connect(), active: 0 };
+    const leave = (): void => {
+      const i = this.#sessions.indexOf(pooled);
+      if (i >= 0) this.#sessions.splice(i, 1);
+    };
+    pooled.session.on('goaway', leave);
+    pooled.session.on('close', leave);
+    pooled.session.on('error', leave);
+    // Idle sessions must not keep the process alive; streams ref it while they run.
+    pooled.session.unref();
+    this.#sessions.push(pooled);
+    return pooled;
+  }
+
+  /** Closes every session gracefully (open streams finish) and forgets them. */
+  close(): void {
+    for (const { session } of this.#sessions.splice(0)) session.close();
+  }
+}
+
+function limitOf(p: PooledSession): number {
+  return p.session.remoteSettings?.maxConcurrentStreams ?? DEFAULT_STREAMS_PER_SESSION;
+}
+
+/** Options for node:http(s).request that reach the configured origin with `target` sent exactly as given. */
+function originRequest(url: URL, target: string): http.RequestOptions {
+  const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
+  return {
+    protocol: url.protocol,
+    hostname: host,
+    port: url.port === '' ? (url.protocol === 'https:' ? 443 : 80) : Number(url.port),
+    // Never `new URL(target, base)`: WHATWG parsing reads "\\" as "/" and resolves dot segments, which once sent
+    // the proxy's credential to a host the client named. The target goes byte for byte as the policy judged it.
+    path: target,
+    // The configured origin, not the client's Host.
+    setHost: true,
+  };
+}
+
 /**
- * Forwards requests to kube-apiserver and streams answers back without buffering.
+ * Forwards requests to kube-apiserver and streams answers back without buffering. Every request goes to the
+ * configured origin with the client's request target exactly as received (and as the policy judged it).
  *
- * Ordinary requests go over a few multiplexed HTTP/2 sessions (a session that receives GOAWAY or fails leaves
- * the pool; its open streams finish). Upgrade requests (SPDY/3.1 and WebSocket: exec, attach, cp,
+ * Ordinary requests go over a few multiplexed HTTP/2 sessions; long-running ones (watch, exec, follow…) over a
+ * pool of their own, so a client holding many watches cannot take the streams every other client's GET needs.
+ * Each pool opens another session when all streams of its sessions are taken (as Go's HTTP/2 transport does), up
+ * to its cap; past that a request is refused at once with a 503 naming the limit. A session that receives GOAWAY
+ * or fails leaves its pool; its open streams finish. Upgrade requests (SPDY/3.1 and WebSocket: exec, attach, cp,
  * port-forward) go over a fresh HTTP/1.1 connection each, since an upgrade is impossible over HTTP/2; a 101 joins
  * the two connections, and any other answer is relayed unchanged and the connection closed, so kubectl can fall
  * back (WebSocket → SPDY) and no second request can slip through a raw tunnel. An `http:` upstream (tests) is
  * spoken to over HTTP/1.1 keep-alive.
  */
 export class Upstream {
-  readonly url: URL;
-  readonly #options: UpstreamOptions;
-  readonly #agent: http.Agent;
-  readonly #pool: PooledSession[] = [];
+  #options: UpstreamOptions;
+  #agent: http.Agent;
+  #ordinary: SessionPool;
+  #longRunning: SessionPool;
   readonly #headersTimeoutMs: number;
+  readonly #longRunningHeadersTimeoutMs: number;
   #closed = false;
 
   constructor(options: UpstreamOptions) {
-    this.url = options.url;
     this.#options = options;
     this.#headersTimeoutMs = options.responseHeadersTimeoutMs ?? RESPONSE_HEADERS_TIMEOUT_MS;
-    this.#agent =
-      options.url.protocol === 'https:'
-        ? new https.Agent({ keepAlive: true, ...this.#tlsOptions() })
-        : new http.Agent({ keepAlive: true });
+    this.#longRunningHeadersTimeoutMs =
+      options.longRunningHeadersTimeoutMs ?? LONG_RUNNING_HEADERS_TIMEOUT_MS;
+    this.#agent = this.#newAgent();
+    this.#ordinary = new SessionPool(
+      'ordinary',
+      'limits.maxUpstreamSessions',
+      options.maxSessions ?? MAX_SESSIONS,
+    );
+    this.#longRunning = new SessionPool(
+      'long-running',
+      'limits.maxLongRunningUpstreamSessions',
+      options.maxLongRunningSessions ?? MAX_LONG_RUNNING_SESSIONS,
+    );
+  }
+
+  /** kube-apiserver's origin. */
+  get url(): URL {
+    return this.#options.url;
+  }
+
+  #newAgent(): http.Agent {
+    return this.url.protocol === 'https:'
+      ? new https.Agent({ keepAlive: true, ...this.#tlsOptions() })
+      : new http.Agent({ keepAlive: true });
+  }
+
+  /**
+   * Swaps the credential and trust (SIGHUP, a rotated client certificate): new requests use it; sessions opened
+   * with the old one finish their streams and close. The origin must stay the same.
+   */
+  replaceCredential(
+    options: Pick<UpstreamOptions, 'url' | 'ca' | 'authorization' | 'clientCert' | 'clientKey'>,
+  ): void {
+    if (options.url.origin !== this.url.origin) {
+      throw new Error(
+        `the upstream origin changed (${this.url.origin} → ${options.url.origin}); restart to apply`,
+      );
+    }
+    this.#options = { ...this.#options, ...options };
+    const oldAgent = this.#agent;
+    this.#agent = this.#newAgent();
+    oldAgent.destroy();
+    const { ordinary, longRunning } = { ordinary: this.#ordinary, longRunning: this.#longRunning };
+    this.#ordinary = new SessionPool(ordinary.name, ordinary.key, ordinary.max);
+    this.#longRunning = new SessionPool(longRunning.name, longRunning.key, longRunning.max);
+    ordinary.close();
+    longRunning.close();
+  }
+
+  /** Sessions and streams in use per pool, for metrics and readiness. */
+  usage(): Record<
+    'ordinary' | 'longRunning',
+    { sessions: number; streams: number; capacity: number; max: number }
+  > {
+    return {
+      ordinary: { ...this.#ordinary.usage(), max: this.#ordinary.max },
+      longRunning: { ...this.#longRunning.usage(), max: this.#longRunning.max },
+    };
   }
 
   #tlsOptions(): { ca?: string; cert?: string; key?: string } {
@@ -177,30 +334,12 @@ export class Upstream {
     };
   }
 
-  /** A session with room for one more stream: the least busy, or a new one while the pool is not full. */
-  #session(): PooledSession {
-    const live = this.#pool.filter((p) => !p.session.closed && !p.session.destroyed);
-    const limit = (p: PooledSession): number => p.session.remoteSettings?.maxConcurrentStreams ?? 100;
-    const roomy = live.filter((p) => p.active < limit(p)).sort((a, b) => a.active - b.active)[0];
-    if (roomy !== undefined) return roomy;
-    if (live.length < MAX_SESSIONS || live.length === 0) return this.#connect();
-    return live.sort((a, b) => a.active - b.active)[0] as PooledSession;
-  }
-
-  #connect(): PooledSession {
-    const session = http2.connect(this.url, this.#tlsOptions());
-    const pooled: PooledSession = { session, active: 0 };
-    const leave = (): void => {
-      const i = this.#pool.indexOf(pooled);
-      if (i >= 0) this.#pool.splice(i, 1);
-    };
-    session.on('goaway', leave);
-    session.on('close', leave);
-    session.on('error', leave);
-    // Idle sessions must not keep the process alive; streams ref it while they run.
-    session.unref();
-    this.#pool.push(pooled);
-    return pooled;
+  #timeoutError(longRunning: boolean): UpstreamError {
+    const ms = longRunning ? this.#longRunningHeadersTimeoutMs : this.#headersTimeoutMs;
+    const key = longRunning ? 'timeouts.longRunningResponseHeaders' : 'timeouts.responseHeaders';
+    return new UpstreamError(504, `kube-apiserver did not answer within ${ms / 1000}s (${key})`, {
+      limit: key,
+    });
   }
 
   forward(
@@ -228,14 +367,32 @@ export class Upstream {
     options: { longRunning?: boolean },
   ): Promise<number> {
     if (this.#closed) return Promise.reject(new UpstreamError(503, 'the proxy is shutting down'));
-    const pooled = this.#session();
+    const longRunning = options.longRunning === true;
+    const pool = longRunning ? this.#longRunning : this.#ordinary;
+    let pooled: PooledSession | undefined;
+    try {
+      pooled = pool.acquire(() => http2.connect(this.url.origin, this.#tlsOptions()));
+    } catch (err) {
+      return Promise.reject(upstreamFailure(this.url.origin, err as Error));
+    }
+    if (pooled === undefined) {
+      return Promise.reject(
+        new UpstreamError(
+          503,
+          `all ${pool.max} HTTP/2 sessions to kube-apiserver for ${pool.name} requests are full (${pool.key})`,
+          { limit: pool.key },
+        ),
+      );
+    }
     const { session } = pooled;
+    const active = pooled;
     return new Promise((resolve, reject) => {
       let stream: http2.ClientHttp2Stream;
       try {
         stream = session.request({
           ...headers,
           ':method': req.method ?? 'GET',
+          // Exactly the target the policy judged.
           ':path': req.url ?? '/',
           ':authority': this.url.host,
           ':scheme': 'https',
@@ -245,27 +402,25 @@ export class Upstream {
         return;
       }
       session.ref();
-      pooled.active++;
+      active.active++;
       let answered = false;
-      const timer = options.longRunning
-        ? undefined
-        : setTimeout(() => {
-            stream.close(http2.constants.NGHTTP2_CANCEL);
-            reject(
-              new UpstreamError(
-                504,
-                `kube-apiserver did not answer within ${this.#headersTimeoutMs / 1000}s`,
-              ),
-            );
-          }, this.#headersTimeoutMs);
+      const timer = setTimeout(
+        () => {
+          stream.close(http2.constants.NGHTTP2_CANCEL);
+          reject(this.#timeoutError(longRunning));
+        },
+        longRunning ? this.#longRunningHeadersTimeoutMs : this.#headersTimeoutMs,
+      );
       stream.on('close', () => {
-        pooled.active--;
-        if (pooled.active === 0) session.unref();
-        if (timer) clearTimeout(timer);
+        active.active--;
+        if (active.active === 0) session.unref();
+        clearTimeout(timer);
+        if (!answered)
+          reject(upstreamFailure(this.url.origin, new Error('the stream closed before an answer')));
       });
       stream.on('response', (upstreamHeaders) => {
         answered = true;
-        if (timer) clearTimeout(timer);
+        clearTimeout(timer);
         const status = Number(upstreamHeaders[':status'] ?? 502);
         res.statusCode = status;
         for (const [name, value] of Object.entries(
@@ -285,6 +440,7 @@ export class Upstream {
       res.on('close', () => {
         if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
       });
+      endUnreadUpload(req, res);
       (req as NodeJS.ReadableStream).pipe(stream);
     });
   }
@@ -295,13 +451,17 @@ export class Upstream {
     headers: OutgoingHttpHeaders,
     options: { longRunning?: boolean },
   ): Promise<number> {
-    const target = new URL(req.url ?? '/', this.url);
+    const longRunning = options.longRunning === true;
     return new Promise((resolve, reject) => {
       const upstreamReq = http.request(
-        target,
-        { method: req.method, headers, agent: this.#agent },
+        {
+          ...originRequest(this.url, req.url ?? '/'),
+          method: req.method,
+          headers,
+          agent: this.#agent,
+        },
         (upstreamRes) => {
-          if (timer) clearTimeout(timer);
+          clearTimeout(timer);
           res.statusCode = upstreamRes.statusCode ?? 502;
           for (const [name, value] of Object.entries(downstreamHeaders(upstreamRes.headers))) {
             if (value !== undefined) res.setHeader(name, value);
@@ -312,24 +472,21 @@ export class Upstream {
           upstreamRes.on('error', (err) => reject(upstreamFailure(this.url.origin, err)));
         },
       );
-      const timer = options.longRunning
-        ? undefined
-        : setTimeout(() => {
-            upstreamReq.destroy();
-            reject(
-              new UpstreamError(
-                504,
-                `kube-apiserver did not answer within ${this.#headersTimeoutMs / 1000}s`,
-              ),
-            );
-          }, this.#headersTimeoutMs);
+      const timer = setTimeout(
+        () => {
+          upstreamReq.destroy();
+          reject(this.#timeoutError(longRunning));
+        },
+        longRunning ? this.#longRunningHeadersTimeoutMs : this.#headersTimeoutMs,
+      );
       upstreamReq.on('error', (err) => {
-        if (timer) clearTimeout(timer);
+        clearTimeout(timer);
         reject(upstreamFailure(this.url.origin, err));
       });
       res.on('close', () => {
         if (!upstreamReq.destroyed) upstreamReq.destroy();
       });
+      endUnreadUpload(req, res);
       (req as NodeJS.ReadableStream).pipe(upstreamReq);
     });
   }
@@ -337,7 +494,8 @@ export class Upstream {
   /**
    * The upgrade path (HTTP/1.1 only): sends the sanitised request with its `Upgrade` to kube-apiserver on a new
    * connection. On 101 the two sockets are joined; on anything else the answer is relayed unchanged with
-   * `Connection: close`, and both connections end. Resolves with the upstream status.
+   * `Connection: close`, and both connections end. Resolves with the upstream status; rejects with a 504 when
+   * neither comes within the long-running header timeout.
    */
   upgrade(
     req: IncomingMessage,
@@ -346,6 +504,7 @@ export class Upstream {
     identity: KubeIdentity,
     peerAddress: string | undefined,
   ): Promise<number> {
+    if (this.#closed) return Promise.reject(new UpstreamError(503, 'the proxy is shutting down'));
     const authorization = this.#options.authorization();
     const headers = upstreamHeaders(
       req.headers,
@@ -356,16 +515,28 @@ export class Upstream {
     // The sanitiser dropped the hop-by-hop Upgrade and Connection; an upgrade needs exactly these back.
     headers.connection = 'Upgrade';
     headers.upgrade = req.headers.upgrade ?? '';
-    const target = new URL(req.url ?? '/', this.url);
     const transport = this.url.protocol === 'https:' ? https : http;
     return new Promise((resolve, reject) => {
-      const upstreamReq = transport.request(target, {
+      const upstreamReq = transport.request({
+        ...originRequest(this.url, req.url ?? '/'),
         method: req.method,
         headers,
         agent: false,
         ...(this.url.protocol === 'https:' ? this.#tlsOptions() : {}),
       });
+      const timer = setTimeout(() => {
+        upstreamReq.destroy();
+        reject(this.#timeoutError(true));
+      }, this.#longRunningHeadersTimeoutMs);
+      // The client may leave before kube-apiserver answers: do not keep the upstream attempt.
+      const clientGone = (): void => {
+        clearTimeout(timer);
+        upstreamReq.destroy();
+      };
+      client.once('close', clientGone);
       upstreamReq.on('upgrade', (upstreamRes, upstreamSocket, upstreamHead) => {
+        clearTimeout(timer);
+        client.off('close', clientGone);
         client.write(responseHead(upstreamRes, false));
         if (upstreamHead.length > 0) client.write(upstreamHead);
         if (head.length > 0) upstreamSocket.write(head);
@@ -382,13 +553,18 @@ export class Upstream {
         resolve(101);
       });
       upstreamReq.on('response', (upstreamRes) => {
+        clearTimeout(timer);
+        client.off('close', clientGone);
         // Not upgraded: relay the answer as it is, then close, so nothing else rides this connection.
         client.write(responseHead(upstreamRes, true));
         upstreamRes.pipe(client);
         upstreamRes.on('end', () => resolve(upstreamRes.statusCode ?? 502));
         upstreamRes.on('error', () => client.destroy());
       });
-      upstreamReq.on('error', (err) => reject(upstreamFailure(this.url.origin, err)));
+      upstreamReq.on('error', (err) => {
+        clearTimeout(timer);
+        reject(upstreamFailure(this.url.origin, err));
+      });
       upstreamReq.end();
     });
   }
@@ -408,8 +584,8 @@ export class Upstream {
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     return new Promise((resolve, reject) => {
       const req = transport.request(
-        new URL(path, this.url),
         {
+          ...originRequest(this.url, path),
           method,
           agent: this.#agent,
           timeout: timeoutMs,
@@ -448,8 +624,8 @@ export class Upstream {
     const authorization = this.#options.authorization();
     return new Promise((resolve) => {
       const req = transport.request(
-        new URL('/readyz', this.url),
         {
+          ...originRequest(this.url, '/readyz'),
           method: 'GET',
           agent: this.#agent,
           headers: authorization ? { authorization } : {},
@@ -469,8 +645,26 @@ export class Upstream {
   close(): void {
     this.#closed = true;
     this.#agent.destroy();
-    for (const { session } of this.#pool.splice(0)) session.close();
+    this.#ordinary.close();
+    this.#longRunning.close();
   }
+}
+
+/**
+ * When the answer is complete before the client finished its upload, the rest of the upload is refused rather
+ * than left hanging: on HTTP/2 the request half is reset with NO_ERROR (RFC 9113 §8.1: the client stops sending);
+ * on HTTP/1.1 node:http reads and discards what is left, or closes the connection.
+ */
+function endUnreadUpload(
+  req: IncomingMessage | Http2ServerRequest,
+  res: ServerResponse | Http2ServerResponse,
+): void {
+  res.once('finish', () => {
+    if (req.complete) return;
+    if ('stream' in req && req.stream !== undefined && !req.stream.closed) {
+      req.stream.close(http2.constants.NGHTTP2_NO_ERROR);
+    }
+  });
 }
 
 /** An HTTP/1.1 response head for the raw client socket: upstream's status and headers (minus framing when closing). */
