@@ -5,7 +5,7 @@ import { basename, dirname, resolve } from 'node:path';
 export interface WatchedFile<T> {
   /** The last valid value. */
   readonly current: T;
-  /** 0 for the initial load, then +1 on every change of `current`. */
+  /** 1 for the initial load, then +1 on every change of `current`. */
   readonly generation: number;
   /** Re-read now (tests, SIGHUP). Resolves after the re-read was handled. */
   reload(): Promise<void>;
@@ -21,6 +21,11 @@ export interface WatchFileOptions<T> {
   /** Re-read this often regardless of events, since fs.watch can miss some (default 5000 ms). */
   readonly pollIntervalMs?: number;
   readonly onChange?: (value: T, previous: T) => void;
+  /**
+   * The file is valid again after a failure, with the content already in force (a broken edit was reverted):
+   * nothing changed, but the failure is over.
+   */
+  readonly onRecover?: () => void;
   /** The file became unreadable or invalid; `current` keeps the last valid value. Once per distinct failure. */
   readonly onError?: (err: Error) => void;
 }
@@ -33,10 +38,10 @@ export interface WatchFileOptions<T> {
  */
 export async function watchFile<T>(file: string, options: WatchFileOptions<T>): Promise<WatchedFile<T>> {
   const path = resolve(file);
-  const { parse, debounceMs = 200, pollIntervalMs = 5000, onChange, onError } = options;
+  const { parse, debounceMs = 200, pollIntervalMs = 5000, onChange, onRecover, onError } = options;
   let lastText = await readFile(path, 'utf8');
   let current = parse(lastText);
-  let generation = 0;
+  let generation = 1;
   let lastFailure: string | undefined;
   let closed = false;
   let running: Promise<void> | undefined;
@@ -61,7 +66,10 @@ export async function watchFile<T>(file: string, options: WatchFileOptions<T>): 
     }
     if (closed) return;
     if (text === lastText) {
-      lastFailure = undefined;
+      if (lastFailure !== undefined) {
+        lastFailure = undefined;
+        onRecover?.();
+      }
       return;
     }
     let value: T;

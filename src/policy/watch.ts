@@ -9,7 +9,7 @@ import { type Policy, parsePolicy } from './policy.ts';
 export interface PolicyWatcher {
   /** The last valid policy. */
   readonly current: Policy;
-  /** 0 for the initial load, then +1 on every change of `current`. */
+  /** 1 for the initial load, then +1 on every change of `current`. */
   readonly generation: number;
   /** Re-reads the file now (tests, SIGHUP); resolves once handled. */
   reload(): Promise<void>;
@@ -24,6 +24,8 @@ export interface WatchPolicyOptions {
   readonly pollIntervalMs?: number;
   /** Called after `current` changed to a new valid policy (`generation` is already incremented). */
   readonly onChange?: (policy: Policy, previous: Policy) => void;
+  /** The file is valid again with the policy already in force (a broken edit was reverted). */
+  readonly onRecover?: () => void;
   /**
    * The file became unreadable or invalid (`PolicyError`, code `ERR_POLICY`, with `problems` when invalid);
    * `current` keeps the last valid policy. Called once per distinct failure, not on every re-read.
@@ -43,7 +45,7 @@ function asPolicyError(file: string, err: Error, prefix = ''): PolicyError {
  * `..data` symlink; a slow unref'd poll catches what `fs.watch` misses. Nothing here keeps the process alive.
  */
 export async function watchPolicy(file: string, options: WatchPolicyOptions = {}): Promise<PolicyWatcher> {
-  const { debounceMs = 200, pollIntervalMs = 5000, onChange, onError } = options;
+  const { debounceMs = 200, pollIntervalMs = 5000, onChange, onRecover, onError } = options;
   let watched: WatchedFile<Policy>;
   try {
     watched = await watchFile(file, {
@@ -51,6 +53,7 @@ export async function watchPolicy(file: string, options: WatchPolicyOptions = {}
       debounceMs,
       pollIntervalMs,
       ...(onChange !== undefined && { onChange }),
+      ...(onRecover !== undefined && { onRecover }),
       onError: (err) => onError?.(asPolicyError(file, err)),
     });
   } catch (err) {

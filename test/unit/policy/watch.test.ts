@@ -25,9 +25,11 @@ describe('watchPolicy', () => {
     await writeFile(file, policyFor('first'));
     const changes: [string, string][] = [];
     const errors: PolicyError[] = [];
+    let recovered = 0;
     const watcher = await watchPolicy(file, {
       pollIntervalMs: 60_000,
       debounceMs: 10_000,
+      onRecover: () => recovered++,
       onChange: (next: Policy, previous: Policy) =>
         changes.push([
           previous.rules[0]?.identity.user.source ?? '',
@@ -36,18 +38,18 @@ describe('watchPolicy', () => {
       onError: (err) => errors.push(err),
     });
     try {
-      assert.equal(watcher.generation, 0);
+      assert.equal(watcher.generation, 1, 'the first load is generation 1');
       assert.equal(watcher.current.rules[0]?.identity.user.source, 'first');
 
       await writeFile(file, policyFor('second'));
       await watcher.reload();
-      assert.equal(watcher.generation, 1);
+      assert.equal(watcher.generation, 2);
       assert.deepEqual(changes, [['first', 'second']]);
 
       await writeFile(file, policyFor('"{nope}"'));
       await watcher.reload();
       await watcher.reload();
-      assert.equal(watcher.generation, 1);
+      assert.equal(watcher.generation, 2);
       assert.equal(watcher.current.rules[0]?.identity.user.source, 'second');
       assert.equal(errors.length, 1, 'reported once');
       assert.ok(errors[0] instanceof PolicyError);
@@ -64,9 +66,18 @@ describe('watchPolicy', () => {
       assert.match(errors[1]?.message ?? '', /cannot read the file/);
       assert.equal(watcher.current.rules[0]?.identity.user.source, 'second');
 
+      // Reverting to the content in force ends the failure (the alert clears) without a new generation.
+      assert.equal(recovered, 0);
+      await writeFile(file, policyFor('second'));
+      await watcher.reload();
+      assert.equal(recovered, 1, 'a revert to the good content is reported as a recovery');
+      assert.equal(watcher.generation, 2);
+      await watcher.reload();
+      assert.equal(recovered, 1, 'reported once');
+
       await writeFile(file, policyFor('third'));
       await watcher.reload();
-      assert.equal(watcher.generation, 2);
+      assert.equal(watcher.generation, 3);
       assert.equal(watcher.current.rules[0]?.identity.user.source, 'third');
     } finally {
       watcher.close();
@@ -97,7 +108,7 @@ describe('watchPolicy', () => {
     try {
       await writeFile(file, policyFor('two'));
       const deadline = Date.now() + 2000;
-      while (watcher.generation === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+      while (watcher.generation === 1 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
       assert.equal(watcher.current.rules[0]?.identity.user.source, 'two');
     } finally {
       watcher.close();
