@@ -3,11 +3,11 @@ import { createLogger } from '../observability/logger.ts';
 import { startProxy } from '../proxy/proxy.ts';
 import { runUntilSignal, serviceFlags } from './common.ts';
 
-/** Runs the proxy until SIGINT or SIGTERM; resolves with the exit code. */
+/** Runs the proxy until SIGINT or SIGTERM (drained, then stopped); SIGHUP re-reads its files. */
 export async function serveCommand(args: string[]): Promise<number> {
   const flags = serviceFlags('serve', args, 'Proxy configuration');
   const config = await loadProxyConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy' });
-  const proxy = await startProxy(config, { logger });
-  return runUntilSignal(logger, 'proxy', { stop: () => proxy.close() });
+  const proxy = await startProxy(config, { logger, configFile: flags.config });
+  return runUntilSignal(logger, 'proxy', { stop: () => proxy.shutdown(), reload: () => proxy.reload() });
 }

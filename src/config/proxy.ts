@@ -1,6 +1,7 @@
 import type { Node, YAMLMap } from 'yaml';
 import { AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
 import type { LogLevel } from '../observability/logger.ts';
+import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS, type ProxyLimits, type ProxyTimeouts } from '../proxy/limits.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
 import {
   type Field,
@@ -36,6 +37,10 @@ export interface ProxyConfig {
   /** The proxy reports not-ready when its SVID has less than this left (seconds). */
   readonly minSvidRemainingSeconds: number;
   readonly logLevel: LogLevel;
+  /** What clients can hold (`limits`); every key has a default. */
+  readonly limits: ProxyLimits;
+  /** `timeouts`; every key has a default. */
+  readonly timeouts: ProxyTimeouts;
 }
 
 /**
@@ -74,7 +79,27 @@ const TOP = [
   'upstream',
   'readiness',
   'logLevel',
+  'limits',
+  'timeouts',
 ] as const;
+/** `limits.<key>`: a positive whole number, with its largest sensible value. */
+const LIMITS: Readonly<Record<keyof ProxyLimits, number>> = {
+  maxConnections: 1_000_000,
+  maxStreamsPerConnection: 10_000,
+  maxRequestsPerIdentity: 1_000_000,
+  maxLongRunningPerIdentity: 1_000_000,
+  maxUpstreamSessions: 1_000,
+  maxLongRunningUpstreamSessions: 1_000,
+};
+/** `timeouts.<key>` → the field it sets, in milliseconds, and its minimum in seconds. */
+const TIMEOUTS: Readonly<Record<string, { field: keyof ProxyTimeouts; minSeconds: number }>> = {
+  handshake: { field: 'handshakeMs', minSeconds: 1 },
+  idle: { field: 'idleMs', minSeconds: 1 },
+  responseHeaders: { field: 'responseHeadersMs', minSeconds: 1 },
+  longRunningResponseHeaders: { field: 'longRunningResponseHeadersMs', minSeconds: 1 },
+  shutdownDrain: { field: 'shutdownDrainMs', minSeconds: 0 },
+  unauthenticated: { field: 'unauthenticatedMs', minSeconds: 1 },
+};
 const ADMIN = ['listen'] as const;
 const IDENTITY = ['workloadApi', 'files'] as const;
 const WORKLOAD_API = ['socket', 'hint'] as const;
@@ -210,8 +235,44 @@ function readTop(
 
   const logLevel = readLogLevel(r, f.get('logLevel'));
 
+  const limits: Record<string, number> = { ...DEFAULT_LIMITS };
+  const limitsMap = sub(f.get('limits'), 'limits');
+  if (limitsMap) {
+    const l = r.fields(limitsMap, Object.keys(LIMITS) as (keyof ProxyLimits)[], 'limits');
+    for (const [key, max] of Object.entries(LIMITS)) {
+      const field = l.get(key as keyof ProxyLimits);
+      if (field === undefined) continue;
+      const value = r.number(field.value, field.valueOffset, `limits.${key}`, 1, max);
+      if (value === undefined) continue;
+      if (!Number.isInteger(value)) r.report(field.valueOffset, `limits.${key} must be a whole number`);
+      else limits[key] = value;
+    }
+  }
+  const timeouts: Record<string, number> = { ...DEFAULT_TIMEOUTS };
+  const timeoutsMap = sub(f.get('timeouts'), 'timeouts');
+  if (timeoutsMap) {
+    const t = r.fields(timeoutsMap, Object.keys(TIMEOUTS), 'timeouts');
+    for (const [key, { field: name, minSeconds }] of Object.entries(TIMEOUTS)) {
+      const field = t.get(key);
+      if (field === undefined) continue;
+      const seconds = r.duration(field.value, field.valueOffset, `timeouts.${key}`, minSeconds);
+      if (seconds !== undefined) timeouts[name] = seconds * 1000;
+    }
+  }
+
   if (trustDomain === undefined || policyFile === undefined || upstream === undefined) return undefined;
-  return { trustDomain, listen, admin, policyFile, identity, upstream, minSvidRemainingSeconds, logLevel };
+  return {
+    trustDomain,
+    listen,
+    admin,
+    policyFile,
+    identity,
+    upstream,
+    minSvidRemainingSeconds,
+    logLevel,
+    limits: limits as unknown as ProxyLimits,
+    timeouts: timeouts as unknown as ProxyTimeouts,
+  };
 }
 
 /** `upstream`: exactly one of `url` (with its files), `inCluster: true`, or `kubeconfig` (with `context`). */
@@ -287,6 +348,9 @@ function readUpstream(
       if (url.protocol !== 'https:' && url.protocol !== 'http:')
         throw new Error('must be https:// (or http:// for tests)');
       if (url.username || url.password) throw new Error('must not carry credentials');
+      if (url.pathname !== '/' || url.search !== '' || url.hash !== '') {
+        throw new Error('must be an origin (scheme, host and port; no path, query or fragment)');
+      }
     } catch (err) {
       r.report(first.field.valueOffset, `upstream.url "${urlText}": ${(err as Error).message}`);
       url = undefined;

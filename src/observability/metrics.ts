@@ -1,7 +1,10 @@
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 
-export const HANDSHAKE_RESULTS = ['ok', 'refused', 'error'] as const;
-/** ok: the peer presented a valid SVID; refused: it presented none or an invalid one; error: the TLS layer failed. */
+export const HANDSHAKE_RESULTS = ['ok', 'refused', 'error', 'no_client_hello'] as const;
+/**
+ * ok: the peer presented a valid SVID; refused: it presented none or an invalid one; error: the TLS layer failed;
+ * no_client_hello: the connection closed or timed out before sending a single byte (TCP probes, port scans).
+ */
 export type HandshakeResult = (typeof HANDSHAKE_RESULTS)[number];
 
 /** Handshakes (mTLS with a local key) take about a millisecond; a second means something is very wrong. */
@@ -26,6 +29,13 @@ export interface ProxyMetricsOptions {
 
 /** When the proxy's own SVID expires; undefined while it has none. */
 export type SvidExpiryGetter = () => Date | undefined;
+/** Requests in flight and upstream sessions, read at each scrape. */
+export type UsageGetter = () =>
+  | {
+      inFlight: { ordinary: number; longRunning: number };
+      upstream: Record<'ordinary' | 'longRunning', { sessions: number; streams: number }>;
+    }
+  | undefined;
 /** When each trust domain's bundle last changed, keyed by trust domain name. */
 export type BundleAgesGetter = () => ReadonlyMap<string, Date>;
 
@@ -50,6 +60,9 @@ export class ProxyMetrics {
   readonly #policyReloadErrors: Counter;
   readonly #policyLastReloadSuccess: Gauge;
   readonly #openConnections: Gauge;
+  readonly #limitRefusals: Counter<'limit'>;
+  readonly #connectionsClosed: Counter<'reason'>;
+  #usage: UsageGetter = () => undefined;
   readonly #now: () => number;
   #svidExpiry: SvidExpiryGetter = () => undefined;
   #bundleAges: BundleAgesGetter = () => new Map();
@@ -100,7 +113,7 @@ export class ProxyMetrics {
     });
     this.#policyGeneration = new Gauge({
       name: 'ksp_policy_generation',
-      help: 'Generation of the policy in force (it grows with each successful load), 0 before the first load.',
+      help: 'Generation of the policy in force: 1 after the first load, +1 with each change; 0 before the first load.',
       registers,
     });
     this.#policyReloadErrors = new Counter({
@@ -142,6 +155,55 @@ export class ProxyMetrics {
       registers,
     });
 
+    this.#limitRefusals = new Counter({
+      name: 'ksp_limit_refusals_total',
+      help: 'Requests or connections refused by a limit, by its configuration key (e.g. limits.maxLongRunningPerIdentity).',
+      labelNames: ['limit'],
+      registers,
+    });
+    this.#connectionsClosed = new Counter({
+      name: 'ksp_connections_closed_by_proxy_total',
+      help: 'Client connections the proxy closed itself, by reason: idle, unauthenticated, handshake_timeout, max_connections, shutdown.',
+      labelNames: ['reason'],
+      registers,
+    });
+    const inFlight: Gauge<'kind'> = new Gauge({
+      name: 'ksp_requests_in_flight',
+      help: 'Requests being forwarded now, by kind (ordinary or long_running).',
+      labelNames: ['kind'],
+      registers,
+      collect: () => {
+        const u = safely(this.#usage, undefined);
+        if (u === undefined) return;
+        inFlight.set({ kind: 'ordinary' }, u.inFlight.ordinary);
+        inFlight.set({ kind: 'long_running' }, u.inFlight.longRunning);
+      },
+    });
+    const sessions: Gauge<'pool'> = new Gauge({
+      name: 'ksp_upstream_sessions',
+      help: 'HTTP/2 sessions open to kube-apiserver, by pool (ordinary or long_running).',
+      labelNames: ['pool'],
+      registers,
+      collect: () => {
+        const u = safely(this.#usage, undefined);
+        if (u === undefined) return;
+        sessions.set({ pool: 'ordinary' }, u.upstream.ordinary.sessions);
+        sessions.set({ pool: 'long_running' }, u.upstream.longRunning.sessions);
+      },
+    });
+    const streams: Gauge<'pool'> = new Gauge({
+      name: 'ksp_upstream_streams',
+      help: 'Streams in use on the HTTP/2 sessions to kube-apiserver, by pool.',
+      labelNames: ['pool'],
+      registers,
+      collect: () => {
+        const u = safely(this.#usage, undefined);
+        if (u === undefined) return;
+        streams.set({ pool: 'ordinary' }, u.upstream.ordinary.streams);
+        streams.set({ pool: 'long_running' }, u.upstream.longRunning.streams);
+      },
+    });
+
     if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'ksp_' });
   }
 
@@ -175,6 +237,20 @@ export class ProxyMetrics {
   request(status: number, seconds: number): void {
     this.#requests.inc({ code: String(status) });
     this.#requestDuration.observe(seconds);
+  }
+
+  /** A request or connection refused by the limit with this configuration key. */
+  limitRefused(limit: string): void {
+    this.#limitRefusals.inc({ limit });
+  }
+
+  connectionClosedByProxy(reason: string): void {
+    this.#connectionsClosed.inc({ reason });
+  }
+
+  /** Read at each scrape. */
+  setUsage(getter: UsageGetter): void {
+    this.#usage = getter;
   }
 
   policyLoaded(generation: number): void {

@@ -1,6 +1,10 @@
-import { randomBytes } from 'node:crypto';
+import { constants as cryptoConstants, randomBytes } from 'node:crypto';
 import { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
-import http2, { type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import http2, {
+  type Http2ServerRequest,
+  type Http2ServerResponse,
+  type ServerHttp2Session,
+} from 'node:http2';
 import type { AddressInfo, Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
@@ -26,6 +30,14 @@ import {
   type TrustState,
 } from './authenticate.ts';
 import { type Upstream, UpstreamError } from './forward.ts';
+import {
+  DEFAULT_LIMITS,
+  DEFAULT_TIMEOUTS,
+  IdentityCounters,
+  type ProxyLimits,
+  type ProxyTimeouts,
+  RateLimitedLog,
+} from './limits.ts';
 import { mayImpersonate, type SarResult } from './sar.ts';
 import type { IdentitySource } from './source.ts';
 import { kubeStatus, sendStatus } from './status.ts';
@@ -46,9 +58,24 @@ export interface ProxyServerOptions {
   /** One line per request (SPIFFE ID, rule, mapped identity, verb, path, status, duration). */
   readonly audit: Logger;
   readonly metrics?: ProxyMetrics;
+  /** Limits on what clients can hold (defaults: DEFAULT_LIMITS). */
+  readonly limits?: Partial<ProxyLimits>;
+  /** Timeouts (defaults: DEFAULT_TIMEOUTS). */
+  readonly timeouts?: Partial<ProxyTimeouts>;
 }
 
 interface ConnectionState {
+  readonly socket: TLSSocket;
+  /** The HTTP/2 session on this connection (undefined for HTTP/1.1). */
+  session: ServerHttp2Session | undefined;
+  /** Requests in flight on this connection. */
+  active: number;
+  /** The connection became a raw tunnel (exec, attach, port-forward): no idle timeout, no more requests. */
+  tunnel: boolean;
+  /** Closes the connection when nothing happens on it for a while (idle, or unauthenticated). */
+  timer: NodeJS.Timeout | undefined;
+  /** A 401 went out: the connection is closing, later requests on it are dropped without an answer. */
+  closing: boolean;
   identity: PeerIdentity | undefined;
   /** Why this connection's client was refused, for the trust generation it was checked against. */
   refused: { code: string; message: string; generation: number } | undefined;
@@ -60,13 +87,17 @@ interface ConnectionState {
 }
 
 const kConnection = Symbol('kube-svid-proxy.connection');
+const kSession = Symbol('kube-svid-proxy.session');
 const DECISION_CACHE_PER_CONNECTION = 64;
 /** How long a SubjectAccessReview's answer is reused on one connection. */
 const REVIEW_CACHE_MS = 10_000;
 
 type Request = IncomingMessage | Http2ServerRequest;
 type Response = ServerResponse | Http2ServerResponse;
-type StatefulSocket = TLSSocket & { [kConnection]?: ConnectionState };
+type StatefulSocket = TLSSocket & { [kConnection]?: ConnectionState; [kSession]?: ServerHttp2Session };
+
+/** How long a connection told to close (GOAWAY, Connection: close) gets to finish before it is destroyed. */
+const CLOSE_GRACE_MS = 2_000;
 
 /**
  * The SPIFFE mTLS front door: an HTTP/2 (and HTTP/1.1) TLS listener whose certificate and trust bundles come
@@ -82,7 +113,18 @@ export class ProxyServer {
   readonly #options: ProxyServerOptions;
   readonly #log: Logger;
   readonly #authenticator = new Authenticator();
-  readonly #handshakeStarts = new Map<string, number>();
+  /** When each accepted TCP connection started its TLS handshake. */
+  readonly #handshakeStarts = new WeakMap<Socket, number>();
+  /** TCP connections whose TLS handshake finished. */
+  readonly #handshakeDone = new WeakSet<Socket>();
+  /** Every accepted TCP connection, until it closes (shutdown destroys what is left). */
+  readonly #sockets = new Set<Socket>();
+  readonly #connections = new Set<ConnectionState>();
+  readonly #limits: ProxyLimits;
+  readonly #timeouts: ProxyTimeouts;
+  readonly #counters: IdentityCounters;
+  readonly #quiet: RateLimitedLog;
+  #draining = false;
   #trust: TrustState;
   #trustKey = '';
   #roots = new Set<string>();
@@ -93,6 +135,10 @@ export class ProxyServer {
   constructor(options: ProxyServerOptions) {
     this.#options = options;
     this.#log = options.logger;
+    this.#limits = { ...DEFAULT_LIMITS, ...options.limits };
+    this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts };
+    this.#counters = new IdentityCounters(this.#limits);
+    this.#quiet = new RateLimitedLog(options.logger);
     this.#trust = { bundles: new BundleSet(), generation: 0 };
     this.#refreshTrust();
     this.server = http2.createSecureServer({
@@ -101,20 +147,54 @@ export class ProxyServer {
       requestCert: true,
       rejectUnauthorized: false,
       minVersion: 'TLSv1.2',
+      handshakeTimeout: this.#timeouts.handshakeMs,
+      settings: { maxConcurrentStreams: this.#limits.maxStreamsPerConnection },
+    });
+    this.server.maxConnections = this.#limits.maxConnections;
+    const metrics = options.metrics;
+    this.server.on('drop', (data?: { remoteAddress?: string }) => {
+      metrics?.limitRefused('limits.maxConnections');
+      metrics?.connectionClosedByProxy('max_connections');
+      this.#quiet.warn(
+        'drop',
+        { peer: data?.remoteAddress, limit: 'limits.maxConnections', max: this.#limits.maxConnections },
+        'connection refused: the proxy holds limits.maxConnections connections already',
+      );
     });
     this.server.on('connection', (socket: Socket) => {
       // Small writes (headers, then body; watch events) must not wait for the peer's delayed ACK (Nagle): on
       // HTTP/1.1 that cost about 40 ms per request.
       socket.setNoDelay(true);
-      this.#handshakeStarts.set(`${socket.remoteAddress}:${socket.remotePort}`, performance.now());
+      this.#sockets.add(socket);
+      this.#handshakeStarts.set(socket, performance.now());
+      socket.once('close', () => this.#sockets.delete(socket));
     });
     this.server.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
+    this.server.on('session', (session: ServerHttp2Session) => {
+      // 'session' comes before our 'secureConnection'; session.socket is a guard proxy that forwards property
+      // writes to the TLS socket, so the session is left there for #register.
+      const socket = session.socket as StatefulSocket;
+      socket[kSession] = session;
+      session.on('stream', () => {
+        const state = socket[kConnection];
+        if (state !== undefined) this.#begin(state);
+      });
+    });
     this.server.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
-      this.#handshakeStarts.delete(`${socket.remoteAddress}:${socket.remotePort}`);
-      options.metrics?.handshake('error', 0);
-      options.metrics?.authFailure(err.code ?? 'ERR_TLS_HANDSHAKE');
-      this.#log.info(
-        { peer: socket.remoteAddress, code: err.code ?? 'ERR_TLS_HANDSHAKE', err: { message: err.message } },
+      const code = err.code ?? 'ERR_TLS_HANDSHAKE';
+      // Nothing received at all: a TCP probe, a port scan or a load balancer check, not a failed client.
+      if (rawSocket(socket)?.bytesRead === 0) {
+        metrics?.handshake('no_client_hello', 0);
+        if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics?.connectionClosedByProxy('handshake_timeout');
+        this.#log.debug({ peer: socket.remoteAddress, code }, 'connection closed before a ClientHello');
+        return;
+      }
+      if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics?.connectionClosedByProxy('handshake_timeout');
+      metrics?.handshake('error', 0);
+      metrics?.authFailure(code);
+      this.#quiet.warn(
+        `tls:${code}`,
+        { peer: socket.remoteAddress, code, err: { message: err.message } },
         'TLS handshake failed',
       );
     });
@@ -131,6 +211,108 @@ export class ProxyServer {
       });
     });
     options.source.on('update', () => this.#onIdentityUpdate());
+  }
+
+  /** The limits and timeouts in force. */
+  get limits(): ProxyLimits {
+    return this.#limits;
+  }
+
+  get timeouts(): ProxyTimeouts {
+    return this.#timeouts;
+  }
+
+  /** Open client connections, requests in flight, and whether the proxy is draining (metrics, readiness). */
+  usage(): {
+    connections: number;
+    inFlight: { ordinary: number; longRunning: number };
+    draining: boolean;
+  } {
+    return { connections: this.#sockets.size, inFlight: this.#counters.inFlight(), draining: this.#draining };
+  }
+
+  /** Requests in flight for one SPIFFE ID (tests, diagnostics). */
+  inFlight(spiffeId: string): { ordinary: number; longRunning: number } {
+    return this.#counters.inFlight(spiffeId);
+  }
+
+  /**
+   * The policy changed: recompute the trust state now, so a trust domain the policy dropped is refused from the
+   * next handshake on (and its resumable sessions voided), not only after the next request.
+   */
+  policyChanged(): void {
+    this.#refreshTrust();
+  }
+
+  /** The connection's state; every TLS connection has one from its 'secureConnection' on. */
+  #state(socket: StatefulSocket): ConnectionState {
+    const state = socket[kConnection];
+    if (state === undefined) throw new Error('kube-svid-proxy: connection state missing');
+    return state;
+  }
+
+  /** Creates a connection's state (on the TLS socket itself, never on an HTTP/2 guard proxy). */
+  #register(socket: StatefulSocket): ConnectionState {
+    const state: ConnectionState = {
+      socket,
+      session: socket[kSession],
+      active: 0,
+      tunnel: false,
+      timer: undefined,
+      closing: false,
+      identity: undefined,
+      refused: undefined,
+      reviews: new Map(),
+      decisions: new Map(),
+      decisionsGeneration: -1,
+    };
+    socket[kConnection] = state;
+    this.#connections.add(state);
+    socket.once('close', () => {
+      if (state.timer) clearTimeout(state.timer);
+      this.#connections.delete(state);
+    });
+    return state;
+  }
+
+  /** A request started on the connection: it is not idle. */
+  #begin(state: ConnectionState): void {
+    state.active++;
+    if (state.timer !== undefined && state.refused === undefined) {
+      clearTimeout(state.timer);
+      state.timer = undefined;
+    }
+  }
+
+  /** A request ended: once none is left, the idle clock runs (or, when draining, the connection closes). */
+  #end(state: ConnectionState): void {
+    state.active = Math.max(0, state.active - 1);
+    if (state.active > 0 || state.tunnel) return;
+    if (this.#draining) {
+      this.#closeConnection(state, 'shutdown');
+      return;
+    }
+    this.#arm(state, this.#timeouts.idleMs, 'idle');
+  }
+
+  #arm(state: ConnectionState, ms: number, reason: 'idle' | 'unauthenticated'): void {
+    if (state.timer) clearTimeout(state.timer);
+    state.timer = setTimeout(() => {
+      state.timer = undefined;
+      if (reason === 'idle' && (state.active > 0 || state.tunnel)) return;
+      this.#log.debug({ peer: state.socket.remoteAddress, reason }, 'closing connection');
+      this.#closeConnection(state, reason);
+    }, ms);
+    state.timer.unref();
+  }
+
+  /** GOAWAY (HTTP/2) or end (HTTP/1.1), then destroy whatever has not closed after a short grace. */
+  #closeConnection(state: ConnectionState, reason: string): void {
+    if (state.socket.destroyed) return;
+    this.#options.metrics?.connectionClosedByProxy(reason);
+    if (state.session !== undefined && !state.session.closed) state.session.close();
+    else if (state.active === 0) state.socket.end();
+    setTimeout(() => state.socket.destroy(), CLOSE_GRACE_MS);
   }
 
   /** The bundles clients are verified against: ours and those of the trust domains the policy names. */
@@ -152,18 +334,70 @@ export class ProxyServer {
     return address;
   }
 
-  async close(): Promise<void> {
-    this.#closed = true;
-    await new Promise<void>((resolve) => {
-      this.server.close(() => resolve());
-      // Open HTTP/2 sessions would hold close() forever; end them.
-      setImmediate(() => this.server.emit('close'));
-    });
+  /**
+   * Graceful stop: stop accepting, send GOAWAY to every HTTP/2 client and close idle HTTP/1.1 connections, let
+   * in-flight requests finish for up to `deadlineMs`, then close whatever is left. Logs each step.
+   */
+  async drain(deadlineMs: number = this.#timeouts.shutdownDrainMs): Promise<void> {
+    if (this.#closed) return;
+    this.#draining = true;
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const inFlight = this.#counters.inFlight();
+    this.#log.info(
+      {
+        connections: this.#sockets.size,
+        requests: inFlight.ordinary,
+        longRunning: inFlight.longRunning,
+        deadlineSeconds: deadlineMs / 1000,
+      },
+      'draining: no new connections; GOAWAY to HTTP/2 clients, idle HTTP/1.1 connections closed',
+    );
+    for (const state of this.#connections) {
+      if (state.session !== undefined) {
+        if (!state.session.closed) state.session.close();
+      } else if (state.active === 0 && !state.tunnel) {
+        state.socket.end();
+      }
+    }
+    // Connections still in their TLS handshake get nothing more.
+    for (const raw of this.#sockets) if (!this.#handshakeDone.has(raw)) raw.destroy();
+    let timer: NodeJS.Timeout | undefined;
+    const expired = await Promise.race([
+      closed.then(() => false),
+      new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(true), deadlineMs);
+      }),
+    ]);
+    clearTimeout(timer);
+    if (expired && this.#sockets.size > 0) {
+      const left = this.#counters.inFlight();
+      this.#log.warn(
+        { connections: this.#sockets.size, requests: left.ordinary, longRunning: left.longRunning },
+        'drain deadline reached (timeouts.shutdownDrain): closing the connections left',
+      );
+    } else {
+      this.#log.info('drained: every client connection finished');
+    }
+    await this.close();
   }
 
-  #secureContextOptions(): { cert: string; key: string; ca: string[] } {
+  /** Stops at once: every connection is destroyed. */
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#draining = true;
+    for (const socket of this.#sockets) {
+      this.#options.metrics?.connectionClosedByProxy('shutdown');
+      socket.destroy();
+    }
+    if (!this.server.listening) return;
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  #secureContextOptions(): { cert: string; key: string; ca: string[]; secureOptions: number } {
     const svid = this.#options.source.svid();
     return {
+      // TLS 1.2 renegotiation is never needed and has a history of attacks: refused.
+      secureOptions: cryptoConstants.SSL_OP_NO_RENEGOTIATION,
       cert: svid.certificates.map((c) => c.toString()).join(''),
       key: svid.privateKey.export({ format: 'pem', type: 'pkcs8' }).toString(),
       // Only offered to clients as acceptable CA names; the decision is ours.
@@ -215,24 +449,18 @@ export class ProxyServer {
   }
 
   #onSecureConnection(socket: StatefulSocket): void {
-    const key = `${socket.remoteAddress}:${socket.remotePort}`;
-    const started = this.#handshakeStarts.get(key);
-    this.#handshakeStarts.delete(key);
+    const raw = rawSocket(socket);
+    if (raw !== undefined) this.#handshakeDone.add(raw);
+    const started = raw === undefined ? undefined : this.#handshakeStarts.get(raw);
     const seconds = started === undefined ? 0 : (performance.now() - started) / 1000;
     const metrics = this.#options.metrics;
-    const state: ConnectionState = {
-      identity: undefined,
-      refused: undefined,
-      reviews: new Map(),
-      decisions: new Map(),
-      decisionsGeneration: -1,
-    };
-    socket[kConnection] = state;
+    const state = this.#register(socket);
     metrics?.connectionOpened();
     socket.once('close', () => metrics?.connectionClosed());
     try {
       state.identity = this.#authenticator.authenticate(socket, this.trust);
       metrics?.handshake('ok', seconds);
+      if (state.active === 0) this.#arm(state, this.#timeouts.idleMs, 'idle');
       this.#log.debug(
         {
           spiffeId: state.identity.id.toString(),
@@ -244,9 +472,12 @@ export class ProxyServer {
     } catch (err) {
       const code = authFailureCode(err);
       state.refused = { code, message: (err as Error).message, generation: this.trust.generation };
+      // Long enough to send one request and read why it is refused; then the connection goes.
+      this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
       metrics?.handshake('refused', seconds);
       metrics?.authFailure(code);
-      this.#log.warn(
+      this.#quiet.warn(
+        `auth:${code}`,
         {
           code,
           peer: socket.remoteAddress,
@@ -276,7 +507,9 @@ export class ProxyServer {
       state.identity = undefined;
       state.refused = { code, message: (err as Error).message, generation: trust.generation };
       this.#options.metrics?.authFailure(code);
-      this.#log.warn(
+      this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
+      this.#quiet.warn(
+        `auth:${code}`,
         {
           code,
           peer: socket.remoteAddress,
@@ -333,16 +566,7 @@ export class ProxyServer {
     }
     entry.verb = info.verb;
     entry.path = info.path;
-    const state = socket[kConnection];
-    if (state === undefined) {
-      return {
-        ok: false,
-        entry,
-        status: 500,
-        message: 'kube-svid-proxy: connection state missing',
-        extra: {},
-      };
-    }
+    const state = this.#state(socket);
     const identity = this.#authenticated(socket, state);
     if (!('id' in identity)) {
       return {
@@ -444,13 +668,32 @@ export class ProxyServer {
   async #onRequest(req: Request, res: Response): Promise<void> {
     const started = performance.now();
     const socket = req.socket as StatefulSocket;
-    const admission = await this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
-    if (!admission.ok) {
-      if (admission.close) closeAfter(req, res);
-      sendStatus(res, admission.status, admission.message);
-      this.#audit(started, admission.entry, admission.status, admission.extra);
+    const state = this.#state(socket);
+    // HTTP/2 streams were counted when they opened; HTTP/1.1 requests are counted here.
+    if (state.session === undefined) this.#begin(state);
+    res.once('close', () => this.#end(state));
+    if (state.closing) {
+      // The 401 went out and the connection is closing: later requests get no answer and no log line.
+      if ('stream' in req && req.stream !== undefined)
+        req.stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      else socket.destroy();
       return;
     }
+    if (this.#draining && state.session === undefined) res.setHeader('connection', 'close');
+    const admission = await this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
+    if (!admission.ok) {
+      if (admission.close) this.#closeAfter(state, res);
+      sendStatus(res, admission.status, admission.message);
+      this.#auditRefusal(started, admission);
+      return;
+    }
+    const spiffeId = admission.entry.spiffeId as string;
+    const slot = this.#counters.acquire(spiffeId, admission.longRunning);
+    if ('limit' in slot) {
+      this.#refuseLimit(res, started, admission.entry, slot.limit, slot.max);
+      return;
+    }
+    res.once('close', slot.release);
     try {
       const status = await this.#options.upstream.forward(
         req,
@@ -464,15 +707,81 @@ export class ProxyServer {
       this.#audit(started, admission.entry, status, { decision: 'allow' });
     } catch (err) {
       const status = err instanceof UpstreamError ? err.status : 502;
-      this.#log.warn({ err: { message: (err as Error).message } }, 'forwarding failed');
-      sendStatus(res, status, `kube-svid-proxy: ${(err as Error).message}`);
-      this.#audit(started, admission.entry, status, { decision: 'allow', code: 'ERR_UPSTREAM' });
+      const limit = err instanceof UpstreamError ? err.limit : undefined;
+      if (limit !== undefined) this.#options.metrics?.limitRefused(limit);
+      this.#quiet.warn(
+        `upstream:${limit ?? status}`,
+        { err: { message: (err as Error).message }, ...(limit ? { limit } : {}) },
+        'forwarding failed',
+      );
+      sendStatus(
+        res,
+        status,
+        `kube-svid-proxy: ${(err as Error).message}`,
+        limit ? { 'retry-after': '1' } : {},
+      );
+      this.#audit(started, admission.entry, status, {
+        decision: 'allow',
+        code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
+        ...(limit ? { limit } : {}),
+      });
     }
+  }
+
+  /** A request over a per-identity limit: 429 with Retry-After, counted, audited with the limit's key. */
+  #refuseLimit(
+    res: Response,
+    started: number,
+    entry: Record<string, unknown>,
+    limit: string,
+    max: number,
+  ): void {
+    this.#options.metrics?.limitRefused(limit);
+    const message =
+      `kube-svid-proxy: ${entry.spiffeId} already has ${max} requests of this kind in flight (${limit}); ` +
+      'retry later';
+    sendStatus(res, 429, message, { 'retry-after': '1' });
+    this.#audit(started, entry, 429, { decision: 'allow', code: 'ERR_PROXY_LIMIT', limit });
+  }
+
+  /** Refusals before a policy decision by an authenticated client are audited; 401s only at a limited rate. */
+  #auditRefusal(started: number, admission: Extract<Admission, { ok: false }>): void {
+    if (admission.status !== 401) {
+      this.#audit(started, admission.entry, admission.status, admission.extra);
+      return;
+    }
+    const seconds = (performance.now() - started) / 1000;
+    this.#options.metrics?.request(401, seconds);
+    this.#quiet.warn(
+      `401:${String(admission.extra.code)}`,
+      { ...admission.entry, ...admission.extra, status: 401, audit: true },
+      'request',
+    );
+  }
+
+  /** After a refused authentication, end the connection once the answer is out. */
+  #closeAfter(state: ConnectionState, res: Response): void {
+    state.closing = true;
+    if (state.session === undefined) (res as ServerResponse).setHeader?.('connection', 'close');
+    res.once('finish', () => {
+      this.#options.metrics?.connectionClosedByProxy('unauthenticated');
+      // At 'finish' an HTTP/2 stream has left its session already: close the session the connection holds.
+      if (state.session !== undefined) state.session.close();
+      else state.socket.end();
+      setTimeout(() => state.socket.destroy(), CLOSE_GRACE_MS);
+    });
   }
 
   /** HTTP/1.1 `Upgrade` requests (exec, attach, port-forward over SPDY or WebSocket): same checks, raw tunnel. */
   async #onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     const started = performance.now();
+    const state = this.#state(req.socket as StatefulSocket);
+    this.#begin(state);
+    socket.once('close', () => this.#end(state));
+    if (state.closing) {
+      socket.destroy();
+      return;
+    }
     const admission = await this.#admit(
       req.socket as StatefulSocket,
       req.method ?? 'GET',
@@ -480,13 +789,32 @@ export class ProxyServer {
       req.headers,
     );
     if (!admission.ok) {
+      if (admission.close) state.closing = true;
       writeRawStatus(socket, admission.status, admission.message);
-      this.#audit(started, admission.entry, admission.status, {
-        ...admission.extra,
-        upgrade: req.headers.upgrade,
+      this.#auditRefusal(started, {
+        ...admission,
+        extra: { ...admission.extra, upgrade: req.headers.upgrade },
       });
       return;
     }
+    const slot = this.#counters.acquire(admission.entry.spiffeId as string, true);
+    if ('limit' in slot) {
+      this.#options.metrics?.limitRefused(slot.limit);
+      const message =
+        `kube-svid-proxy: ${admission.entry.spiffeId} already has ${slot.max} requests of this kind in flight ` +
+        `(${slot.limit}); retry later`;
+      writeRawStatus(socket, 429, message, { 'Retry-After': '1' });
+      this.#audit(started, admission.entry, 429, {
+        decision: 'allow',
+        code: 'ERR_PROXY_LIMIT',
+        limit: slot.limit,
+      });
+      return;
+    }
+    socket.once('close', slot.release);
+    // From here the connection carries one tunnel or one relayed refusal, then ends: never idle-closed.
+    state.tunnel = true;
+    if (state.timer) clearTimeout(state.timer);
     try {
       const status = await this.#options.upstream.upgrade(
         req,
@@ -498,9 +826,19 @@ export class ProxyServer {
       this.#audit(started, admission.entry, status, { decision: 'allow', upgrade: req.headers.upgrade });
     } catch (err) {
       const status = err instanceof UpstreamError ? err.status : 502;
-      this.#log.warn({ err: { message: (err as Error).message } }, 'upgrade forwarding failed');
+      const limit = err instanceof UpstreamError ? err.limit : undefined;
+      if (limit !== undefined) this.#options.metrics?.limitRefused(limit);
+      this.#quiet.warn(
+        `upgrade:${limit ?? status}`,
+        { err: { message: (err as Error).message }, ...(limit ? { limit } : {}) },
+        'upgrade forwarding failed',
+      );
       writeRawStatus(socket, status, `kube-svid-proxy: ${(err as Error).message}`);
-      this.#audit(started, admission.entry, status, { decision: 'allow', code: 'ERR_UPSTREAM' });
+      this.#audit(started, admission.entry, status, {
+        decision: 'allow',
+        code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
+        ...(limit ? { limit } : {}),
+      });
     }
   }
 }
@@ -524,19 +862,22 @@ function isLongRunning(info: RequestInfo, url: string): boolean {
 }
 
 /** A Kubernetes Status as a whole HTTP/1.1 response on a raw socket (the upgrade path), then close. */
-function writeRawStatus(socket: Duplex, status: number, message: string): void {
+function writeRawStatus(
+  socket: Duplex,
+  status: number,
+  message: string,
+  headers: Record<string, string> = {},
+): void {
   const body = kubeStatus(status, message);
+  let extra = '';
+  for (const [name, value] of Object.entries(headers)) extra += `${name}: ${value}\r\n`;
   socket.end(
-    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/json\r\n` +
+    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/json\r\n${extra}` +
       `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
   );
 }
 
-/** After a refused authentication, end the connection once the answer is out. */
-function closeAfter(req: Request, res: Response): void {
-  if ('stream' in req && req.stream !== undefined) {
-    res.on('finish', () => req.stream.session?.close());
-  } else {
-    (res as ServerResponse).setHeader?.('connection', 'close');
-  }
+/** The TCP socket under a server-side TLS socket (node:tls keeps it as `_parent`). */
+function rawSocket(socket: TLSSocket): Socket | undefined {
+  return (socket as TLSSocket & { _parent?: Socket })._parent ?? undefined;
 }

@@ -6,6 +6,7 @@ const REASONS: Readonly<Record<number, string>> = {
   400: 'BadRequest',
   401: 'Unauthorized',
   403: 'Forbidden',
+  429: 'TooManyRequests',
   500: 'InternalError',
   502: 'InternalError',
   503: 'ServiceUnavailable',
@@ -29,7 +30,12 @@ export function kubeStatus(code: number, message: string): string {
 }
 
 /** Writes a Status response unless headers went out already (then the stream is cut, which clients see). */
-export function sendStatus(res: ServerResponse | Http2ServerResponse, code: number, message: string): void {
+export function sendStatus(
+  res: ServerResponse | Http2ServerResponse,
+  code: number,
+  message: string,
+  headers: Record<string, string> = {},
+): void {
   if (res.headersSent) {
     res.destroy();
     return;
@@ -39,5 +45,6 @@ export function sendStatus(res: ServerResponse | Http2ServerResponse, code: numb
   res.setHeader('content-type', 'application/json');
   res.setHeader('content-length', Buffer.byteLength(body));
   res.setHeader('cache-control', 'no-store');
+  for (const [name, value] of Object.entries(headers)) res.setHeader(name, value);
   res.end(body);
 }
