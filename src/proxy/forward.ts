@@ -140,7 +140,10 @@ const UNREACHABLE = new Set([
 
 function upstreamFailure(origin: string, err: Error & { code?: string }): UpstreamError {
   if (err instanceof UpstreamError) return err;
-  const status = err.code !== undefined && UNREACHABLE.has(err.code) ? 503 : 502;
+  // HTTP/2 reports a failed connect as a cancelled stream whose cause is the connect error.
+  const cause = (err as { cause?: { code?: string } }).cause;
+  const code = err.code === 'ERR_HTTP2_STREAM_CANCEL' && cause?.code !== undefined ? cause.code : err.code;
+  const status = code !== undefined && UNREACHABLE.has(code) ? 503 : 502;
   return new UpstreamError(status, `kube-apiserver at ${origin}: ${err.message}`, { cause: err });
 }
 
@@ -440,7 +443,7 @@ export class Upstream {
       res.on('close', () => {
         if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
       });
-      endUnreadUpload(req, res);
+      endUnreadUpload(req);
       (req as NodeJS.ReadableStream).pipe(stream);
     });
   }
@@ -486,7 +489,7 @@ export class Upstream {
       res.on('close', () => {
         if (!upstreamReq.destroyed) upstreamReq.destroy();
       });
-      endUnreadUpload(req, res);
+      endUnreadUpload(req);
       (req as NodeJS.ReadableStream).pipe(upstreamReq);
     });
   }
@@ -652,18 +655,15 @@ export class Upstream {
 
 /**
  * When the answer is complete before the client finished its upload, the rest of the upload is refused rather
- * than left hanging: on HTTP/2 the request half is reset with NO_ERROR (RFC 9113 §8.1: the client stops sending);
- * on HTTP/1.1 node:http reads and discards what is left, or closes the connection.
+ * than left hanging: on HTTP/2 the stream is reset with NO_ERROR once the answer is sent (RFC 9113 §8.1: the
+ * client stops sending); on HTTP/1.1 node:http reads and discards what is left, or closes the connection.
  */
-function endUnreadUpload(
-  req: IncomingMessage | Http2ServerRequest,
-  res: ServerResponse | Http2ServerResponse,
-): void {
-  res.once('finish', () => {
-    if (req.complete) return;
-    if ('stream' in req && req.stream !== undefined && !req.stream.closed) {
-      req.stream.close(http2.constants.NGHTTP2_NO_ERROR);
-    }
+function endUnreadUpload(req: IncomingMessage | Http2ServerRequest): void {
+  if (!('stream' in req) || req.stream === undefined) return;
+  const stream = req.stream;
+  // The stream's writable side finishing is the answer sent (the response's own 'finish' waits for the close).
+  stream.once('finish', () => {
+    if (!req.complete && !stream.closed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
   });
 }
 

@@ -93,6 +93,12 @@ describe('forwarding to kube-apiserver', () => {
         });
         return;
       }
+      if (req.url?.endsWith('/early')) {
+        // Answers before reading the upload (as kube-apiserver does for a body over its limit).
+        res.writeHead(413, { 'content-type': 'application/json' });
+        res.end('{"kind":"Status","code":413}');
+        return;
+      }
       if (req.url?.includes('watch=true')) {
         res.writeHead(200, { 'content-type': 'application/json' });
         res.write('{"type":"ADDED"}\n');
@@ -282,6 +288,30 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
     }
   });
 
+  it('ends an HTTP/2 upload the upstream answered early, so the client does not hang', async () => {
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    try {
+      const outcome = await new Promise<{ status: number; closed: boolean }>((resolve, reject) => {
+        const s = session.request({
+          ':method': 'POST',
+          ':path': '/api/v1/namespaces/default/configmaps/early',
+        });
+        let status = 0;
+        s.on('response', (h) => {
+          status = Number(h[':status']);
+        });
+        s.on('error', reject);
+        s.resume();
+        // Half an upload, and the request half left open: only the proxy can end this stream now.
+        s.write(Buffer.alloc(64 * 1024));
+        s.on('close', () => resolve({ status, closed: true }));
+      });
+      assert.deepEqual(outcome, { status: 413, closed: true });
+    } finally {
+      session.close();
+    }
+  });
+
   it('joins an upgrade on 101 (exec over WebSocket) with the mapped identity upstream', async () => {
     seen = [];
     const answer = await rawHttp1(
@@ -324,7 +354,9 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
       'GET /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\n' +
         'Connection: close, Impersonate-User, Impersonate-Group, Authorization\r\n' +
         'AUTHORIZATION: Bearer stolen-1\r\nauthorization: Bearer stolen-2\r\n' +
-        'X-Remote-User: admin\r\nx-remote-group: system:masters\r\nX-Forwarded-For: 10.9.9.9\r\n\r\n',
+        'X-Remote-User: admin\r\nx-remote-group: system:masters\r\nX-Forwarded-For: 10.9.9.9\r\n' +
+        // Client addresses for kube-apiserver's audit, and an underscore twin of an identity header.
+        'Forwarded: for=10.9.9.9\r\nX-Real-Ip: 10.9.9.9\r\nX_Remote_User: admin\r\n\r\n',
     );
     assert.match(h1, /^HTTP\/1.1 200 /);
     // HTTP/2: mixed-case names arrive lower-cased; duplicates as lists.
@@ -337,6 +369,9 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
           'x-remote-user': ['a', 'b'],
           'x-forwarded-host': 'evil',
           'proxy-authorization': 'Basic x',
+          forwarded: 'for=10.9.9.9',
+          'x-real-ip': '10.9.9.9',
+          impersonate_user: 'system:admin',
         });
         s.on('response', () => resolve());
         s.on('error', reject);
@@ -363,6 +398,9 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
       assert.ok(!names.some((n) => n.startsWith('x-remote-')));
       assert.ok(!names.includes('proxy-authorization'));
       assert.ok(!names.includes('x-forwarded-host'));
+      assert.ok(!names.includes('forwarded'));
+      assert.ok(!names.includes('x-real-ip'));
+      assert.ok(!names.some((n) => n.includes('_')), 'no header name with "_" is forwarded');
       assert.equal(r.headers['x-forwarded-for'], '127.0.0.1');
     }
     // And any client Impersonate-* header, in any case and protocol, is refused outright.
@@ -436,7 +474,7 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
 });
 
 describe('the proxy’s own upstream errors', () => {
-  it('answers 503 when kube-apiserver is unreachable, and 504 when it does not answer in time', async () => {
+  it('answers 503 when kube-apiserver is unreachable, and 504 when it does not answer in time, on every path', async () => {
     const silent = http.createServer(() => {
       // Accepts and never answers.
     });
@@ -476,6 +514,62 @@ describe('the proxy’s own upstream errors', () => {
             url: new URL(`http://127.0.0.1:${(silent.address() as AddressInfo).port}`),
             authorization: () => undefined,
             responseHeadersTimeoutMs: 200,
+          }),
+        ),
+        504,
+      );
+      // Over HTTP/2 (an https: upstream) a refused connect arrives as a cancelled stream: still 503.
+      assert.equal(
+        await through(
+          new Upstream({ url: new URL(`https://127.0.0.1:${closedPort}`), authorization: () => undefined }),
+        ),
+        503,
+      );
+      // The upgrade path: 503 when nobody is there, 504 when nobody answers before the 101.
+      const upgradeThrough = async (upstream: Upstream): Promise<number | undefined> => {
+        const front = http.createServer();
+        front.on('upgrade', (req, socket, head) => {
+          upstream.upgrade(req, socket, head, identity, '127.0.0.1').catch((err: unknown) => {
+            socket.end(
+              `HTTP/1.1 ${err instanceof UpstreamError ? err.status : 500} X\r\nContent-Length: 0\r\n\r\n`,
+            );
+          });
+        });
+        await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
+        try {
+          return await new Promise<number | undefined>((resolve, reject) => {
+            const req = http.request({
+              host: '127.0.0.1',
+              port: (front.address() as AddressInfo).port,
+              path: '/api/v1/namespaces/default/pods/p/exec',
+              headers: { connection: 'Upgrade', upgrade: 'websocket' },
+            });
+            req.on('response', (res) => {
+              res.resume();
+              resolve(res.statusCode);
+            });
+            req.on('upgrade', () => resolve(101));
+            req.on('error', reject);
+            req.end();
+          });
+        } finally {
+          front.closeAllConnections();
+          await new Promise<void>((resolve) => front.close(() => resolve()));
+          upstream.close();
+        }
+      };
+      assert.equal(
+        await upgradeThrough(
+          new Upstream({ url: new URL(`https://127.0.0.1:${closedPort}`), authorization: () => undefined }),
+        ),
+        503,
+      );
+      assert.equal(
+        await upgradeThrough(
+          new Upstream({
+            url: new URL(`http://127.0.0.1:${(silent.address() as AddressInfo).port}`),
+            authorization: () => undefined,
+            longRunningHeadersTimeoutMs: 200,
           }),
         ),
         504,
