@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http, { type IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
+import tls from 'node:tls';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -347,7 +348,14 @@ upstream:
       const metrics = await (await fetch(`http://127.0.0.1:${proxy.admin.address.port}/metrics`)).text();
       assert.match(metrics, /ksp_policy_reload_errors_total [1-9]/);
       assert.match(metrics, /ksp_policy_last_reload_success 0/);
+      // Reverting to the content in force ends the failure: the alert on last_reload_success clears.
       writeFileSync(policyFile, policyYaml());
+      for (let i = 0; i < 100 && !logged('policy file valid again'); i++) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      const cleared = await (await fetch(`http://127.0.0.1:${proxy.admin.address.port}/metrics`)).text();
+      assert.match(cleared, /ksp_policy_last_reload_success 1/);
+      assert.match(cleared, /ksp_policy_generation [1-9]/);
     } finally {
       session.close();
     }
@@ -400,6 +408,49 @@ upstream:
     assert.equal(after.status, 401, after.body);
     assert.match(after.body, /ERR_X509_UNTRUSTED|ERR_X509_WRONG_TRUST_DOMAIN/);
     agent.destroy();
+  });
+
+  it('installs the new trust as soon as a policy edit drops a trust domain, not at the next request', async () => {
+    const count = (text: string): number => logs.filter((l) => l.includes(text)).length;
+    const reloads = count('policy reloaded');
+    const replaced = count('session ticket keys replaced');
+    // Only a spoke rule left: hub.example.org is no longer a trust domain the proxy accepts.
+    writeFileSync(
+      policyFile,
+      `rules:\n  - name: debugger\n    match:\n      id: spiffe://spoke.example.org/ns/ops/sa/debugger\n    identity:\n      user: debugger\n`,
+    );
+    for (let i = 0; i < 100 && count('policy reloaded') === reloads; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    assert.ok(count('policy reloaded') > reloads);
+    // No request or handshake happened since: the reload itself swapped the context and voided the tickets.
+    assert.equal(count('session ticket keys replaced'), replaced + 1);
+    writeFileSync(policyFile, policyYaml());
+    for (let i = 0; i < 100 && count('policy reloaded') === reloads + 1; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  });
+
+  it('refuses TLS 1.2 renegotiation', async () => {
+    const socket = tls.connect({
+      host: '127.0.0.1',
+      port: proxy.port,
+      maxVersion: 'TLSv1.2',
+      ALPNProtocols: ['http/1.1'],
+      ...tlsOptions(pki.good.clientArgocd),
+    });
+    socket.on('error', () => {});
+    await new Promise<void>((resolve) => socket.once('secureConnect', () => resolve()));
+    assert.equal(socket.getProtocol(), 'TLSv1.2');
+    const outcome = await new Promise<string>((resolve) => {
+      const asked = socket.renegotiate({ rejectUnauthorized: false }, (err) =>
+        resolve(err ? 'refused' : 'renegotiated'),
+      );
+      if (!asked) resolve('refused');
+      socket.once('close', () => resolve('refused'));
+    });
+    assert.equal(outcome, 'refused');
+    socket.destroy();
   });
 
   it('serves /healthz, /readyz and /metrics on the admin port', async () => {
