@@ -145,7 +145,7 @@ readiness:
     }
   });
 
-  it('is ready on the admin port with an SVID, a policy and a reachable upstream', async () => {
+  it('is ready on the admin port with an SVID, a live Workload API, a policy, a reachable upstream and room', async () => {
     const res = await fetch(`http://127.0.0.1:${proxy.admin.address.port}/readyz`);
     const report = (await res.json()) as { ready: boolean; checks: { name: string; ok: boolean }[] };
     assert.equal(res.status, 200, JSON.stringify(report));
@@ -153,8 +153,11 @@ readiness:
       report.checks.map((c) => [c.name, c.ok]),
       [
         ['svid', true],
+        ['identitySource', true],
         ['policy', true],
         ['upstream', true],
+        ['capacity', true],
+        ['shutdown', true],
       ],
     );
   });
