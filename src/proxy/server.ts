@@ -560,7 +560,7 @@ export class ProxyServer {
         ok: false,
         entry,
         status: 400,
-        message: `kube-svid-proxy: ${(err as Error).message}`,
+        message: `kube-svid-proxy: ${(err as Error).message} (${code})`,
         extra: { code },
       };
     }

@@ -251,3 +251,51 @@ function requestStatus(
     stream.on('close', () => resolve({ status, body }));
   });
 }
+
+describe('readiness.minSvidRemaining', () => {
+  it('warns at start when it is not shorter than the SVID lifetime, and /readyz says why it is not ready', async () => {
+    const pki = await makeDevPki();
+    const dir = mkdtempSync(join(tmpdir(), 'ksp-minsvid-'));
+    const write = (name: string, text: string): void => writeFileSync(join(dir, name), text);
+    write('proxy.crt', pki.good.proxyServer.chainPem);
+    write('proxy.key', pki.good.proxyServer.keyPem);
+    write('spoke.json', bundleJson(pki.spoke));
+    write('policy.yaml', 'rules: []\n');
+    const logs: string[] = [];
+    const { createLogger } = await import('../../src/observability/logger.ts');
+    const proxy = await startProxy(
+      parseProxyConfig(
+        `trustDomain: spoke.example.org
+listen: 127.0.0.1:0
+admin: { listen: 127.0.0.1:0 }
+policyFile: policy.yaml
+identity:
+  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json } }
+upstream: { url: "https://127.0.0.1:1" }
+readiness: { minSvidRemaining: 100000h }
+`,
+        join(dir, 'proxy.yaml'),
+      ),
+      {
+        logger: createLogger({ level: 'warn', stream: { write: (line: string) => void logs.push(line) } }),
+        defaultMetrics: false,
+        probeIntervalMs: 60_000,
+      },
+    );
+    try {
+      assert.ok(
+        logs.some((l) => l.includes('readiness.minSvidRemaining is not shorter than the SVID lifetime')),
+        logs.join(''),
+      );
+      const res = await fetch(`http://127.0.0.1:${proxy.admin.address.port}/readyz`);
+      assert.equal(res.status, 503);
+      const report = (await res.json()) as { checks: { name: string; ok: boolean; detail: string }[] };
+      const svid = report.checks.find((c) => c.name === 'svid');
+      assert.equal(svid?.ok, false);
+      assert.match(svid?.detail ?? '', /needs more than 360000000s/);
+    } finally {
+      await proxy.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
