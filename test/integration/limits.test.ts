@@ -14,7 +14,7 @@ import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import { bundleJson, type DevIdentity, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
-import { silentLogger } from '../../src/observability/logger.ts';
+import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
 
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
@@ -35,6 +35,7 @@ describe('limits: what one client can hold', () => {
   let upstream: http2.Http2SecureServer;
   let proxy: RunningProxy;
   const held: http2.Http2ServerResponse[] = [];
+  const logs: string[] = [];
   const upstreamSessions: http2.ServerHttp2Session[] = [];
   const sessions: http2.ClientHttp2Session[] = [];
 
@@ -90,7 +91,11 @@ timeouts:
 `,
         join(dir, 'proxy.yaml'),
       ),
-      { logger: silentLogger(), defaultMetrics: false, probeIntervalMs: 60_000 },
+      {
+        logger: createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } }),
+        defaultMetrics: false,
+        probeIntervalMs: 60_000,
+      },
     );
   });
 
@@ -180,6 +185,30 @@ timeouts:
     assert.match(text, /ksp_connections_closed_by_proxy_total\{reason="unauthenticated"\} [1-9]/);
   });
 
+  it('writes a bounded number of log lines however fast unauthenticated clients come (rapid reset)', async () => {
+    const before = logs.length;
+    // 50 connections without a certificate, each opening 20 streams and resetting them at once.
+    await Promise.all(
+      Array.from({ length: 50 }, async () => {
+        const anonymous = connect();
+        const closed = new Promise<void>((resolve) => anonymous.once('close', () => resolve()));
+        for (let i = 0; i < 20; i++) {
+          const s = anonymous.request({ ':path': `/api/v1/namespaces/n${i}/pods` });
+          s.on('error', () => {});
+          s.close(http2.constants.NGHTTP2_CANCEL);
+        }
+        await closed;
+      }),
+    );
+    const lines = logs.slice(before);
+    // One "client authentication refused" and at most one 401 line per interval, not one per connection or stream.
+    assert.ok(lines.length <= 4, `${lines.length} log lines:\n${lines.join('')}`);
+    assert.match(
+      await metrics(),
+      /ksp_authentication_failures_total\{code="ERR_TLS_NO_CLIENT_CERT"\} ([5-9]\d|\d{3,})/,
+    );
+  });
+
   it('closes an unauthenticated connection that sends nothing, after timeouts.unauthenticated', async () => {
     const socket = tls.connect({
       host: '127.0.0.1',
@@ -262,7 +291,6 @@ describe('readiness.minSvidRemaining', () => {
     write('spoke.json', bundleJson(pki.spoke));
     write('policy.yaml', 'rules: []\n');
     const logs: string[] = [];
-    const { createLogger } = await import('../../src/observability/logger.ts');
     const proxy = await startProxy(
       parseProxyConfig(
         `trustDomain: spoke.example.org
