@@ -550,4 +550,46 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
       });
     }
   });
+
+  describe('starvation: one client’s watches cannot hold up another client’s requests', () => {
+    it('answers the limited client’s GET while the unlimited client holds 400 watches on kube-apiserver', async () => {
+      // 400 watches over two HTTP/2 connections (limits.maxStreamsPerConnection is 250 by default).
+      const watchers = [connectHttp2(client('unlimited')), connectHttp2(client('unlimited'))];
+      try {
+        const opened = await Promise.all(
+          Array.from(
+            { length: 400 },
+            (_, i) =>
+              new Promise<number>((resolve) => {
+                const stream = (watchers[i % 2] as http2.ClientHttp2Session).request({
+                  ':path': `/api/v1/namespaces/allowed/configmaps?watch=true&labelSelector=n%3D${i}`,
+                });
+                stream.on('error', () => resolve(0));
+                stream.on('response', (headers) => resolve(Number(headers[':status'])));
+                stream.resume();
+              }),
+          ),
+        );
+        assert.deepEqual(
+          [...new Set(opened)],
+          [200],
+          'every watch is open on kube-apiserver (the control: they really hold streams)',
+        );
+        assert.equal(proxy.server.inFlight(UNLIMITED).longRunning, 400);
+        // Before the separate pools, this waited 70 s behind the watches and failed with 504.
+        for (const way of WAYS) {
+          const answer = await send('limited', way, 'GET', '/api/v1/namespaces/allowed/pods/p1');
+          assert.equal(answer.status, 200, `${way}: ${answer.body.slice(0, 200)}`);
+        }
+      } finally {
+        for (const w of watchers) w.destroy();
+      }
+      for (let i = 0; i < 100 && proxy.server.inFlight(UNLIMITED).longRunning > 0; i++) await sleep(100);
+      assert.equal(
+        proxy.server.inFlight(UNLIMITED).longRunning,
+        0,
+        'closing the watches gives the slots back',
+      );
+    });
+  });
 });
