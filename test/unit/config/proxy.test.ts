@@ -3,6 +3,7 @@ import { join, resolve } from 'node:path';
 import { describe, it } from 'node:test';
 import { isAgentError } from '../../../src/agent/errors.ts';
 import { type ProxyConfigError, parseHostPort, parseProxyConfig } from '../../../src/config/proxy.ts';
+import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/proxy/limits.ts';
 
 const repo = resolve(import.meta.dirname, '..', '..', '..');
 const sample = join(repo, 'examples', 'proxy', 'proxy.yaml');
@@ -142,5 +143,170 @@ describe('parseProxyConfig: upstream from the service account or a kubeconfig', 
     refuses(`${HEAD}  inCluster: "yes"\n`, '4:14', /upstream\.inCluster must be true or false/);
     refuses(`${HEAD}  kubeconfig: k\n  context: ""\n`, '5:12', /upstream\.context is empty/);
     refuses(`${HEAD}  kubeconfig: [a]\n`, '4:15', /upstream\.kubeconfig must be a string/);
+  });
+});
+
+describe('parseProxyConfig: limits and timeouts', () => {
+  it('uses the defaults when limits and timeouts are absent', () => {
+    const config = parseProxyConfig(MIN, '/etc/ksp/proxy.yaml');
+    assert.deepEqual(config.limits, DEFAULT_LIMITS);
+    assert.deepEqual(config.timeouts, DEFAULT_TIMEOUTS);
+  });
+
+  it('accepts every limits key, and keeps the default of the keys not given', () => {
+    const config = parseProxyConfig(
+      `${MIN}limits:
+  maxConnections: 10
+  maxStreamsPerConnection: 20
+  maxRequestsPerIdentity: 30
+  maxLongRunningPerIdentity: 40
+  maxUpstreamSessions: 5
+  maxLongRunningUpstreamSessions: 6
+`,
+      '/etc/ksp/proxy.yaml',
+    );
+    assert.deepEqual(config.limits, {
+      maxConnections: 10,
+      maxStreamsPerConnection: 20,
+      maxRequestsPerIdentity: 30,
+      maxLongRunningPerIdentity: 40,
+      maxUpstreamSessions: 5,
+      maxLongRunningUpstreamSessions: 6,
+    });
+    const one = parseProxyConfig(`${MIN}limits: { maxConnections: 1 }\n`, '/etc/ksp/proxy.yaml');
+    assert.deepEqual(one.limits, { ...DEFAULT_LIMITS, maxConnections: 1 });
+    assert.deepEqual(one.timeouts, DEFAULT_TIMEOUTS);
+  });
+
+  it('accepts every timeouts key as a duration, in milliseconds, and a shutdownDrain of 0', () => {
+    const config = parseProxyConfig(
+      `${MIN}timeouts:
+  handshake: 5s
+  idle: 10m
+  responseHeaders: 1m10s
+  longRunningResponseHeaders: 1s
+  shutdownDrain: 0
+  unauthenticated: 2
+`,
+      '/etc/ksp/proxy.yaml',
+    );
+    assert.deepEqual(config.timeouts, {
+      handshakeMs: 5_000,
+      idleMs: 600_000,
+      responseHeadersMs: 70_000,
+      longRunningResponseHeadersMs: 1_000,
+      shutdownDrainMs: 0,
+      unauthenticatedMs: 2_000,
+    });
+    const drain = parseProxyConfig(`${MIN}timeouts: { shutdownDrain: 1500ms }\n`, '/etc/ksp/proxy.yaml');
+    assert.deepEqual(drain.timeouts, { ...DEFAULT_TIMEOUTS, shutdownDrainMs: 1500 });
+    assert.deepEqual(drain.limits, DEFAULT_LIMITS);
+  });
+
+  it('refuses a limit that is 0, negative, fractional, too large or not a number, at its line and column', () => {
+    const limit = (value: string): string => `${MIN}limits:\n  maxConnections: ${value}\n`;
+    refuses(limit('0'), '6:19', /^limits\.maxConnections must be between 1 and 1000000, got 0$/);
+    refuses(limit('-3'), '6:19', /^limits\.maxConnections must be between 1 and 1000000, got -3$/);
+    refuses(limit('2.5'), '6:19', /^limits\.maxConnections must be a whole number$/);
+    refuses(limit('2000000'), '6:19', /must be between 1 and 1000000, got 2000000/);
+    refuses(limit('ten'), '6:19', /^limits\.maxConnections must be a number, got a string "ten"$/);
+    refuses(limit('"10"'), '6:19', /^limits\.maxConnections must be a number, got a string "10"$/);
+    refuses(limit('[1]'), '6:19', /^limits\.maxConnections must be a number, got a list$/);
+    refuses(
+      `${MIN}limits:\n  maxUpstreamSessions: 1001\n`,
+      '6:24',
+      /^limits\.maxUpstreamSessions must be between 1 and 1000, got 1001$/,
+    );
+  });
+
+  it('refuses an unknown key in limits or timeouts, naming the allowed ones', () => {
+    refuses(
+      `${MIN}limits:\n  maxConnection: 10\n`,
+      '6:3',
+      /^unknown key "maxConnection" in limits \(allowed: maxConnections, .*maxLongRunningUpstreamSessions\)$/,
+    );
+    refuses(
+      `${MIN}timeouts:\n  drain: 3s\n`,
+      '6:3',
+      /^unknown key "drain" in timeouts \(allowed: handshake, .*shutdownDrain, unauthenticated\)$/,
+    );
+    refuses(`${MIN}limits: 10\n`, '5:9', /^limits must be a map, got a number \(10\)$/);
+    refuses(`${MIN}timeouts: [1s]\n`, '5:11', /^timeouts must be a map, got a list$/);
+  });
+
+  it('refuses a timeout under its minimum, negative, or not a duration, at its line and column', () => {
+    const timeout = (key: string, value: string): string => `${MIN}timeouts:\n  ${key}: ${value}\n`;
+    for (const key of [
+      'handshake',
+      'idle',
+      'responseHeaders',
+      'longRunningResponseHeaders',
+      'unauthenticated',
+    ]) {
+      const at = `6:${key.length + 5}`;
+      refuses(
+        timeout(key, '500ms'),
+        at,
+        new RegExp(`^timeouts\\.${key} "500ms" is shorter than the minimum of 1s$`),
+      );
+      refuses(timeout(key, '0'), at, new RegExp(`^timeouts\\.${key} "0" is shorter than the minimum of 1s$`));
+    }
+    refuses(
+      timeout('shutdownDrain', '-1'),
+      '6:18',
+      /^timeouts\.shutdownDrain: duration -1 must be a non-negative number of seconds$/,
+    );
+    refuses(timeout('idle', '-5s'), '6:9', /^timeouts\.idle: duration "-5s" is not valid/);
+    refuses(timeout('idle', 'soon'), '6:9', /^timeouts\.idle: duration "soon" is not valid at "soon"/);
+    refuses(
+      timeout('idle', 'true'),
+      '6:9',
+      /^timeouts\.idle must be a duration such as 1h, 5m or 30s, got a boolean/,
+    );
+  });
+
+  it('collects every problem of limits and timeouts before refusing', () => {
+    assert.throws(
+      () =>
+        parseProxyConfig(
+          `${MIN}limits: { maxConnections: 0, maxUpstreamSessions: 1.5 }\ntimeouts: { idle: 1ms }\n`,
+          '/etc/ksp/proxy.yaml',
+        ),
+      (err: unknown) => {
+        const messages = (err as ProxyConfigError).problems.map((p) => p.message);
+        assert.equal(messages.length, 3, JSON.stringify(messages));
+        assert.match(
+          messages.join('\n'),
+          /limits\.maxConnections.*\n.*limits\.maxUpstreamSessions.*\n.*timeouts\.idle/,
+        );
+        return true;
+      },
+    );
+  });
+});
+
+describe('parseProxyConfig: upstream.url is an origin', () => {
+  const url = (u: string): string => MIN.replace('https://127.0.0.1:6443', u);
+
+  it('accepts scheme, host and port, with or without the trailing slash', () => {
+    for (const u of [
+      'https://127.0.0.1:6443',
+      'https://127.0.0.1:6443/',
+      'https://[::1]:6443',
+      'http://k:80',
+    ]) {
+      const config = parseProxyConfig(url(u), '/etc/ksp/proxy.yaml');
+      assert.equal(config.upstream.kind, 'explicit');
+    }
+  });
+
+  it('refuses a path, a query or a fragment at the url, naming what an origin is', () => {
+    const origin = /must be an origin \(scheme, host and port; no path, query or fragment\)/;
+    refuses(url('https://127.0.0.1:6443/api'), '4:8', origin);
+    refuses(url('https://127.0.0.1:6443/k8s/clusters/c-1/'), '4:8', origin);
+    refuses(url('https://127.0.0.1:6443?timeout=5s'), '4:8', origin);
+    refuses(url('https://127.0.0.1:6443/?a=b'), '4:8', origin);
+    refuses(url('"https://127.0.0.1:6443#f"'), '4:8', origin);
+    refuses(url('https://127.0.0.1:6443/api'), '4:8', /^upstream\.url "https:\/\/127\.0\.0\.1:6443\/api": /);
   });
 });
