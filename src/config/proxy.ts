@@ -91,6 +91,7 @@ const LIMITS: Readonly<Record<keyof ProxyLimits, number>> = {
   maxUpstreamSessions: 1_000,
   maxLongRunningUpstreamSessions: 1_000,
 };
+const MAX_TIMEOUT_SECONDS = 24 * 3600;
 /** `timeouts.<key>` → the field it sets, in milliseconds, and its minimum in seconds. */
 const TIMEOUTS: Readonly<Record<string, { field: keyof ProxyTimeouts; minSeconds: number }>> = {
   handshake: { field: 'handshakeMs', minSeconds: 1 },
@@ -256,7 +257,13 @@ function readTop(
       const field = t.get(key);
       if (field === undefined) continue;
       const seconds = r.duration(field.value, field.valueOffset, `timeouts.${key}`, minSeconds);
-      if (seconds !== undefined) timeouts[name] = seconds * 1000;
+      if (seconds === undefined) continue;
+      // Node's timers hold at most 2^31-1 ms (24.8 days); a day is more than any of these should ever be.
+      if (seconds > MAX_TIMEOUT_SECONDS) {
+        r.report(field.valueOffset, `timeouts.${key} must be at most 24h`);
+        continue;
+      }
+      timeouts[name] = seconds * 1000;
     }
   }
 

@@ -75,7 +75,7 @@ export class ProxyMetrics {
 
     this.#handshakes = new Counter({
       name: 'ksp_handshakes_total',
-      help: 'TLS handshakes on the data port, by result: ok (valid SVID), refused (no or invalid SVID), error (TLS failure).',
+      help: 'TLS handshakes on the data port, by result: ok (valid SVID), refused (no or invalid SVID), error (TLS failure), no_client_hello (closed or timed out before sending a byte).',
       labelNames: ['result'],
       registers,
     });
@@ -83,7 +83,7 @@ export class ProxyMetrics {
     for (const result of HANDSHAKE_RESULTS) this.#handshakes.inc({ result }, 0);
     this.#handshakeDuration = new Histogram({
       name: 'ksp_handshake_duration_seconds',
-      help: 'Duration of TLS handshakes on the data port, whatever their result.',
+      help: 'Duration of TLS handshakes on the data port that completed (ok or refused).',
       buckets: [...HANDSHAKE_BUCKETS],
       registers,
     });
@@ -216,9 +216,10 @@ export class ProxyMetrics {
     return this.registry.metrics();
   }
 
-  handshake(result: HandshakeResult, seconds: number): void {
+  /** `seconds` is the handshake's duration when it was measured (not for probes and TLS failures). */
+  handshake(result: HandshakeResult, seconds?: number): void {
     this.#handshakes.inc({ result });
-    this.#handshakeDuration.observe(seconds);
+    if (seconds !== undefined) this.#handshakeDuration.observe(seconds);
   }
 
   authFailure(code: string): void {

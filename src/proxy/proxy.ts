@@ -155,11 +155,14 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
     closers.push(() => clearInterval(probeTimer));
 
     // A minSvidRemaining at or above the SVID's whole lifetime would keep the proxy unready for ever.
+    let warnedLifetime: number | undefined;
     const checkLifetime = (): void => {
       const leaf = currentSvid(source)?.certificates[0];
       if (leaf === undefined) return;
       const lifetime = (leaf.validToDate.getTime() - leaf.validFromDate.getTime()) / 1000;
-      if (config.minSvidRemainingSeconds >= lifetime) {
+      if (config.minSvidRemainingSeconds >= lifetime && warnedLifetime !== lifetime) {
+        // Once per SVID lifetime seen, not at every rotation.
+        warnedLifetime = lifetime;
         log.warn(
           { minSvidRemaining: config.minSvidRemainingSeconds, svidLifetime: lifetime },
           'readiness.minSvidRemaining is not shorter than the SVID lifetime: the proxy will never be ready; ' +
@@ -303,23 +306,23 @@ function currentSvid(source: IdentitySource): ReturnType<IdentitySource['svid']>
   }
 }
 
-/** Configuration keys that differ between two loads and that only a restart applies. */
+/** Configuration keys (as written in proxy.yaml) that differ between two loads and that only a restart applies. */
 function restartKeys(a: ProxyConfig, b: ProxyConfig): string[] {
-  const keys: (keyof ProxyConfig)[] = [
-    'trustDomain',
-    'listen',
-    'admin',
-    'policyFile',
-    'identity',
-    'upstream',
-    'minSvidRemainingSeconds',
-    'logLevel',
-    'limits',
-    'timeouts',
+  const keys: [keyof ProxyConfig, string][] = [
+    ['trustDomain', 'trustDomain'],
+    ['listen', 'listen'],
+    ['admin', 'admin.listen'],
+    ['policyFile', 'policyFile'],
+    ['identity', 'identity'],
+    ['upstream', 'upstream'],
+    ['minSvidRemainingSeconds', 'readiness.minSvidRemaining'],
+    ['logLevel', 'logLevel'],
+    ['limits', 'limits'],
+    ['timeouts', 'timeouts'],
   ];
   const text = (v: unknown): string =>
     JSON.stringify(v, (_k, value) =>
       value instanceof Map ? [...value] : value instanceof URL ? value.href : value,
     ) ?? '';
-  return keys.filter((k) => text(a[k]) !== text(b[k])).map(String);
+  return keys.filter(([k]) => text(a[k]) !== text(b[k])).map(([, name]) => name);
 }

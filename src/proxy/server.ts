@@ -184,13 +184,13 @@ export class ProxyServer {
       const code = err.code ?? 'ERR_TLS_HANDSHAKE';
       // Nothing received at all: a TCP probe, a port scan or a load balancer check, not a failed client.
       if (rawSocket(socket)?.bytesRead === 0) {
-        metrics?.handshake('no_client_hello', 0);
+        metrics?.handshake('no_client_hello');
         if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics?.connectionClosedByProxy('handshake_timeout');
         this.#log.debug({ peer: socket.remoteAddress, code }, 'connection closed before a ClientHello');
         return;
       }
       if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics?.connectionClosedByProxy('handshake_timeout');
-      metrics?.handshake('error', 0);
+      metrics?.handshake('error');
       metrics?.authFailure(code);
       this.#quiet.warn(
         `tls:${code}`,
@@ -551,6 +551,21 @@ export class ProxyServer {
     headers: IncomingHttpHeaders,
   ): Promise<Admission> {
     const entry: Record<string, unknown> = { peer: socket.remoteAddress };
+    // Authentication first: a client without a valid SVID gets its one 401 and the connection closes, whatever
+    // its request target (a bad target must not buy an unauthenticated client an audit line per request).
+    const state = this.#state(socket);
+    const identity = this.#authenticated(socket, state);
+    if (!('id' in identity)) {
+      return {
+        ok: false,
+        entry,
+        status: 401,
+        close: true,
+        message: `kube-svid-proxy: SPIFFE authentication failed (${identity.code}): ${identity.message}`,
+        extra: { decision: 'unauthenticated', code: identity.code },
+      };
+    }
+    entry.spiffeId = identity.id.toString();
     let info: RequestInfo;
     try {
       info = requestInfo(method, url);
@@ -566,22 +581,9 @@ export class ProxyServer {
     }
     entry.verb = info.verb;
     entry.path = info.path;
-    const state = this.#state(socket);
-    const identity = this.#authenticated(socket, state);
-    if (!('id' in identity)) {
-      return {
-        ok: false,
-        entry,
-        status: 401,
-        close: true,
-        message: `kube-svid-proxy: SPIFFE authentication failed (${identity.code}): ${identity.message}`,
-        extra: { decision: 'unauthenticated', code: identity.code },
-      };
-    }
-    entry.spiffeId = identity.id.toString();
     const metrics = this.#options.metrics;
     const requested = parseImpersonationHeaders(headers);
-    if (requested !== undefined) return this.#admitNested(state, identity, info, url, entry, requested);
+    if (requested !== undefined) return this.#admitNested(state, identity, info, entry, requested);
     const decision = this.#decide(state, identity, info);
     if (!decision.allowed) {
       metrics?.decision(decision.rule ?? '', false, decision.code);
@@ -597,7 +599,7 @@ export class ProxyServer {
     entry.rule = decision.rule;
     entry.user = decision.identity.user;
     entry.groups = decision.identity.groups;
-    return { ok: true, entry, identity: decision.identity, longRunning: isLongRunning(info, url) };
+    return { ok: true, entry, identity: decision.identity, longRunning: isLongRunning(info) };
   }
 
   /**
@@ -610,7 +612,6 @@ export class ProxyServer {
     state: ConnectionState,
     identity: PeerIdentity,
     info: RequestInfo,
-    url: string,
     entry: Record<string, unknown>,
     requested: NestedImpersonationRequest | { readonly refused: string },
   ): Promise<Admission> {
@@ -648,7 +649,7 @@ export class ProxyServer {
       groups: decision.nested.groups,
       extra: { [NESTED_SPIFFE_ID_EXTRA]: [identity.id.toString()] },
     };
-    return { ok: true, entry, identity: forwarded, longRunning: isLongRunning(info, url) };
+    return { ok: true, entry, identity: forwarded, longRunning: isLongRunning(info) };
   }
 
   #audit(
@@ -854,11 +855,13 @@ type Admission =
       close?: boolean;
     };
 
-/** Requests kube-apiserver itself treats as long-running: no response timeout on them. */
-function isLongRunning(info: RequestInfo, url: string): boolean {
-  if (info.verb === 'watch') return true;
-  if (['exec', 'attach', 'portforward', 'proxy'].includes(info.subresource)) return true;
-  return info.subresource === 'log' && /[?&]follow=(true|1)(&|$)/.test(url);
+/**
+ * Requests kube-apiserver itself treats as long-running (its LongRunningRequestCheck: the verbs watch and proxy,
+ * the subresources attach, exec, log, portforward and proxy): no 70 s limit, and the long-running pool.
+ */
+function isLongRunning(info: RequestInfo): boolean {
+  if (info.verb === 'watch' || info.verb === 'proxy') return true;
+  return ['attach', 'exec', 'log', 'portforward', 'proxy'].includes(info.subresource);
 }
 
 /** A Kubernetes Status as a whole HTTP/1.1 response on a raw socket (the upgrade path), then close. */
