@@ -659,13 +659,19 @@ export class Upstream {
  * client stops sending); on HTTP/1.1 node:http reads and discards what is left, or closes the connection.
  */
 function endUnreadUpload(req: IncomingMessage | Http2ServerRequest): void {
-  if (!('stream' in req) || req.stream === undefined) return;
+  if (!('stream' in req) || req.stream === undefined || req.stream.endAfterHeaders) return;
   const stream = req.stream;
-  // The stream's writable side finishing is the answer sent (the response's own 'finish' waits for the close).
+  // 'finish' means nghttp2 holds the last DATA frame, not that it was sent, and a RST_STREAM would overtake it:
+  // give the answer time to leave, then reset only a stream whose client half is still open.
   stream.once('finish', () => {
-    if (!req.complete && !stream.closed) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+    setTimeout(() => {
+      if (!stream.closed && stream.state?.remoteClose === 0) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+    }, UNREAD_UPLOAD_GRACE_MS).unref();
   });
 }
+
+/** How long an answered HTTP/2 stream may keep uploading before it is reset. */
+const UNREAD_UPLOAD_GRACE_MS = 1000;
 
 /** An HTTP/1.1 response head for the raw client socket: upstream's status and headers (minus framing when closing). */
 function responseHead(res: IncomingMessage, closing: boolean): string {
