@@ -707,26 +707,38 @@ export class ProxyServer {
       );
       this.#audit(started, admission.entry, status, { decision: 'allow' });
     } catch (err) {
-      const status = err instanceof UpstreamError ? err.status : 502;
-      const limit = err instanceof UpstreamError ? err.limit : undefined;
-      if (limit !== undefined) this.#options.metrics?.limitRefused(limit);
-      this.#quiet.warn(
-        `upstream:${limit ?? status}`,
-        { err: { message: (err as Error).message }, ...(limit ? { limit } : {}) },
-        'forwarding failed',
-      );
-      sendStatus(
-        res,
-        status,
-        `kube-svid-proxy: ${(err as Error).message}`,
-        limit ? { 'retry-after': '1' } : {},
-      );
-      this.#audit(started, admission.entry, status, {
-        decision: 'allow',
-        code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
-        ...(limit ? { limit } : {}),
-      });
+      const failure = this.#forwardingFailed(err, 'forwarding failed', started, admission.entry);
+      sendStatus(res, failure.status, failure.message, failure.headers);
     }
+  }
+
+  /**
+   * Forwarding failed (kube-apiserver unreachable, broken, too slow, or an upstream limit): counted, logged at a
+   * limited rate, audited with ERR_PROXY_LIMIT or ERR_UPSTREAM; returns the answer for the client.
+   */
+  #forwardingFailed(
+    err: unknown,
+    what: string,
+    started: number,
+    entry: Record<string, unknown>,
+    extra: Record<string, unknown> = {},
+  ): { status: number; message: string; headers: Record<string, string> } {
+    const status = err instanceof UpstreamError ? err.status : 502;
+    const limit = err instanceof UpstreamError ? err.limit : undefined;
+    const message = `kube-svid-proxy: ${(err as Error).message}`;
+    if (limit !== undefined) this.#options.metrics?.limitRefused(limit);
+    this.#quiet.warn(
+      `${what}:${limit ?? status}`,
+      { err: { message: (err as Error).message }, ...(limit ? { limit } : {}) },
+      what,
+    );
+    this.#audit(started, entry, status, {
+      decision: 'allow',
+      code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
+      ...(limit ? { limit } : {}),
+      ...extra,
+    });
+    return { status, message, headers: limit ? { 'retry-after': '1' } : {} };
   }
 
   /** A request over a per-identity limit: 429 with Retry-After, counted, audited with the limit's key. */
@@ -826,20 +838,10 @@ export class ProxyServer {
       );
       this.#audit(started, admission.entry, status, { decision: 'allow', upgrade: req.headers.upgrade });
     } catch (err) {
-      const status = err instanceof UpstreamError ? err.status : 502;
-      const limit = err instanceof UpstreamError ? err.limit : undefined;
-      if (limit !== undefined) this.#options.metrics?.limitRefused(limit);
-      this.#quiet.warn(
-        `upgrade:${limit ?? status}`,
-        { err: { message: (err as Error).message }, ...(limit ? { limit } : {}) },
-        'upgrade forwarding failed',
-      );
-      writeRawStatus(socket, status, `kube-svid-proxy: ${(err as Error).message}`);
-      this.#audit(started, admission.entry, status, {
-        decision: 'allow',
-        code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
-        ...(limit ? { limit } : {}),
+      const failure = this.#forwardingFailed(err, 'upgrade forwarding failed', started, admission.entry, {
+        upgrade: req.headers.upgrade,
       });
+      writeRawStatus(socket, failure.status, failure.message, failure.headers);
     }
   }
 }
