@@ -22,6 +22,7 @@ import {
 } from '../policy/types.ts';
 import { BundleSet } from '../spiffe/bundle.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
+import type { X509Svid } from '../spiffe/x509svid.ts';
 import {
   Authenticator,
   authFailureCode,
@@ -125,6 +126,8 @@ export class ProxyServer {
   readonly #counters: IdentityCounters;
   readonly #quiet: RateLimitedLog;
   #draining = false;
+  /** Why the identity source has no SVID to serve with, while it has none. */
+  #withoutSvid: string | undefined;
   #trust: TrustState;
   #trustKey = '';
   #roots = new Set<string>();
@@ -142,7 +145,7 @@ export class ProxyServer {
     this.#trust = { bundles: new BundleSet(), generation: 0 };
     this.#refreshTrust();
     this.server = http2.createSecureServer({
-      ...this.#secureContextOptions(),
+      ...this.#secureContextOptions(this.#options.source.svid()),
       allowHTTP1: true,
       requestCert: true,
       rejectUnauthorized: false,
@@ -393,8 +396,7 @@ export class ProxyServer {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 
-  #secureContextOptions(): { cert: string; key: string; ca: string[]; secureOptions: number } {
-    const svid = this.#options.source.svid();
+  #secureContextOptions(svid: X509Svid): { cert: string; key: string; ca: string[]; secureOptions: number } {
     return {
       // TLS 1.2 renegotiation is never needed and has a history of attacks: refused.
       secureOptions: cryptoConstants.SSL_OP_NO_RENEGOTIATION,
@@ -423,7 +425,7 @@ export class ProxyServer {
     this.#roots = roots;
     this.#trust = { bundles, generation: this.#trust.generation + 1 };
     if (this.server !== undefined) {
-      this.server.setSecureContext(this.#secureContextOptions());
+      this.#installContext();
       if (lost) {
         // A removed authority must not live on in resumable sessions: new ticket keys void every old ticket.
         this.server.setTicketKeys(randomBytes(48));
@@ -433,11 +435,43 @@ export class ProxyServer {
     return true;
   }
 
+  /** The SVID to serve with, or undefined (and why) while the identity source has none. */
+  #svid(): X509Svid | undefined {
+    try {
+      const svid = this.#options.source.svid();
+      if (this.#withoutSvid !== undefined) {
+        this.#log.info(
+          { spiffeId: svid.id.toString() },
+          'an SVID to serve with is back: accepting clients again',
+        );
+        this.#withoutSvid = undefined;
+      }
+      return svid;
+    } catch (err) {
+      if (this.#withoutSvid === undefined) {
+        this.#withoutSvid = (err as Error).message;
+        this.#log.error(
+          { err: { message: this.#withoutSvid } },
+          'no SVID to serve with: new connections are closed after their handshake and /readyz fails until ' +
+            'the identity source delivers one again; open connections keep going',
+        );
+      }
+      return undefined;
+    }
+  }
+
+  /** A new secure context for new handshakes (current SVID and CA names); none while there is no SVID. */
+  #installContext(): void {
+    const svid = this.#svid();
+    if (svid !== undefined) this.server.setSecureContext(this.#secureContextOptions(svid));
+  }
+
   #onIdentityUpdate(): void {
     if (this.#closed) return;
     // A changed trust state installed the new context already; otherwise only the SVID changed.
-    if (!this.#refreshTrust()) this.server.setSecureContext(this.#secureContextOptions());
-    const svid = this.#options.source.svid();
+    if (!this.#refreshTrust()) this.#installContext();
+    const svid = this.#svid();
+    if (svid === undefined) return;
     this.#log.info(
       {
         spiffeId: svid.id.toString(),
@@ -457,6 +491,17 @@ export class ProxyServer {
     const state = this.#register(socket);
     metrics?.connectionOpened();
     socket.once('close', () => metrics?.connectionClosed());
+    if (this.#withoutSvid !== undefined) {
+      // The SVID this handshake presented was withdrawn: nothing is served under it.
+      metrics?.connectionClosedByProxy('no_svid');
+      this.#quiet.warn(
+        'no_svid',
+        { peer: socket.remoteAddress, reason: this.#withoutSvid },
+        'connection closed: no SVID to serve with',
+      );
+      socket.destroy();
+      return;
+    }
     try {
       state.identity = this.#authenticator.authenticate(socket, this.trust);
       metrics?.handshake('ok', seconds);
