@@ -6,8 +6,9 @@ import { DEFAULT_AGENT_SOCKET } from '../config/agent.ts';
 import { parseDuration } from '../config/duration.ts';
 import type { BundleSet } from '../spiffe/bundle.ts';
 import { WorkloadApiError, WorkloadClient, type X509Context } from '../workload/client.ts';
+import { WorkloadError } from '../workload/errors.ts';
 import { ENDPOINT_SOCKET_ENV } from '../workload/proto.ts';
-import { EXIT, out, UsageError } from './common.ts';
+import { EXIT, err, out, UsageError } from './common.ts';
 
 const COMMON = {
   socket: { type: 'string' },
@@ -169,7 +170,12 @@ async function fetchBundles(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: COMMON });
   const c = client(values);
   try {
-    const [x509, jwt] = await Promise.all([c.fetchX509Bundles(), c.fetchJwtBundles()]);
+    const [x509, jwt] = await Promise.all([
+      c.fetchX509Bundles(),
+      c.fetchJwtBundles({
+        onIgnoredKey: (td, index, why) => err(`note: JWT bundle of ${td}: keys[${index}] ignored: ${why}\n`),
+      }),
+    ]);
     if (values.json) {
       out(`${JSON.stringify({ x509: bundlesJson(x509), jwt: bundlesJson(jwt) }, null, 2)}\n`);
     } else {
@@ -209,7 +215,11 @@ export async function apiCommand(args: string[]): Promise<number> {
     if (verb === 'validate' && what === 'jwt') return await validateJwt(rest);
   } catch (e) {
     if (e instanceof WorkloadApiError) {
-      process.stderr.write(`kube-svid-proxy api: ${e.message}\n`);
+      err(`kube-svid-proxy api: ${e.message}\n`);
+      return EXIT.refused;
+    }
+    if (e instanceof WorkloadError) {
+      err(`kube-svid-proxy api: ${e.code}: ${e.message}\n`);
       return EXIT.refused;
     }
     throw e;

@@ -8,11 +8,27 @@ export const EXIT = { ok: 0, refused: 1, usage: 2, notBuilt: 3 } as const;
 /** Bad flags or arguments: printed with a pointer to `help`, exit 2. */
 export class UsageError extends Error {}
 
+/**
+ * Writes to stdout. A reader that went away (`api fetch x509 | head`) is not a failure: the process ends quietly
+ * with status 0, as the writer of a pipe should, instead of dying on an unhandled EPIPE with a stack trace.
+ */
 export function out(text: string): void {
+  if (process.stdout.listenerCount('error') === 0) {
+    process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code !== 'EPIPE') throw e;
+      process.exit(EXIT.ok);
+    });
+  }
   process.stdout.write(text);
 }
 
+/** Writes to stderr. A reader that went away loses the text, and nothing else: the exit status stays. */
 export function err(text: string): void {
+  if (process.stderr.listenerCount('error') === 0) {
+    process.stderr.on('error', (e: NodeJS.ErrnoException) => {
+      if (e.code !== 'EPIPE') throw e;
+    });
+  }
   process.stderr.write(text);
 }
 

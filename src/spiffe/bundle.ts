@@ -95,6 +95,34 @@ export class JwtBundle implements JwtBundleSource {
     this.authorities = map;
   }
 
+  /**
+   * Parses a standard JWK Set of JWT authorities, as the Workload API's FetchJWTBundles delivers it (SPIFFE
+   * Workload API §6.2.2: no SPIFFE members, `use` usually absent). Keys the specifications say to ignore are
+   * ignored and reported through `onIgnoredKey`, exactly as `SpiffeBundle.parse` ignores them: a `use` other
+   * than `jwt-svid` (such a key must never verify a JWT-SVID), a missing or unknown `kty`, a key type or curve
+   * that cannot verify a JWT-SVID. Anything else malformed is an error, so a broken update never silently
+   * shrinks the bundle.
+   */
+  static parse(
+    trustDomain: TrustDomain,
+    json: string | Uint8Array,
+    options: ParseBundleOptions = {},
+  ): JwtBundle {
+    const keys = parseJwkSet(trustDomain, json).keys;
+    const ignore = (index: number, reason: string): void => options.onIgnoredKey?.(index, reason);
+    const authorities: JwtAuthority[] = [];
+    for (const [index, key] of keys.entries()) {
+      const use = key.use;
+      if (use !== undefined && use !== JWT_USE) {
+        ignore(index, `"use" is ${JSON.stringify(use)}, not "${JWT_USE}"`);
+        continue;
+      }
+      const authority = jwtAuthorityOf(trustDomain, key, index, ignore);
+      if (authority !== undefined) authorities.push(authority);
+    }
+    return new JwtBundle(trustDomain, authorities);
+  }
+
   findAuthority(kid: string): KeyObject | undefined {
     return this.authorities.get(kid);
   }
@@ -122,12 +150,15 @@ const X509_USE = 'x509-svid';
 const JWT_USE = 'jwt-svid';
 /** JWT-SVID allows only RS*, PS* and ES* algorithms, so only RSA and EC keys can verify one. */
 const JWT_KEY_TYPES: ReadonlySet<string> = new Set(['RSA', 'EC']);
+/** The curves of ES256, ES384 and ES512 (RFC 7518 §3.4). */
+const JWT_CURVES: ReadonlySet<string> = new Set(['P-256', 'P-384', 'P-521']);
 const PRIVATE_JWK_MEMBERS = ['d', 'p', 'q', 'dp', 'dq', 'qi', 'oth', 'k'];
 const X509_KEY_TYPES: ReadonlySet<string> = new Set(['RSA', 'EC', 'OKP']);
 
 type Json = null | boolean | number | string | bigint | Json[] | { [key: string]: Json };
+type JsonObject = { [key: string]: Json };
 
-function isObject(v: Json | undefined): v is { [key: string]: Json } {
+function isObject(v: Json | undefined): v is JsonObject {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
@@ -198,28 +229,7 @@ export class SpiffeBundle implements X509BundleSource, JwtBundleSource {
     json: string | Uint8Array,
     options: ParseBundleOptions = {},
   ): SpiffeBundle {
-    const text = typeof json === 'string' ? json : Buffer.from(json).toString('utf8');
-    let doc: Json;
-    try {
-      // spiffe_sequence needs 64 bits: read integers from their source text, not through a double.
-      doc = JSON.parse(text, (_key, value, context?: { source?: string }) =>
-        typeof value === 'number' && context?.source !== undefined && /^-?\d+$/.test(context.source)
-          ? BigInt(context.source)
-          : value,
-      ) as Json;
-    } catch (cause) {
-      throw bundleError(
-        BundleErrorCode.Json,
-        trustDomain,
-        `not valid JSON (${(cause as Error).message})`,
-        cause,
-      );
-    }
-    if (!isObject(doc)) throw bundleError(BundleErrorCode.Json, trustDomain, 'not a JSON object');
-    const keys = doc.keys;
-    if (!Array.isArray(keys)) {
-      throw bundleError(BundleErrorCode.KeysMissing, trustDomain, '"keys" must be present and be an array');
-    }
+    const { doc, keys } = parseJwkSet(trustDomain, json);
 
     let sequence: bigint | undefined;
     if (doc.spiffe_sequence !== undefined) {
@@ -249,23 +259,19 @@ export class SpiffeBundle implements X509BundleSource, JwtBundleSource {
     const x509Authorities: X509Certificate[] = [];
     const jwtAuthorities: JwtAuthority[] = [];
     for (const [index, key] of keys.entries()) {
-      if (!isObject(key))
-        throw bundleError(BundleErrorCode.Json, trustDomain, `keys[${index}] is not an object`);
       const { use, kty } = key;
       if (typeof use !== 'string' || (use !== X509_USE && use !== JWT_USE)) {
         ignore(index, `unknown or missing "use" (${JSON.stringify(use ?? null)})`);
-      } else if (typeof kty !== 'string') {
-        ignore(index, 'missing "kty"');
       } else if (use === X509_USE) {
-        if (!X509_KEY_TYPES.has(kty)) ignore(index, `unknown key type "${kty}" for x509-svid`);
+        if (typeof kty !== 'string') ignore(index, 'missing "kty"');
+        else if (!X509_KEY_TYPES.has(kty)) ignore(index, `unknown key type "${kty}" for x509-svid`);
         else {
           const cert = parseX509Key(trustDomain, key, index, ignore);
           if (cert !== undefined) x509Authorities.push(cert);
         }
-      } else if (!JWT_KEY_TYPES.has(kty)) {
-        ignore(index, `key type "${kty}" cannot verify a JWT-SVID`);
       } else {
-        jwtAuthorities.push(parseJwtKey(trustDomain, key, index));
+        const authority = jwtAuthorityOf(trustDomain, key, index, ignore);
+        if (authority !== undefined) jwtAuthorities.push(authority);
       }
     }
     return new SpiffeBundle(trustDomain, { x509Authorities, jwtAuthorities, sequence, refreshHint });
@@ -292,6 +298,66 @@ export class SpiffeBundle implements X509BundleSource, JwtBundleSource {
   }
 }
 
+/** Parses a JWK Set: a JSON object whose `keys` is an array of objects. Integers are read as bigints. */
+function parseJwkSet(
+  trustDomain: TrustDomain,
+  json: string | Uint8Array,
+): { doc: JsonObject; keys: JsonObject[] } {
+  const text = typeof json === 'string' ? json : Buffer.from(json).toString('utf8');
+  let doc: Json;
+  try {
+    // spiffe_sequence needs 64 bits: read integers from their source text, not through a double.
+    doc = JSON.parse(text, (_key, value, context?: { source?: string }) =>
+      typeof value === 'number' && context?.source !== undefined && /^-?\d+$/.test(context.source)
+        ? BigInt(context.source)
+        : value,
+    ) as Json;
+  } catch (cause) {
+    throw bundleError(
+      BundleErrorCode.Json,
+      trustDomain,
+      `not valid JSON (${(cause as Error).message})`,
+      cause,
+    );
+  }
+  if (!isObject(doc)) throw bundleError(BundleErrorCode.Json, trustDomain, 'not a JSON object');
+  const keys = doc.keys;
+  if (!Array.isArray(keys)) {
+    throw bundleError(BundleErrorCode.KeysMissing, trustDomain, '"keys" must be present and be an array');
+  }
+  for (const [index, key] of keys.entries()) {
+    if (!isObject(key))
+      throw bundleError(BundleErrorCode.Json, trustDomain, `keys[${index}] is not an object`);
+  }
+  return { doc, keys: keys as JsonObject[] };
+}
+
+/** The JWT authority of a `jwt-svid` key, or undefined (reported through `ignore`) when it cannot verify one. */
+function jwtAuthorityOf(
+  trustDomain: TrustDomain,
+  key: JsonObject,
+  index: number,
+  ignore: (index: number, reason: string) => void,
+): JwtAuthority | undefined {
+  const { kty, crv } = key;
+  if (typeof kty !== 'string') {
+    ignore(index, 'missing "kty"');
+    return undefined;
+  }
+  if (!JWT_KEY_TYPES.has(kty)) {
+    ignore(index, `key type "${kty}" cannot verify a JWT-SVID`);
+    return undefined;
+  }
+  if (kty === 'EC' && typeof crv === 'string' && !JWT_CURVES.has(crv)) {
+    ignore(
+      index,
+      `curve "${crv}" cannot verify a JWT-SVID (ES256, ES384 and ES512 use ${[...JWT_CURVES].join(', ')})`,
+    );
+    return undefined;
+  }
+  return parseJwtKey(trustDomain, key, index);
+}
+
 function publicJwk(key: KeyObject): JsonWebKey {
   const { kty, crv, x, y, n, e } = key.export({ format: 'jwk' });
   // A fixed member order keeps marshal() byte-stable.
@@ -300,7 +366,7 @@ function publicJwk(key: KeyObject): JsonWebKey {
 
 function parseX509Key(
   trustDomain: TrustDomain,
-  key: { [key: string]: Json },
+  key: JsonObject,
   index: number,
   ignore: (index: number, reason: string) => void,
 ): X509Certificate | undefined {
@@ -333,7 +399,7 @@ function parseX509Key(
   }
 }
 
-function parseJwtKey(trustDomain: TrustDomain, key: { [key: string]: Json }, index: number): JwtAuthority {
+function parseJwtKey(trustDomain: TrustDomain, key: JsonObject, index: number): JwtAuthority {
   const kid = key.kid;
   if (typeof kid !== 'string' || kid.length === 0) {
     throw bundleError(BundleErrorCode.KidMissing, trustDomain, `keys[${index}] (jwt-svid) has no "kid"`);

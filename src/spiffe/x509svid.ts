@@ -3,7 +3,7 @@ import type { X509Bundle, X509BundleSource } from './bundle.ts';
 import { type CertInfo, inspect, KU, nameConstraintViolation } from './certinfo.ts';
 import { SpiffeError, X509ErrorCode } from './errors.ts';
 import { SpiffeId } from './id.ts';
-import { decodeCertificates, looksLikePem } from './pem.ts';
+import { decodeCertificates, pemOrUndefined } from './pem.ts';
 
 /** An X.509-SVID with its private key: what a workload holds and presents. */
 export interface X509Svid {
@@ -86,20 +86,26 @@ export function parseCertificates(data: string | Uint8Array): X509Certificate[] 
   }
 }
 
-/** Parses a PKCS#8 private key, PEM (`BEGIN PRIVATE KEY`) or DER. Encrypted keys are refused. */
+/**
+ * Parses a PKCS#8 private key, PEM (exactly one `BEGIN PRIVATE KEY` block, read as strictly as certificates)
+ * or DER. Encrypted keys are refused.
+ */
 export function parsePrivateKey(data: string | Uint8Array): KeyObject {
   try {
-    if (typeof data === 'string' || looksLikePem(data)) {
-      const pem = typeof data === 'string' ? data : Buffer.from(data).toString('latin1');
-      const label = /-----BEGIN ([A-Z ]+)-----/.exec(pem)?.[1];
-      if (label !== 'PRIVATE KEY') {
-        throw new Error(`expected a PKCS#8 "PRIVATE KEY" PEM block, found "${label ?? 'none'}"`);
-      }
-      return createPrivateKey({ key: pem, format: 'pem' });
+    const blocks = pemOrUndefined(data);
+    if (blocks === undefined) {
+      return createPrivateKey({ key: Buffer.from(data as Uint8Array), format: 'der', type: 'pkcs8' });
     }
-    return createPrivateKey({ key: Buffer.from(data), format: 'der', type: 'pkcs8' });
+    const label = blocks[0]?.label;
+    if (label !== 'PRIVATE KEY') {
+      throw new Error(`expected a PKCS#8 "PRIVATE KEY" PEM block, found "${label ?? 'none'}"`);
+    }
+    if (blocks.length > 1) {
+      throw new Error(`expected one PEM block, found ${blocks.length} (a key file holds the key alone)`);
+    }
+    return createPrivateKey({ key: (blocks[0] as { der: Buffer }).der, format: 'der', type: 'pkcs8' });
   } catch (cause) {
-    // OpenSSL's messages never include key bytes, so they are safe to pass on.
+    // Neither our messages nor OpenSSL's include key bytes, so they are safe to pass on.
     throw err(X509ErrorCode.KeyParse, `cannot parse private key: ${(cause as Error).message}`, cause);
   }
 }

@@ -1,4 +1,3 @@
-import { createPublicKey, type JsonWebKeyInput } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import * as grpc from '@grpc/grpc-js';
 import {
@@ -10,13 +9,16 @@ import {
   X509Bundle,
   type X509BundleSource,
 } from '../spiffe/bundle.ts';
+import { isSpiffeError } from '../spiffe/errors.ts';
 import { SpiffeId, TrustDomain } from '../spiffe/id.ts';
 import { type JwtSvid, parseJwtSvidInsecure } from '../spiffe/jwtsvid.ts';
-import { parseX509Svid, type X509Svid } from '../spiffe/x509svid.ts';
+import { parseX509Svid, verifyX509Svid, type X509Svid } from '../spiffe/x509svid.ts';
+import { WorkloadError, WorkloadErrorCode } from './errors.ts';
 import {
   ENDPOINT_SOCKET_ENV,
   fromStruct,
   type JwtBundlesResponse,
+  type JwtSvidMessage,
   type JwtSvidResponse,
   parseEndpointAddress,
   SECURITY_HEADER,
@@ -44,9 +46,9 @@ export interface X509Context {
 export class WorkloadApiError extends Error {
   readonly code: grpc.status;
   readonly codeName: string;
-  constructor(code: grpc.status, details: string) {
+  constructor(code: grpc.status, details: string, options?: ErrorOptions) {
     const codeName = grpc.status[code] ?? String(code);
-    super(`${codeName}: ${details}`);
+    super(`${codeName}: ${details}`, options);
     this.name = 'WorkloadApiError';
     this.code = code;
     this.codeName = codeName;
@@ -147,33 +149,44 @@ export class WorkloadClient {
     };
   }
 
-  /** The first message of FetchX509SVID. */
+  /**
+   * The first message of FetchX509SVID, every SVID verified against the bundle of its trust domain sent with it.
+   * Throws a `WorkloadError` (`ERR_WORKLOAD_SVID_REFUSED`, `ERR_WORKLOAD_RESPONSE_REFUSED`) for a bad response.
+   */
   fetchX509Context(): Promise<X509Context> {
-    return this.#first<X509SvidResponse, X509Context>('FetchX509SVID', parseX509SvidResponse);
+    return this.#first<X509SvidResponse, X509Context>('FetchX509SVID', (m) => parseX509SvidResponse(m));
   }
 
   fetchX509Bundles(): Promise<BundleSet> {
     return this.#first<X509BundlesResponse, BundleSet>('FetchX509Bundles', parseX509BundlesResponse);
   }
 
-  fetchJwtBundles(): Promise<BundleSet> {
-    return this.#first<JwtBundlesResponse, BundleSet>('FetchJWTBundles', parseJwtBundlesResponse);
+  /** The first message of FetchJWTBundles; `onIgnoredKey` hears of every key ignored (see `parseJwtBundlesResponse`). */
+  fetchJwtBundles(options: ParseJwtBundlesOptions = {}): Promise<BundleSet> {
+    return this.#first<JwtBundlesResponse, BundleSet>('FetchJWTBundles', (m) =>
+      parseJwtBundlesResponse(m, options),
+    );
   }
 
+  /**
+   * Fetches JWT-SVIDs for `audience` (the default first). Each is parsed and checked before it is returned (its
+   * `sub` is the `spiffe_id` it came with, and the one asked for if any; its `aud` holds every audience asked
+   * for; it has an `exp` still in the future), or the call fails with `ERR_WORKLOAD_JWT_SVID_REFUSED`. The
+   * signature is not verified here: that is the relying party's job, against the JWT bundle.
+   */
   async fetchJwtSvids(
     audience: string | readonly string[],
     spiffeId?: SpiffeId | string,
   ): Promise<JwtSvid[]> {
+    const requested = typeof audience === 'string' ? [audience] : [...audience];
     const res = await this.#unary<JwtSvidResponse>('FetchJWTSVID', {
-      audience: typeof audience === 'string' ? [audience] : [...audience],
+      audience: requested,
       spiffe_id: spiffeId === undefined ? '' : spiffeId.toString(),
     });
     if (res.svids.length === 0)
       throw new WorkloadApiError(grpc.status.UNKNOWN, 'the response carried no JWT-SVID');
-    return res.svids.map((s) => {
-      const parsed = parseJwtSvidInsecure(s.svid);
-      return s.hint ? { ...parsed, hint: s.hint } : parsed;
-    });
+    const now = Date.now();
+    return res.svids.map((s) => checkJwtSvid(s, requested, spiffeId?.toString(), now));
   }
 
   async validateJwtSvid(
@@ -211,7 +224,15 @@ export class WorkloadClient {
         method,
         (message) => {
           handle.cancel();
-          settle(undefined, parse(message));
+          // A refused response rejects with its own WorkloadError, not as a stream failure.
+          let value: T;
+          try {
+            value = parse(message);
+          } catch (err) {
+            settle(err as Error);
+            return;
+          }
+          settle(undefined, value);
         },
         (err) =>
           settle(err ?? new WorkloadApiError(grpc.status.UNAVAILABLE, `${method} ended without a response`)),
@@ -220,71 +241,159 @@ export class WorkloadClient {
   }
 }
 
-function trustDomainOfKey(key: string): TrustDomain {
-  return TrustDomain.parse(key);
+/** `ERR_X509_EXPIRED: leaf certificate expired at …`: the rule's code first, when there is one. */
+function reason(cause: unknown): string {
+  const message = (cause as Error)?.message ?? String(cause);
+  return isSpiffeError(cause) ? `${cause.code}: ${message}` : message;
 }
 
-/** Decodes an X509SVIDResponse, refusing any malformed SVID or bundle rather than keeping part of it. */
-export function parseX509SvidResponse(message: X509SvidResponse): X509Context {
-  if (message.svids.length === 0) throw new Error('X509SVIDResponse carried no SVID');
+function refused(message: string, cause?: unknown): WorkloadError {
+  return new WorkloadError(WorkloadErrorCode.ResponseRefused, message, { cause });
+}
+
+function trustDomainOfKey(key: string, what: string): TrustDomain {
+  try {
+    return TrustDomain.parse(key);
+  } catch (cause) {
+    throw refused(
+      `${what}: bundle key ${JSON.stringify(key)} is not a trust domain: ${reason(cause)}`,
+      cause,
+    );
+  }
+}
+
+/** The X.509 authorities of `td` from concatenated DER, as a SPIFFE bundle. */
+function x509SpiffeBundle(td: TrustDomain, der: Uint8Array, what: string): SpiffeBundle {
+  try {
+    return new SpiffeBundle(td, { x509Authorities: X509Bundle.parse(td, der).authorities });
+  } catch (cause) {
+    throw refused(`${what}: the X.509 bundle of "${td}" is malformed: ${reason(cause)}`, cause);
+  }
+}
+
+/**
+ * Decodes an X509SVIDResponse, refusing it whole rather than keeping part of it when any SVID or bundle is bad.
+ * Every SVID is parsed (chain, key, leaf rules) and verified at `now` against the bundle of its own trust domain
+ * sent with it, as a peer would verify it: an expired, badly signed or foreign-issued SVID is refused with
+ * `ERR_WORKLOAD_SVID_REFUSED`, naming the SPIFFE ID and the rule broken. Anything else malformed is
+ * `ERR_WORKLOAD_RESPONSE_REFUSED`.
+ */
+export function parseX509SvidResponse(message: X509SvidResponse, now: Date = new Date()): X509Context {
+  const what = 'X509SVIDResponse';
+  if (message.svids.length === 0) throw refused(`${what} carried no SVID`);
+  const federated: SpiffeBundle[] = [];
+  for (const [key, der] of Object.entries(message.federated_bundles ?? {})) {
+    const td = trustDomainOfKey(key, what);
+    if (!federated.some((b) => b.trustDomain.equals(td))) federated.push(x509SpiffeBundle(td, der, what));
+  }
   const svids: X509Svid[] = [];
-  const bundles: SpiffeBundle[] = [];
-  const seen = new Set<string>();
+  const own: SpiffeBundle[] = [];
   for (const m of message.svids) {
-    const svid = parseX509Svid(m.x509_svid, m.x509_svid_key, m.hint || undefined);
-    if (svid.id.toString() !== m.spiffe_id) {
-      throw new Error(
-        `X509SVIDResponse: spiffe_id ${m.spiffe_id} does not match the certificate's ${svid.id}`,
+    const claimed = m.spiffe_id || '(no spiffe_id)';
+    const refuse = (why: string, cause?: unknown): WorkloadError =>
+      new WorkloadError(WorkloadErrorCode.SvidRefused, `X.509-SVID ${claimed} refused: ${why}`, {
+        cause,
+        spiffeId: m.spiffe_id,
+      });
+    let svid: X509Svid;
+    try {
+      svid = parseX509Svid(m.x509_svid, m.x509_svid_key, m.hint || undefined);
+    } catch (cause) {
+      throw refuse(reason(cause), cause);
+    }
+    if (svid.id.toString() !== m.spiffe_id)
+      throw refuse(`spiffe_id ${claimed} does not match the certificate's ${svid.id}`);
+    const td = svid.id.trustDomain;
+    const bundle = x509SpiffeBundle(td, m.bundle, what);
+    try {
+      // The other trust domains only let the error name a cross-domain issuer; they never vouch for this SVID.
+      verifyX509Svid(
+        svid.certificates,
+        new BundleSet([bundle, ...federated.filter((b) => !b.trustDomain.equals(td))]),
+        now,
       );
+    } catch (cause) {
+      throw refuse(reason(cause), cause);
     }
     svids.push(svid);
-    const td = svid.id.trustDomain;
-    if (!seen.has(td.name)) {
-      seen.add(td.name);
-      bundles.push(new SpiffeBundle(td, { x509Authorities: X509Bundle.parse(td, m.bundle).authorities }));
-    }
+    if (!own.some((b) => b.trustDomain.equals(td))) own.push(bundle);
   }
-  for (const [key, der] of Object.entries(message.federated_bundles ?? {})) {
-    const td = trustDomainOfKey(key);
-    if (seen.has(td.name)) continue;
-    seen.add(td.name);
-    bundles.push(new SpiffeBundle(td, { x509Authorities: X509Bundle.parse(td, der).authorities }));
-  }
-  return { svids, bundles: new BundleSet(bundles) };
+  const others = federated.filter((f) => !own.some((b) => b.trustDomain.equals(f.trustDomain)));
+  return { svids, bundles: new BundleSet([...own, ...others]) };
 }
 
 export function parseX509BundlesResponse(message: X509BundlesResponse): BundleSet {
+  const what = 'X509BundlesResponse';
   return new BundleSet(
-    Object.entries(message.bundles ?? {}).map(([key, der]) => {
-      const td = trustDomainOfKey(key);
-      return new SpiffeBundle(td, { x509Authorities: X509Bundle.parse(td, der).authorities });
-    }),
+    Object.entries(message.bundles ?? {}).map(([key, der]) =>
+      x509SpiffeBundle(trustDomainOfKey(key, what), der, what),
+    ),
   );
 }
 
-/** JWT bundles arrive as plain JWK Sets: every key with a `kid` is a JWT authority. */
-export function parseJwtBundlesResponse(message: JwtBundlesResponse): BundleSet {
+export interface ParseJwtBundlesOptions {
+  /** Called for every key ignored (see `parseJwtBundlesResponse`), with its trust domain, index and why. */
+  readonly onIgnoredKey?: (trustDomain: TrustDomain, index: number, reason: string) => void;
+}
+
+/**
+ * JWT bundles arrive as standard JWK Sets, read by `JwtBundle.parse` exactly as `SpiffeBundle.parse` reads the
+ * `jwt-svid` keys of a SPIFFE bundle: a key of unknown `kty`, or whose `use` is other than `jwt-svid`, or that
+ * cannot verify a JWT-SVID, is ignored and reported through `onIgnoredKey`; the rest of the bundle applies.
+ * Anything else malformed refuses the whole response (`ERR_WORKLOAD_RESPONSE_REFUSED`).
+ */
+export function parseJwtBundlesResponse(
+  message: JwtBundlesResponse,
+  options: ParseJwtBundlesOptions = {},
+): BundleSet {
+  const what = 'JWTBundlesResponse';
   return new BundleSet(
     Object.entries(message.bundles ?? {}).map(([key, json]) => {
-      const td = trustDomainOfKey(key);
-      const parsed = JSON.parse(Buffer.from(json).toString('utf8')) as { keys?: unknown };
-      if (!Array.isArray(parsed.keys)) throw new Error(`JWT bundle of ${td.name} has no "keys" array`);
-      const authorities: JwtAuthority[] = (parsed.keys as Record<string, unknown>[]).map((jwk, i) => {
-        if (typeof jwk.kid !== 'string' || jwk.kid === '')
-          throw new Error(`JWT bundle of ${td.name}: key ${i} has no kid`);
-        return {
-          kid: jwk.kid,
-          publicKey: createPublicKey({ key: jwk as JsonWebKeyInput['key'], format: 'jwk' }),
-        };
-      });
-      // JwtBundle checks the keys (unique kid, usable type) before they are trusted.
-      return new SpiffeBundle(td, { jwtAuthorities: authoritiesOf(new JwtBundle(td, authorities)) });
+      const td = trustDomainOfKey(key, what);
+      let bundle: JwtBundle;
+      try {
+        bundle = JwtBundle.parse(td, json, {
+          onIgnoredKey: (index, why) => options.onIgnoredKey?.(td, index, why),
+        });
+      } catch (cause) {
+        throw refused(`${what}: the JWT bundle of "${td}" is malformed: ${reason(cause)}`, cause);
+      }
+      return new SpiffeBundle(td, { jwtAuthorities: authoritiesOf(bundle) });
     }),
   );
 }
 
 function authoritiesOf(bundle: JwtBundle): JwtAuthority[] {
   return [...bundle.authorities].map(([kid, publicKey]) => ({ kid, publicKey }));
+}
+
+/** Parses one JWT-SVID of a FetchJWTSVID response and checks it says what was asked for (see `fetchJwtSvids`). */
+function checkJwtSvid(
+  message: JwtSvidMessage,
+  audience: readonly string[],
+  spiffeId: string | undefined,
+  now: number,
+): JwtSvid {
+  const claimed = message.spiffe_id || '(no spiffe_id)';
+  const refuse = (why: string, cause?: unknown): WorkloadError =>
+    new WorkloadError(WorkloadErrorCode.JwtSvidRefused, `JWT-SVID ${claimed} refused: ${why}`, {
+      cause,
+      spiffeId: message.spiffe_id,
+    });
+  let svid: JwtSvid;
+  try {
+    svid = parseJwtSvidInsecure(message.svid);
+  } catch (cause) {
+    throw refuse(reason(cause), cause);
+  }
+  const sub = svid.id.toString();
+  if (sub !== message.spiffe_id) throw refuse(`spiffe_id ${claimed} does not match the token's sub ${sub}`);
+  if (spiffeId !== undefined && sub !== spiffeId) throw refuse(`${spiffeId} was asked for`);
+  const missing = audience.filter((a) => !svid.audience.includes(a));
+  if (missing.length > 0) throw refuse(`its aud lacks ${missing.map((a) => JSON.stringify(a)).join(', ')}`);
+  if (typeof svid.claims.exp !== 'number') throw refuse('it has no exp claim');
+  if (svid.expiry.getTime() <= now) throw refuse(`it expired at ${svid.expiry.toISOString()}`);
+  return message.hint ? { ...svid, hint: message.hint } : svid;
 }
 
 export interface SourceOptions extends WorkloadClientOptions {
@@ -295,26 +404,53 @@ export interface SourceOptions extends WorkloadClientOptions {
   readonly startTimeoutMs?: number;
 }
 
-interface SourceEvents<T> {
+/** What every source emits. */
+export interface SourceEvents<T> {
+  /** A new value from the agent, now the one the source hands out. */
   update: [T];
-  /** A stream failed; the source keeps the last good value and reconnects unless the error is fatal. */
+  /** The stream failed (a gRPC status); the source keeps the last good value and reconnects unless fatal. */
   error: [WorkloadApiError];
+  /**
+   * A response was refused (`ERR_WORKLOAD_SVID_REFUSED`, `ERR_WORKLOAD_RESPONSE_REFUSED`): the source keeps the
+   * last good value and stays on the stream for the next response.
+   */
+  refused: [WorkloadError];
+  /** Part of a response was ignored (`ERR_WORKLOAD_KEY_IGNORED`); the rest of it was applied. */
+  warning: [WorkloadError];
+}
+
+/** What an X509Source emits: the events of every source, and `withdrawn`. */
+export interface X509SourceEvents extends SourceEvents<X509Context> {
+  /**
+   * The agent answered PermissionDenied (`ERR_WORKLOAD_SVID_WITHDRAWN`): `svid()` throws from now on, until an
+   * `update` brings SVIDs again. Emitted before the `error` that carries the gRPC status.
+   */
+  withdrawn: [WorkloadError];
+}
+
+/** Turns a parse failure into the refusal to report; anything not already a WorkloadError is a malformed response. */
+function asRefusal(err: unknown, method: StreamMethod): WorkloadError {
+  if (err instanceof WorkloadError) return err;
+  return refused(`${method} response: ${reason(err)}`, err);
 }
 
 /**
  * Follows one Workload API stream forever: reconnects with exponential backoff and jitter, stops for good on
- * InvalidArgument (a client bug the server will never accept), keeps the last good value meanwhile.
+ * InvalidArgument (a client bug the server will never accept), keeps the last good value meanwhile. A response
+ * that does not parse is refused and reported, and the stream stays open: the agent pushes the next one on the
+ * same stream, and reconnecting would only fetch the same bad response again.
  */
 class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
   readonly #client: WorkloadClient;
   readonly #method: StreamMethod;
-  readonly #parse: (message: Msg) => T;
+  readonly #parse: (message: Msg, warn: (warning: WorkloadError) => void) => T;
   readonly #initialBackoff: number;
   readonly #maxBackoff: number;
   #backoff: number;
   #handle: { cancel(): void } | undefined;
   #timer: NodeJS.Timeout | undefined;
   #current: T | undefined;
+  #warnings: readonly WorkloadError[] = [];
   #closed = false;
   #fatal: WorkloadApiError | undefined;
   /** Streams opened so far (1 + reconnects). */
@@ -323,7 +459,7 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
   constructor(
     client: WorkloadClient,
     method: StreamMethod,
-    parse: (message: Msg) => T,
+    parse: (message: Msg, warn: (warning: WorkloadError) => void) => T,
     options: SourceOptions,
   ) {
     super();
@@ -339,6 +475,11 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
     return this.#current;
   }
 
+  /** What was ignored in the current value (see the `warning` event). */
+  get warnings(): readonly WorkloadError[] {
+    return this.#warnings;
+  }
+
   get fatal(): WorkloadApiError | undefined {
     return this.#fatal;
   }
@@ -349,9 +490,18 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
     this.#handle = this.#client.stream<Msg>(
       this.#method,
       (message) => {
-        const value = this.#parse(message);
+        const warnings: WorkloadError[] = [];
+        let value: T;
+        try {
+          value = this.#parse(message, (w) => warnings.push(w));
+        } catch (err) {
+          this.emit('refused', asRefusal(err, this.#method));
+          return;
+        }
         this.#current = value;
+        this.#warnings = Object.freeze(warnings);
         this.#backoff = this.#initialBackoff;
+        for (const w of warnings) this.emit('warning', w);
         this.emit('update', value);
       },
       (err) => {
@@ -359,11 +509,12 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
         if (this.#closed) return;
         const error = err ?? new WorkloadApiError(grpc.status.UNAVAILABLE, `${this.#method} stream ended`);
         if (error.code === grpc.status.INVALID_ARGUMENT) this.#fatal = error;
+        if (!this.#fatal) {
+          const delay = this.#backoff * (0.5 + Math.random() / 2);
+          this.#backoff = Math.min(this.#maxBackoff, this.#backoff * 2);
+          this.#timer = setTimeout(() => this.start(), delay);
+        }
         if (this.listenerCount('error') > 0) this.emit('error', error);
-        if (this.#fatal) return;
-        const delay = this.#backoff * (0.5 + Math.random() / 2);
-        this.#backoff = Math.min(this.#maxBackoff, this.#backoff * 2);
-        this.#timer = setTimeout(() => this.start(), delay);
       },
     );
   }
@@ -378,11 +529,12 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
   waitForFirst(timeoutMs: number): Promise<T> {
     if (this.#current !== undefined) return Promise.resolve(this.#current);
     return new Promise((resolve, reject) => {
-      let lastError: WorkloadApiError | undefined;
+      let lastError: WorkloadApiError | WorkloadError | undefined;
       const cleanup = (): void => {
         clearTimeout(timer);
         this.off('update', onUpdate);
         this.off('error', onError);
+        this.off('refused', onRefused);
       };
       const onUpdate = (value: T): void => {
         cleanup();
@@ -395,35 +547,64 @@ class StreamFollower<Msg, T> extends EventEmitter<SourceEvents<T>> {
           reject(err);
         }
       };
+      const onRefused = (err: WorkloadError): void => {
+        lastError = err;
+      };
       const timer = setTimeout(() => {
         cleanup();
+        const last =
+          lastError instanceof WorkloadError ? `${lastError.code}: ${lastError.message}` : lastError?.message;
         reject(
           new WorkloadApiError(
             grpc.status.DEADLINE_EXCEEDED,
-            `no ${this.#method} update within ${timeoutMs} ms${lastError ? ` (last error: ${lastError.message})` : ''}`,
+            `no ${this.#method} update within ${timeoutMs} ms${last ? ` (last error: ${last})` : ''}`,
+            lastError === undefined ? undefined : { cause: lastError },
           ),
         );
       }, timeoutMs);
       this.on('update', onUpdate);
       this.on('error', onError);
+      this.on('refused', onRefused);
     });
   }
 }
 
 /** What X509Source and JwtSource share: one followed stream, its events, start-up and shutdown. */
-abstract class FollowingSource<Msg, T> extends EventEmitter<SourceEvents<T>> {
+abstract class FollowingSource<
+  Msg,
+  T,
+  E extends SourceEvents<T> & Record<keyof E, unknown[]>,
+> extends EventEmitter<E> {
   protected readonly client: WorkloadClient;
   readonly #follower: StreamFollower<Msg, T>;
 
-  protected constructor(options: SourceOptions, method: StreamMethod, parse: (message: Msg) => T) {
+  protected constructor(
+    options: SourceOptions,
+    method: StreamMethod,
+    parse: (message: Msg, warn: (warning: WorkloadError) => void) => T,
+  ) {
     super();
     this.client = new WorkloadClient(options);
     this.#follower = new StreamFollower(this.client, method, parse, options);
-    this.#follower.on('update', (value) => this.emit('update', value));
-    this.#follower.on('error', (err) => {
-      if (this.listenerCount('error') > 0) this.emit('error', err);
+    // The events every source has, whatever else a subclass adds.
+    const self = this as unknown as EventEmitter<SourceEvents<T>>;
+    this.#follower.on('update', (value) => {
+      this.beforeUpdate();
+      self.emit('update', value);
     });
+    this.#follower.on('error', (err) => {
+      this.beforeError(err);
+      if (self.listenerCount('error') > 0) self.emit('error', err);
+    });
+    this.#follower.on('refused', (err) => self.emit('refused', err));
+    this.#follower.on('warning', (err) => self.emit('warning', err));
   }
+
+  /** Called when a new value arrives, before `update` is emitted. */
+  protected beforeUpdate(): void {}
+
+  /** Called when the stream fails, before `error` is emitted. */
+  protected beforeError(_err: WorkloadApiError): void {}
 
   /** Opens the stream and waits for its first message; closes everything if that fails. */
   protected async begin(options: SourceOptions): Promise<void> {
@@ -446,6 +627,14 @@ abstract class FollowingSource<Msg, T> extends EventEmitter<SourceEvents<T>> {
     return this.#follower.connects;
   }
 
+  /**
+   * What was ignored in the current value (`ERR_WORKLOAD_KEY_IGNORED`), each also emitted as a `warning` when
+   * it arrived. Read it after `create()` for the first value, whose warnings came before any listener could.
+   */
+  get warnings(): readonly WorkloadError[] {
+    return this.#follower.warnings;
+  }
+
   close(): void {
     this.#follower.close();
     this.client.close();
@@ -454,11 +643,19 @@ abstract class FollowingSource<Msg, T> extends EventEmitter<SourceEvents<T>> {
 
 /**
  * The caller's X.509-SVIDs and bundles, kept current from the Workload API. `update` fires on every change
- * (rotation, bundle change, entries edit); `svid` and `bundles` always give the latest.
+ * (rotation, bundle change, entries edit); `svid` and `bundles` always give the latest good ones. Every SVID is
+ * verified against the bundle sent with it before it is used; a bad response is refused (`refused`) and the last
+ * good one kept. When the agent answers PermissionDenied the SVIDs are withdrawn: `svid()` throws
+ * `ERR_WORKLOAD_SVID_WITHDRAWN` (and `withdrawn` fires) until the agent issues SVIDs again.
  */
-export class X509Source extends FollowingSource<X509SvidResponse, X509Context> implements X509BundleSource {
+export class X509Source
+  extends FollowingSource<X509SvidResponse, X509Context, X509SourceEvents>
+  implements X509BundleSource
+{
+  #withdrawn: WorkloadError | undefined;
+
   private constructor(options: SourceOptions) {
-    super(options, 'FetchX509SVID', parseX509SvidResponse);
+    super(options, 'FetchX509SVID', (m) => parseX509SvidResponse(m));
   }
 
   /** Connects and waits for the first X509SVIDResponse. */
@@ -468,12 +665,41 @@ export class X509Source extends FollowingSource<X509SvidResponse, X509Context> i
     return source;
   }
 
+  protected override beforeUpdate(): void {
+    this.#withdrawn = undefined;
+  }
+
+  protected override beforeError(err: WorkloadApiError): void {
+    if (err.code !== grpc.status.PERMISSION_DENIED || this.#withdrawn || this.latest === undefined) return;
+    const ids = this.latest.svids.map((s) => s.id.toString()).join(', ');
+    this.#withdrawn = new WorkloadError(
+      WorkloadErrorCode.SvidWithdrawn,
+      `the Workload API withdrew ${ids} at ${new Date().toISOString()} (${err.message}); ` +
+        'no X.509-SVID to present until the agent issues one again',
+      { cause: err, spiffeId: this.latest.svids[0]?.id.toString() },
+    );
+    this.emit('withdrawn', this.#withdrawn);
+  }
+
+  /**
+   * The last good context, as received: after a withdrawal it still holds the withdrawn SVIDs, for display
+   * only. Take SVIDs to present from `svid()`, which refuses withdrawn ones.
+   */
   get context(): X509Context {
     return this.latest;
   }
 
-  /** The default SVID (the first), or the one with `hint`. */
+  /** Why the SVIDs are withdrawn, while they are (see `svid()`). */
+  get withdrawn(): WorkloadError | undefined {
+    return this.#withdrawn;
+  }
+
+  /**
+   * The default SVID (the first), or the one with `hint`. Throws the `ERR_WORKLOAD_SVID_WITHDRAWN` error while
+   * the agent has withdrawn the SVIDs, and a RangeError when no SVID has `hint`.
+   */
   svid(hint?: string): X509Svid {
+    if (this.#withdrawn) throw this.#withdrawn;
     const svids = this.context.svids;
     const found = hint === undefined ? svids[0] : svids.find((s) => s.hint === hint);
     if (found === undefined) throw new RangeError(`no X509-SVID with hint "${hint}"`);
@@ -489,10 +715,27 @@ export class X509Source extends FollowingSource<X509SvidResponse, X509Context> i
   }
 }
 
-/** JWT bundles kept current from the Workload API, and JWT-SVIDs fetched on demand. */
-export class JwtSource extends FollowingSource<JwtBundlesResponse, BundleSet> implements JwtBundleSource {
+/**
+ * JWT bundles kept current from the Workload API, and JWT-SVIDs fetched on demand. A bundle key the
+ * specifications say to ignore is ignored and reported as a `warning` (`ERR_WORKLOAD_KEY_IGNORED`); the rest of
+ * the bundle applies.
+ */
+export class JwtSource
+  extends FollowingSource<JwtBundlesResponse, BundleSet, SourceEvents<BundleSet>>
+  implements JwtBundleSource
+{
   private constructor(options: SourceOptions) {
-    super(options, 'FetchJWTBundles', parseJwtBundlesResponse);
+    super(options, 'FetchJWTBundles', (message, warn) =>
+      parseJwtBundlesResponse(message, {
+        onIgnoredKey: (td, index, why) =>
+          warn(
+            new WorkloadError(
+              WorkloadErrorCode.KeyIgnored,
+              `JWT bundle of "${td}": keys[${index}] ignored: ${why}`,
+            ),
+          ),
+      }),
+    );
   }
 
   static async create(options: SourceOptions = {}): Promise<JwtSource> {
@@ -509,7 +752,7 @@ export class JwtSource extends FollowingSource<JwtBundlesResponse, BundleSet> im
     return this.bundles.getJwtBundle(trustDomain);
   }
 
-  /** Fetches fresh JWT-SVIDs (the default first) for `audience`. */
+  /** Fetches fresh JWT-SVIDs (the default first) for `audience`, checked as `WorkloadClient.fetchJwtSvids` does. */
   fetchJwtSvids(audience: string | readonly string[], spiffeId?: SpiffeId | string): Promise<JwtSvid[]> {
     return this.client.fetchJwtSvids(audience, spiffeId);
   }

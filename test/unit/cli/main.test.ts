@@ -1,13 +1,22 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { X509Certificate } from 'node:crypto';
+import { generateKeyPairSync, X509Certificate } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { bundleJson, type DevPki, makeDevPki } from '../../../certs-dev/devpki.ts';
+import { LocalCa } from '../../../src/agent/ca.ts';
+import { TrustDomain } from '../../../src/spiffe/id.ts';
 import { CLI, type CliResult, cliEnv, runCli } from '../../helpers/cli.ts';
+import {
+  derBundle,
+  jwtBundlesResponse,
+  type StandIn,
+  startStandIn,
+  svidResponse,
+} from '../../helpers/workload-standin.ts';
 
 const main = CLI;
 
@@ -331,6 +340,34 @@ describe('kube-svid-proxy agent and api: a real agent in a child process', () =>
     assert.match(unreachable.stderr, /DEADLINE_EXCEEDED|UNAVAILABLE/);
   });
 
+  it('api fetch … | head: a reader that goes away ends the CLI quietly with status 0, no stack trace', async () => {
+    const closedEarly = (args: string[]): Promise<RunResult> =>
+      new Promise((resolve, reject) => {
+        const child = spawn(process.execPath, [main, 'api', ...args], {
+          env: cleanEnv(),
+          stdio: ['ignore', 'pipe', 'pipe'],
+        });
+        // The reader goes away before the CLI's first line: every write meets a closed pipe (EPIPE).
+        child.stdout.destroy();
+        let stderr = '';
+        child.stderr.setEncoding('utf8').on('data', (d: string) => {
+          stderr += d;
+        });
+        child.on('error', reject);
+        child.on('close', (status) => resolve({ status, stdout: '', stderr }));
+      });
+    const runs = [
+      ['fetch', 'x509', '--socket', address],
+      ['fetch', 'bundles', '--socket', address, '--json'],
+      ['fetch', 'jwt', '--socket', address, '--audience', 'a'],
+    ];
+    const results = await Promise.all(runs.map(closedEarly));
+    for (const [i, r] of results.entries()) {
+      assert.equal(r.status, 0, `${runs[i]?.join(' ')}: ${r.stderr}`);
+      assert.equal(r.stderr, '', `${runs[i]?.join(' ')}`);
+    }
+  });
+
   it('follows an edit of the entries file: with no matching entry the caller gets PERMISSION_DENIED', async () => {
     const next = `${entriesFile}.next`;
     writeFileSync(next, `entries:\n  - spiffeId: ${id}\n    selectors: ["unix:uid:${uid + 1}"]\n`);
@@ -362,5 +399,64 @@ describe('kube-svid-proxy agent and api: a real agent in a child process', () =>
       assert.doesNotMatch(text, /PRIVATE KEY/);
       assert.doesNotMatch(text, /eyJ/);
     }
+  });
+});
+
+describe('kube-svid-proxy api against a stand-in Workload API (what the real agent never sends)', () => {
+  const td = TrustDomain.parse('example.org');
+  let dir: string;
+  let ca: LocalCa;
+  let other: LocalCa;
+  let standIn: StandIn;
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'ksp-cli-standin-'));
+    ca = await LocalCa.create({ trustDomain: td });
+    other = await LocalCa.create({ trustDomain: td });
+    const forged = await svidResponse(other, 'forged', { bundle: derBundle(ca) });
+    const jwk = (type: 'ec' | 'ed25519') =>
+      (type === 'ec'
+        ? generateKeyPairSync('ec', { namedCurve: 'P-256' })
+        : generateKeyPairSync('ed25519')
+      ).publicKey.export({ format: 'jwk' });
+    standIn = await startStandIn(join(dir, 'standin.sock'), {
+      FetchX509SVID: (call) => call.write(forged),
+      FetchX509Bundles: (call) => call.write({ crl: [], bundles: { 'spiffe://example.org': derBundle(ca) } }),
+      FetchJWTBundles: (call) =>
+        call.write(
+          jwtBundlesResponse('spiffe://example.org', [
+            { kid: 'good', ...jwk('ec') },
+            { kid: 'okp', ...jwk('ed25519') },
+          ]),
+        ),
+    });
+  });
+  after(async () => {
+    await standIn?.stop();
+    ca?.close();
+    other?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('api fetch x509 refuses an SVID that does not chain to its bundle: exit 1, code and SPIFFE ID, nothing written', async () => {
+    const out = join(dir, 'out');
+    const r = await runAsync(['api', 'fetch', 'x509', '--socket', standIn.address, '--write', out]);
+    assert.equal(r.status, 1, r.stdout);
+    assert.match(
+      r.stderr,
+      /^kube-svid-proxy api: ERR_WORKLOAD_SVID_REFUSED: X\.509-SVID spiffe:\/\/example\.org\/forged refused: ERR_X509_UNTRUSTED: /,
+    );
+    assert.equal(r.stdout, '');
+    assert.equal(existsSync(out), false);
+  });
+
+  it('api fetch bundles notes an ignored JWT bundle key on stderr and prints the rest', async () => {
+    const r = await runAsync(['api', 'fetch', 'bundles', '--socket', standIn.address, '--json']);
+    assert.equal(r.status, 0, r.stderr);
+    const json = JSON.parse(r.stdout) as { jwt: Record<string, { jwtAuthorities: string[] }> };
+    assert.deepEqual(json.jwt['example.org']?.jwtAuthorities, ['good']);
+    assert.equal(
+      r.stderr,
+      'note: JWT bundle of example.org: keys[1] ignored: key type "OKP" cannot verify a JWT-SVID\n',
+    );
   });
 });

@@ -252,6 +252,98 @@ describe('X509Bundle and JwtBundle', () => {
   });
 });
 
+describe('JwtBundle.parse: a standard JWK Set, as the Workload API delivers JWT bundles', () => {
+  const jwkOf = (key: KeyObject) => key.export({ format: 'jwk' });
+  const okp = () => jwkOf(generateKeyPairSync('ed25519').publicKey);
+  const k1 = () => jwkOf(generateKeyPairSync('ec', { namedCurve: 'secp256k1' }).publicKey);
+
+  it('reads keys without "use" and with "use": "jwt-svid"; ignores, and reports, every key it cannot use', () => {
+    const reasons: string[] = [];
+    const bundle = JwtBundle.parse(
+      hub,
+      JSON.stringify({
+        keys: [
+          { kid: 'plain', ...jwkOf(ecKey()) },
+          { kid: 'svid', use: 'jwt-svid', ...jwkOf(rsaKey()) },
+          { kid: 'x509', use: 'x509-svid', ...jwkOf(ecKey()), x5c: [hubRoot.raw.toString('base64')] },
+          { kid: 'sig', use: 'sig', ...jwkOf(ecKey()) },
+          { kid: 'okp', ...okp() },
+          { kid: 'k1', ...k1() },
+          { kid: 'none' },
+          { kid: 'future', kty: 'ML-DSA', pub: 'AAAA' },
+        ],
+      }),
+      { onIgnoredKey: (i, why) => reasons.push(`${i}: ${why}`) },
+    );
+    assert.deepEqual([...bundle.authorities.keys()], ['plain', 'svid']);
+    assert.deepEqual(reasons, [
+      '2: "use" is "x509-svid", not "jwt-svid"',
+      '3: "use" is "sig", not "jwt-svid"',
+      '4: key type "OKP" cannot verify a JWT-SVID',
+      '5: curve "secp256k1" cannot verify a JWT-SVID (ES256, ES384 and ES512 use P-256, P-384, P-521)',
+      '6: missing "kty"',
+      '7: key type "ML-DSA" cannot verify a JWT-SVID',
+    ]);
+  });
+
+  it('agrees with SpiffeBundle.parse on jwt-svid keys: the same authorities, the same keys ignored', () => {
+    const keys = [
+      { kid: 'a', ...jwkOf(ecKey()) },
+      { kid: 'b', ...okp() },
+      { kid: 'c', ...k1() },
+      { kid: 'd', ...jwkOf(rsaKey()) },
+      { kid: 'e', kty: 'oct', k: 'c2VjcmV0' },
+    ];
+    const viaWorkloadApi: number[] = [];
+    const viaBundle: number[] = [];
+    const standard = JwtBundle.parse(hub, JSON.stringify({ keys }), {
+      onIgnoredKey: (i) => viaWorkloadApi.push(i),
+    });
+    const spiffe = SpiffeBundle.parse(
+      hub,
+      JSON.stringify({ keys: keys.map((k) => ({ use: 'jwt-svid', ...k })) }),
+      {
+        onIgnoredKey: (i) => viaBundle.push(i),
+      },
+    );
+    assert.deepEqual([...standard.authorities.keys()], [...spiffe.jwtAuthorities.keys()]);
+    assert.deepEqual(viaWorkloadApi, viaBundle);
+    assert.deepEqual(viaWorkloadApi, [1, 2, 4]);
+  });
+
+  const malformed: [string, () => string, SpiffeErrorCode][] = [
+    ['text that is not JSON', () => '{"keys": [', BundleErrorCode.Json],
+    ['no keys member', () => '{}', BundleErrorCode.KeysMissing],
+    ['a key that is not an object', () => '{"keys": ["k"]}', BundleErrorCode.Json],
+    [
+      'a usable key without kid',
+      () => JSON.stringify({ keys: [jwkOf(ecKey())] }),
+      BundleErrorCode.KidMissing,
+    ],
+    [
+      'a usable key with broken parameters',
+      () => JSON.stringify({ keys: [{ kid: 'k', kty: 'EC', crv: 'P-256', x: 'AA', y: 'AA' }] }),
+      BundleErrorCode.JwtKey,
+    ],
+    [
+      'a key that carries its private half',
+      () =>
+        JSON.stringify({
+          keys: [
+            {
+              kid: 'k',
+              ...generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' }),
+            },
+          ],
+        }),
+      BundleErrorCode.JwtKey,
+    ],
+  ];
+  for (const [what, make, code] of malformed) {
+    it(`rejects ${what} with ${code}`, () => assertCode(() => JwtBundle.parse(hub, make()), code));
+  }
+});
+
 describe('BundleSet', () => {
   it('keys bundles by trust domain and never merges two of them', () => {
     const set = new BundleSet([

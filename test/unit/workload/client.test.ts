@@ -8,7 +8,8 @@
 import 'reflect-metadata';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { webcrypto, type X509Certificate } from 'node:crypto';
+import { generateKeyPairSync, type X509Certificate } from 'node:crypto';
+import type { EventEmitter } from 'node:events';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,82 +18,40 @@ import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { WorkloadAgent } from '../../../src/agent/agent.ts';
 import { LocalCa } from '../../../src/agent/ca.ts';
-import { generateKeyPair } from '../../../src/agent/keys.ts';
 import { silentLogger } from '../../../src/observability/logger.ts';
+import { isSpiffeError } from '../../../src/spiffe/errors.ts';
 import { SpiffeId, TrustDomain } from '../../../src/spiffe/id.ts';
-import { verifyJwtSvid } from '../../../src/spiffe/jwtsvid.ts';
+import { mintJwtSvid, verifyJwtSvid } from '../../../src/spiffe/jwtsvid.ts';
 import { verifyX509Svid } from '../../../src/spiffe/x509svid.ts';
 import {
   JwtSource,
+  parseJwtBundlesResponse,
   parseX509SvidResponse,
   resolveEndpoint,
   WorkloadApiError,
+  WorkloadClient,
   type X509Context,
   X509Source,
 } from '../../../src/workload/client.ts';
+import { WorkloadError, WorkloadErrorCode } from '../../../src/workload/errors.ts';
 import {
   ENDPOINT_SOCKET_ENV,
+  type JwtBundlesResponse,
   parseEndpointAddress,
-  workloadApiService,
   type X509SvidResponse,
 } from '../../../src/workload/proto.ts';
 import { entryFor, startTestAgent, TRUST_DOMAIN, waitFor } from '../../helpers/agent.ts';
+import {
+  derBundle,
+  endStream,
+  jwtBundlesResponse,
+  startStandIn,
+  svidResponse,
+} from '../../helpers/workload-standin.ts';
 
 const uid = process.getuid?.() ?? 0;
 const td = TrustDomain.parse(TRUST_DOMAIN);
 const execFileAsync = promisify(execFile);
-
-/** A valid X509SVIDResponse (as the server side of proto-loader takes it) for `spiffe://example.org/<path>`. */
-async function svidResponse(ca: LocalCa, path: string): Promise<X509SvidResponse> {
-  const keys = await generateKeyPair('ec-p256');
-  const id = SpiffeId.fromPath(ca.trustDomain, `/${path}`);
-  const signed = await ca.signX509Svid({ id, publicKey: keys.publicKey, ttlSeconds: 3600 });
-  return {
-    svids: [
-      {
-        spiffe_id: id.toString(),
-        x509_svid: Buffer.concat(signed.certificates.map((c) => c.raw)),
-        x509_svid_key: Buffer.from(await webcrypto.subtle.exportKey('pkcs8', keys.privateKey)),
-        bundle: Buffer.concat(ca.bundle.x509Authorities.map((c) => c.raw)),
-        hint: '',
-      },
-    ],
-    crl: [],
-    federated_bundles: {},
-  };
-}
-
-/** A stand-in Workload API on a Unix socket; only FetchX509SVID is implemented, by `handler`. */
-async function startStandIn(
-  socketPath: string,
-  handler: (call: grpc.ServerWritableStream<unknown, X509SvidResponse>) => void,
-): Promise<grpc.Server> {
-  const server = new grpc.Server();
-  server.addService(workloadApiService, { FetchX509SVID: handler });
-  await new Promise<void>((resolve, reject) =>
-    server.bindAsync(`unix:${socketPath}`, grpc.ServerCredentials.createInsecure(), (err) =>
-      err ? reject(err) : resolve(),
-    ),
-  );
-  return server;
-}
-
-function stopStandIn(server: grpc.Server): Promise<void> {
-  return new Promise((resolve) => server.tryShutdown(() => resolve()));
-}
-
-/** Ends a stand-in stream with `code`, after `message` (if any) has gone out. */
-function fail(
-  call: grpc.ServerWritableStream<unknown, X509SvidResponse>,
-  code: grpc.status,
-  message?: X509SvidResponse,
-): void {
-  const end = (): void => {
-    call.emit('error', { code, details: `stand-in says ${grpc.status[code]}` });
-  };
-  if (message === undefined) end();
-  else call.write(message, end);
-}
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -115,6 +74,38 @@ function updates(source: X509Source) {
 const leafOf = (ctx: X509Context): X509Certificate => ctx.svids[0]?.certificates[0] as X509Certificate;
 const caOf = (ctx: X509Context): string =>
   ctx.bundles.getX509Bundle(td)?.authorities[0]?.fingerprint256 ?? 'none';
+
+/** Subscribes to any event of a source, for `waitFor`. */
+function on<T>(source: object, event: string) {
+  const emitter = source as EventEmitter;
+  return (listener: (value: T) => void) => {
+    emitter.on(event, listener);
+    return () => emitter.off(event, listener);
+  };
+}
+
+/** Asserts a WorkloadError with `code`, and returns it for more checks. */
+function workloadError(err: unknown, code: WorkloadErrorCode): WorkloadError {
+  assert.ok(err instanceof WorkloadError, `expected a WorkloadError, got ${String(err)}`);
+  assert.equal(err.code, code, err.message);
+  return err;
+}
+
+/** Runs `fn`, asserts it throws a WorkloadError with `code`, and returns it. */
+function throwsWorkload(fn: () => unknown, code: WorkloadErrorCode): WorkloadError {
+  try {
+    fn();
+  } catch (err) {
+    return workloadError(err, code);
+  }
+  assert.fail(`expected ${code}, nothing was thrown`);
+}
+
+const ecJwk = (curve = 'P-256') =>
+  generateKeyPairSync('ec', { namedCurve: curve }).publicKey.export({ format: 'jwk' });
+const rsaJwk = () => generateKeyPairSync('rsa', { modulusLength: 2048 }).publicKey.export({ format: 'jwk' });
+const okpJwk = () => generateKeyPairSync('ed25519').publicKey.export({ format: 'jwk' });
+const HOUR = 3600_000;
 
 const isCode =
   (code: grpc.status) =>
@@ -202,6 +193,117 @@ describe('parseX509SvidResponse', () => {
       /carried no SVID/,
     );
   });
+
+  it('refuses an expired SVID with ERR_WORKLOAD_SVID_REFUSED, naming its SPIFFE ID and the rule broken', async () => {
+    const message = await svidResponse(ca, 'short-lived', { ttlSeconds: 60 });
+    const err = throwsWorkload(
+      () => parseX509SvidResponse(message, new Date(Date.now() + HOUR)),
+      WorkloadErrorCode.SvidRefused,
+    );
+    assert.match(
+      err.message,
+      new RegExp(`^X\\.509-SVID spiffe://${TRUST_DOMAIN}/short-lived refused: ERR_X509_EXPIRED: `),
+    );
+    assert.equal(err.spiffeId, `spiffe://${TRUST_DOMAIN}/short-lived`);
+    assert.ok(isSpiffeError(err.cause, 'ERR_X509_EXPIRED'));
+  });
+
+  it('refuses an SVID that does not chain to the bundle of its trust domain sent with it', async () => {
+    const other = await LocalCa.create({ trustDomain: td });
+    try {
+      const forged = await svidResponse(other, 'forged', { bundle: derBundle(ca) });
+      const err = throwsWorkload(() => parseX509SvidResponse(forged), WorkloadErrorCode.SvidRefused);
+      assert.match(err.message, /X\.509-SVID spiffe:\/\/example\.org\/forged refused: ERR_X509_UNTRUSTED/);
+    } finally {
+      other.close();
+    }
+  });
+
+  it('refuses an SVID whose signature was tampered with', async () => {
+    const tampered = await svidResponse(ca, 'tampered', {
+      // The last byte lies in the signature value: the DER stays well-formed, the signature does not verify.
+      tamper: (der) => Buffer.concat([der.subarray(0, -1), Buffer.from([(der.at(-1) as number) ^ 0x01])]),
+    });
+    const err = throwsWorkload(() => parseX509SvidResponse(tampered), WorkloadErrorCode.SvidRefused);
+    assert.match(err.message, /spiffe:\/\/example\.org\/tampered refused: ERR_X509_UNTRUSTED/);
+  });
+
+  it('reads a bundle as the DER it must be: DER followed by a PEM block is refused, never read as that block', async () => {
+    const other = await LocalCa.create({ trustDomain: td });
+    try {
+      const smuggled = Buffer.concat([
+        derBundle(ca),
+        Buffer.from(other.bundle.x509Authorities[0]?.toString() ?? ''),
+      ]);
+      const message = await svidResponse(ca, 'smuggled', { bundle: smuggled });
+      const err = throwsWorkload(() => parseX509SvidResponse(message), WorkloadErrorCode.ResponseRefused);
+      assert.match(
+        err.message,
+        /the X\.509 bundle of "example\.org" is malformed: .*no DER SEQUENCE at byte/,
+      );
+    } finally {
+      other.close();
+    }
+  });
+});
+
+describe('parseJwtBundlesResponse', () => {
+  const tdId = `spiffe://${TRUST_DOMAIN}`;
+  let ca: LocalCa;
+  before(async () => {
+    ca = await LocalCa.create({ trustDomain: td });
+  });
+  after(() => ca?.close());
+
+  it('ignores exactly the keys it cannot use (unknown kty, use other than jwt-svid) and reports each', () => {
+    const ignored: string[] = [];
+    const set = parseJwtBundlesResponse(
+      jwtBundlesResponse(tdId, [
+        { kid: 'ec', ...ecJwk() },
+        { kid: 'okp', ...okpJwk() },
+        { kid: 'x509', use: 'x509-svid', ...ecJwk(), x5c: [derBundle(ca).toString('base64')] },
+        { kid: 'rsa', use: 'jwt-svid', ...rsaJwk() },
+        { kid: 'future', kty: 'PQC', pub: 'AAAA' },
+        { kid: 'k1', ...ecJwk('secp256k1') },
+      ]),
+      { onIgnoredKey: (trustDomain, index, why) => ignored.push(`${trustDomain.name} ${index}: ${why}`) },
+    );
+    assert.deepEqual([...(set.getJwtBundle(td)?.authorities.keys() ?? [])], ['ec', 'rsa']);
+    assert.equal(set.getX509Bundle(td)?.authorities.length, 0, 'an x509-svid key never becomes an authority');
+    assert.equal(ignored.length, 4, ignored.join('\n'));
+    assert.match(ignored[0] ?? '', /^example\.org 1: key type "OKP" cannot verify a JWT-SVID$/);
+    assert.match(ignored[1] ?? '', /^example\.org 2: "use" is "x509-svid", not "jwt-svid"$/);
+    assert.match(ignored[2] ?? '', /^example\.org 4: key type "PQC" cannot verify a JWT-SVID$/);
+    assert.match(ignored[3] ?? '', /^example\.org 5: curve "secp256k1" cannot verify a JWT-SVID/);
+  });
+
+  const malformed: [string, object[], string][] = [
+    [
+      'an EC key with broken coordinates',
+      [{ kid: 'k', kty: 'EC', crv: 'P-256', x: 'AA', y: 'AA' }],
+      'ERR_BUNDLE_JWT_KEY',
+    ],
+    ['a usable key without kid', [ecJwk()], 'ERR_BUNDLE_KID_MISSING'],
+    [
+      'two keys with one kid',
+      [
+        { kid: 'k', ...ecJwk() },
+        { kid: 'k', ...ecJwk() },
+      ],
+      'ERR_BUNDLE_KID_DUPLICATE',
+    ],
+  ];
+  for (const [what, keys, cause] of malformed) {
+    it(`still refuses the whole response for ${what} (${cause})`, () => {
+      const err = throwsWorkload(
+        () => parseJwtBundlesResponse(jwtBundlesResponse(tdId, keys)),
+        WorkloadErrorCode.ResponseRefused,
+      );
+      assert.ok(isSpiffeError(err.cause), String(err.cause));
+      assert.equal(err.cause.code, cause);
+      assert.match(err.message, /^JWTBundlesResponse: the JWT bundle of "example\.org" is malformed: /);
+    });
+  }
 });
 
 describe('X509Source against the real agent', () => {
@@ -256,6 +358,41 @@ describe('X509Source against the real agent', () => {
     }
   });
 
+  it('stops handing out the SVID when the agent withdraws it (entry removed), and recovers when it returns', async () => {
+    const t = await startTestAgent(`entries:\n${entryFor(uid, 'withdrawn')}`);
+    const source = await X509Source.create({ address: t.address, initialBackoffMs: 20, maxBackoffMs: 200 });
+    const errors: WorkloadApiError[] = [];
+    source.on('error', (err) => errors.push(err));
+    try {
+      const id = `spiffe://${TRUST_DOMAIN}/withdrawn`;
+      assert.equal(source.svid().id.toString(), id);
+      const withdrawn = waitFor(on<WorkloadError>(source, 'withdrawn'), () => true, 'the withdrawal');
+      t.writeEntries(`entries:\n${entryFor(uid + 1, 'someone-else')}`);
+      const event = workloadError(await withdrawn, WorkloadErrorCode.SvidWithdrawn);
+      assert.match(
+        event.message,
+        new RegExp(`^the Workload API withdrew ${id} at \\d{4}-.*\\(PERMISSION_DENIED: `),
+      );
+      assert.equal(event.spiffeId, id);
+      assert.equal(source.withdrawn, event);
+      const thrown = throwsWorkload(() => source.svid(), WorkloadErrorCode.SvidWithdrawn);
+      assert.equal(thrown.message, event.message);
+      await until(
+        () => errors.some((e) => e.code === grpc.status.PERMISSION_DENIED),
+        'the PERMISSION_DENIED error',
+      );
+
+      const back = waitFor(updates(source), () => true, 'SVIDs issued again');
+      t.writeEntries(`entries:\n${entryFor(uid, 'withdrawn')}`);
+      await back;
+      assert.equal(source.withdrawn, undefined);
+      assert.equal(source.svid().id.toString(), id);
+    } finally {
+      source.close();
+      await t.close();
+    }
+  });
+
   it('rejects create() with DEADLINE_EXCEEDED when nothing listens, after startTimeoutMs', async () => {
     await assert.rejects(
       X509Source.create({
@@ -306,9 +443,11 @@ describe('X509Source against a stand-in server', () => {
   it('rejects create() at once with INVALID_ARGUMENT, and never calls again', async () => {
     const socketPath = join(dir, 'invalid.sock');
     let calls = 0;
-    const server = await startStandIn(socketPath, (call) => {
-      calls++;
-      fail(call, grpc.status.INVALID_ARGUMENT);
+    const server = await startStandIn(socketPath, {
+      FetchX509SVID: (call) => {
+        calls++;
+        endStream(call, grpc.status.INVALID_ARGUMENT);
+      },
     });
     try {
       // The start timeout is far longer than the test: only the fatal error can end create() in time.
@@ -319,7 +458,7 @@ describe('X509Source against a stand-in server', () => {
       await sleep(200);
       assert.equal(calls, 1);
     } finally {
-      await stopStandIn(server);
+      await server.stop();
     }
   });
 
@@ -327,9 +466,11 @@ describe('X509Source against a stand-in server', () => {
     const socketPath = join(dir, 'invalid-later.sock');
     const message = await svidResponse(ca, 'standin');
     let calls = 0;
-    const server = await startStandIn(socketPath, (call) => {
-      calls++;
-      fail(call, grpc.status.INVALID_ARGUMENT, calls === 1 ? message : undefined);
+    const server = await startStandIn(socketPath, {
+      FetchX509SVID: (call) => {
+        calls++;
+        endStream(call, grpc.status.INVALID_ARGUMENT, calls === 1 ? message : undefined);
+      },
     });
     const source = await X509Source.create({
       address: `unix://${socketPath}`,
@@ -350,7 +491,7 @@ describe('X509Source against a stand-in server', () => {
       assert.equal(source.svid().id.toString(), `spiffe://${TRUST_DOMAIN}/standin`, 'the last good SVID');
     } finally {
       source.close();
-      await stopStandIn(server);
+      await server.stop();
     }
   });
 
@@ -358,9 +499,11 @@ describe('X509Source against a stand-in server', () => {
     const socketPath = join(dir, 'unavailable.sock');
     const message = await svidResponse(ca, 'flaky');
     let calls = 0;
-    const server = await startStandIn(socketPath, (call) => {
-      calls++;
-      fail(call, grpc.status.UNAVAILABLE, message);
+    const server = await startStandIn(socketPath, {
+      FetchX509SVID: (call) => {
+        calls++;
+        endStream(call, grpc.status.UNAVAILABLE, message);
+      },
     });
     const source = await X509Source.create({
       address: `unix://${socketPath}`,
@@ -376,7 +519,254 @@ describe('X509Source against a stand-in server', () => {
       assert.ok(errors.length >= 2 && errors.every((e) => e.code === grpc.status.UNAVAILABLE));
     } finally {
       source.close();
-      await stopStandIn(server);
+      await server.stop();
+    }
+  });
+});
+
+describe('X509Source: what the agent sends is checked, and withdrawals are obeyed (stand-in server)', () => {
+  let dir: string;
+  let ca: LocalCa;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'ksp-wl-checks-'));
+    ca = await LocalCa.create({ trustDomain: td });
+  });
+  after(async () => {
+    ca?.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('refuses a bad SVID pushed on the open stream: keeps the last good one and the stream, applies the next good one', async () => {
+    const other = await LocalCa.create({ trustDomain: td });
+    let stream: grpc.ServerWritableStream<unknown, X509SvidResponse> | undefined;
+    let calls = 0;
+    const standIn = await startStandIn(join(dir, 'refuse.sock'), {
+      FetchX509SVID: (call) => {
+        calls++;
+        stream = call;
+        void svidResponse(ca, 'good-1').then((m) => call.write(m));
+      },
+    });
+    const source = await X509Source.create({ address: standIn.address, initialBackoffMs: 10 });
+    try {
+      assert.equal(source.svid().id.toString(), `spiffe://${TRUST_DOMAIN}/good-1`);
+      const refused = waitFor(on<WorkloadError>(source, 'refused'), () => true, 'the refusal');
+      stream?.write(await svidResponse(other, 'forged', { bundle: derBundle(ca) }));
+      const err = workloadError(await refused, WorkloadErrorCode.SvidRefused);
+      assert.match(err.message, /spiffe:\/\/example\.org\/forged refused: ERR_X509_UNTRUSTED/);
+      assert.equal(source.svid().id.toString(), `spiffe://${TRUST_DOMAIN}/good-1`, 'the last good SVID');
+
+      const next = waitFor(updates(source), () => true, 'the next good SVID');
+      stream?.write(await svidResponse(ca, 'good-2'));
+      await next;
+      assert.equal(source.svid().id.toString(), `spiffe://${TRUST_DOMAIN}/good-2`);
+      assert.equal(source.connects, 1, 'the refusal did not cost the stream');
+      assert.equal(calls, 1);
+    } finally {
+      source.close();
+      other.close();
+      await standIn.stop();
+    }
+  });
+
+  it('create() that only gets refused responses fails after startTimeoutMs, naming the refusal', async () => {
+    const other = await LocalCa.create({ trustDomain: td });
+    const forged = await svidResponse(other, 'forged', { bundle: derBundle(ca) });
+    const standIn = await startStandIn(join(dir, 'only-refused.sock'), {
+      FetchX509SVID: (call) => call.write(forged),
+    });
+    try {
+      // Closed should it ever resolve, so a failure here cannot leave the stream holding the process open.
+      const created = X509Source.create({ address: standIn.address, startTimeoutMs: 500 }).then((source) => {
+        source.close();
+        return source;
+      });
+      await assert.rejects(created, (err: unknown) => {
+        isCode(grpc.status.DEADLINE_EXCEEDED)(err);
+        assert.match(
+          (err as Error).message,
+          /last error: ERR_WORKLOAD_SVID_REFUSED: X\.509-SVID spiffe:\/\/example\.org\/forged refused: ERR_X509_UNTRUSTED/,
+        );
+        workloadError((err as Error).cause, WorkloadErrorCode.SvidRefused);
+        return true;
+      });
+    } finally {
+      other.close();
+      await standIn.stop();
+    }
+  });
+
+  it('withdraws the SVIDs on PermissionDenied: svid() throws ERR_WORKLOAD_SVID_WITHDRAWN until SVIDs come again', async () => {
+    const first = await svidResponse(ca, 'first');
+    let issue = false;
+    let calls = 0;
+    const standIn = await startStandIn(join(dir, 'withdraw.sock'), {
+      FetchX509SVID: (call) => {
+        calls++;
+        if (calls === 1) endStream(call, grpc.status.PERMISSION_DENIED, first);
+        else if (!issue) endStream(call, grpc.status.PERMISSION_DENIED);
+        else void svidResponse(ca, 'again').then((m) => call.write(m));
+      },
+    });
+    const source = await X509Source.create({
+      address: standIn.address,
+      initialBackoffMs: 10,
+      maxBackoffMs: 40,
+    });
+    const order: string[] = [];
+    source.on('withdrawn', () => order.push('withdrawn'));
+    source.on('error', (e) => order.push(`error ${e.codeName}`));
+    try {
+      await until(() => source.withdrawn !== undefined, 'the withdrawal');
+      const err = throwsWorkload(() => source.svid(), WorkloadErrorCode.SvidWithdrawn);
+      assert.match(
+        err.message,
+        /^the Workload API withdrew spiffe:\/\/example\.org\/first at .*PERMISSION_DENIED/,
+      );
+      assert.match(err.message, /no X\.509-SVID to present until the agent issues one again$/);
+      throwsWorkload(() => source.svid('any-hint'), WorkloadErrorCode.SvidWithdrawn);
+      assert.deepEqual(order.slice(0, 2), ['withdrawn', 'error PERMISSION_DENIED']);
+      assert.equal(
+        source.context.svids[0]?.id.toString(),
+        `spiffe://${TRUST_DOMAIN}/first`,
+        'kept for display',
+      );
+      await until(() => calls >= 3, 'retries, denied again');
+      assert.equal(order.filter((o) => o === 'withdrawn').length, 1, 'withdrawn once, not at every retry');
+
+      issue = true;
+      await waitFor(updates(source), () => true, 'SVIDs issued again', 10_000);
+      assert.equal(source.withdrawn, undefined);
+      assert.equal(source.svid().id.toString(), `spiffe://${TRUST_DOMAIN}/again`);
+    } finally {
+      source.close();
+      await standIn.stop();
+    }
+  });
+});
+
+describe('JwtSource: unusable bundle keys (stand-in server)', () => {
+  let dir: string;
+  const tdId = `spiffe://${TRUST_DOMAIN}`;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'ksp-wl-jwks-'));
+  });
+  after(() => rm(dir, { recursive: true, force: true }));
+
+  it('applies a JWT bundle holding a key of unknown kty without it, reports it, and keeps the stream', async () => {
+    let stream: grpc.ServerWritableStream<unknown, JwtBundlesResponse> | undefined;
+    let calls = 0;
+    const good = { kid: 'good', ...ecJwk() };
+    const standIn = await startStandIn(join(dir, 'jwks.sock'), {
+      FetchJWTBundles: (call) => {
+        calls++;
+        stream = call;
+        call.write(jwtBundlesResponse(tdId, [good, { kid: 'future', kty: 'ML-DSA', pub: 'AAAA' }]));
+      },
+    });
+    const source = await JwtSource.create({ address: standIn.address, startTimeoutMs: 10_000 });
+    try {
+      assert.deepEqual([...(source.getJwtBundle(td)?.authorities.keys() ?? [])], ['good']);
+      assert.equal(source.warnings.length, 1);
+      const first = workloadError(source.warnings[0], WorkloadErrorCode.KeyIgnored);
+      assert.equal(
+        first.message,
+        'JWT bundle of "example.org": keys[1] ignored: key type "ML-DSA" cannot verify a JWT-SVID',
+      );
+
+      const warned = waitFor(on<WorkloadError>(source, 'warning'), () => true, 'the warning');
+      const updated = waitFor(on<unknown>(source, 'update'), () => true, 'the update');
+      stream?.write(
+        jwtBundlesResponse(tdId, [
+          good,
+          { kid: 'x509', use: 'x509-svid', ...ecJwk() },
+          { kid: 'next', ...ecJwk() },
+        ]),
+      );
+      const warning = workloadError(await warned, WorkloadErrorCode.KeyIgnored);
+      assert.match(warning.message, /keys\[1\] ignored: "use" is "x509-svid", not "jwt-svid"$/);
+      await updated;
+      assert.deepEqual([...(source.getJwtBundle(td)?.authorities.keys() ?? [])], ['good', 'next']);
+
+      const refused = waitFor(on<WorkloadError>(source, 'refused'), () => true, 'the refusal');
+      stream?.write(jwtBundlesResponse(tdId, [{ kid: 'broken', kty: 'EC', crv: 'P-256', x: 'AA', y: 'AA' }]));
+      workloadError(await refused, WorkloadErrorCode.ResponseRefused);
+      assert.deepEqual(
+        [...(source.getJwtBundle(td)?.authorities.keys() ?? [])],
+        ['good', 'next'],
+        'last good kept',
+      );
+      assert.equal(source.connects, 1, 'no reconnect loop');
+      assert.equal(calls, 1);
+    } finally {
+      source.close();
+      await standIn.stop();
+    }
+  });
+});
+
+describe('WorkloadClient.fetchJwtSvids checks what it gets (stand-in server)', () => {
+  let dir: string;
+  let ca: LocalCa;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'ksp-wl-jwt-'));
+    ca = await LocalCa.create({ trustDomain: td });
+  });
+  after(async () => {
+    ca?.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('refuses a JWT-SVID for another SPIFFE ID or audience, an expired one, and garbage', async () => {
+    const id = SpiffeId.parse(`spiffe://${TRUST_DOMAIN}/jwt`);
+    const mint = async (options: { audience?: string[]; now?: Date; ttlSeconds?: number } = {}) =>
+      (
+        await mintJwtSvid({
+          id,
+          audience: options.audience ?? ['a'],
+          signer: ca.jwtSigner().signer,
+          ...(options.now ? { now: options.now } : {}),
+          ...(options.ttlSeconds ? { ttlSeconds: options.ttlSeconds } : {}),
+        })
+      ).token;
+    let reply = { spiffe_id: id.toString(), svid: await mint(), hint: '' };
+    const standIn = await startStandIn(join(dir, 'jwt.sock'), {
+      FetchJWTSVID: (_call, callback) => callback(null, { svids: [reply] }),
+    });
+    const client = new WorkloadClient({ address: standIn.address });
+    try {
+      const [ok] = await client.fetchJwtSvids('a');
+      assert.equal(ok?.id.toString(), id.toString());
+
+      const cases: [string, typeof reply, RegExp][] = [
+        [
+          'another SPIFFE ID',
+          { ...reply, spiffe_id: `spiffe://${TRUST_DOMAIN}/claimed` },
+          /^JWT-SVID spiffe:\/\/example\.org\/claimed refused: spiffe_id .* does not match the token's sub spiffe:\/\/example\.org\/jwt$/,
+        ],
+        [
+          'another audience',
+          { ...reply, svid: await mint({ audience: ['b'] }) },
+          /refused: its aud lacks "a"$/,
+        ],
+        [
+          'an expired token',
+          { ...reply, svid: await mint({ now: new Date(Date.now() - HOUR), ttlSeconds: 60 }) },
+          /refused: it expired at \d{4}-/,
+        ],
+        ['garbage', { ...reply, svid: 'not.a.jwt' }, /refused: ERR_JWT_MALFORMED: /],
+      ];
+      for (const [what, bad, message] of cases) {
+        reply = bad;
+        await assert.rejects(client.fetchJwtSvids('a'), (err: unknown) => {
+          const e = workloadError(err, WorkloadErrorCode.JwtSvidRefused);
+          assert.match(e.message, message, what);
+          return true;
+        });
+      }
+    } finally {
+      client.close();
+      await standIn.stop();
     }
   });
 });
