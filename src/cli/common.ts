@@ -51,7 +51,14 @@ export function serviceFlags(
   if (level !== undefined && !isLogLevel(level)) {
     throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}`);
   }
+  // From here on SIGHUP means "reload", never Node's default "exit": ignored until the service is up.
+  if (!process.listeners('SIGHUP').includes(ignoreHupWhileStarting))
+    process.on('SIGHUP', ignoreHupWhileStarting);
   return { config: values.config, ...(level === undefined ? {} : { level }) };
+}
+
+function ignoreHupWhileStarting(): void {
+  process.stderr.write('SIGHUP while starting: ignored (nothing is loaded yet)\n');
 }
 
 /** What a long-running command does on signals. */
@@ -84,6 +91,7 @@ export async function runUntilSignal(
     );
   };
   process.on('SIGHUP', onHup);
+  process.off('SIGHUP', ignoreHupWhileStarting);
   const signal = await new Promise<NodeJS.Signals>((resolve) => {
     const onSignal = (s: NodeJS.Signals): void => {
       process.off('SIGINT', onSignal);
@@ -94,6 +102,9 @@ export async function runUntilSignal(
     process.on('SIGTERM', onSignal);
   });
   logger.info({ signal }, `${what}: stopping`);
+  // A reload has nothing to do on a service that is stopping.
+  process.off('SIGHUP', onHup);
+  process.on('SIGHUP', ignoreHupWhileStarting);
   const force = (s: NodeJS.Signals): void => {
     logger.warn({ signal: s }, `${what}: second signal while stopping; exiting now`);
     process.exit(EXIT.refused);
@@ -103,10 +114,15 @@ export async function runUntilSignal(
   try {
     await handlers.stop();
   } finally {
-    process.off('SIGHUP', onHup);
     process.off('SIGINT', force);
     process.off('SIGTERM', force);
   }
   logger.info(`${what} stopped`);
+  // Everything was closed; a handle something forgot (a client socket, a timer) must not keep a stopped service
+  // alive. Logs are written synchronously, so nothing is lost by exiting.
+  setTimeout(() => {
+    logger.warn(`${what}: handles still open 2s after stopping; exiting anyway`);
+    process.exit(EXIT.ok);
+  }, 2000).unref();
   return EXIT.ok;
 }
