@@ -161,4 +161,62 @@ readiness:
       ],
     );
   });
+
+  it('goes unready and closes new connections when the agent withdraws its SVID, and recovers when it returns', async () => {
+    const readyz = async (): Promise<{
+      status: number;
+      checks: { name: string; ok: boolean; detail: string }[];
+    }> => {
+      const res = await fetch(`http://127.0.0.1:${proxy.admin.address.port}/readyz`);
+      return {
+        status: res.status,
+        ...((await res.json()) as { checks: { name: string; ok: boolean; detail: string }[] }),
+      };
+    };
+    const until = async (what: string, check: () => Promise<boolean>): Promise<void> => {
+      for (let i = 0; i < 200; i++) {
+        if (await check()) return;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      throw new Error(`timed out waiting for ${what}`);
+    };
+    const entries = `entries:\n${entryFor(uid, 'kube-svid-proxy', '    hint: proxy\n    dnsNames: [localhost]\n    x509SvidTtl: 4s\n')}${entryFor(uid, 'client', '    hint: client\n')}`;
+    const tlsOptions = clientTls();
+    /** A fresh connection's fate: answered (status) or closed without an answer (0). */
+    const fresh = async (): Promise<number> => {
+      const session = http2.connect(`https://127.0.0.1:${proxy.port}`, tlsOptions);
+      session.on('error', () => {});
+      try {
+        return await new Promise<number>((resolve) => {
+          const stream = session.request({ ':path': '/version' });
+          stream.on('response', (h) => resolve(Number(h[':status'])));
+          stream.on('error', () => resolve(0));
+          stream.on('close', () => resolve(0));
+          stream.resume();
+          stream.end();
+        });
+      } finally {
+        session.destroy();
+      }
+    };
+    assert.equal(await fresh(), 200, 'the control: a fresh connection is served');
+    try {
+      // No entry matches this uid any more: the agent answers PermissionDenied on the proxy's stream.
+      agent.writeEntries(`entries:\n${entryFor(uid + 1, 'someone-else')}`);
+      await until('/readyz to fail', async () => (await readyz()).status === 503);
+      const check = (await readyz()).checks.find((c) => c.name === 'identitySource');
+      assert.equal(check?.ok, false);
+      assert.match(check?.detail ?? '', /withdr/i);
+      assert.equal(await fresh(), 0, 'a new connection is closed without being served');
+      assert.match(
+        await proxy.metrics.metrics(),
+        /ksp_connections_closed_by_proxy_total\{reason="no_svid"\} [1-9]/,
+        'closed by the proxy for want of an SVID',
+      );
+    } finally {
+      agent.writeEntries(entries);
+    }
+    await until('/readyz to pass again', async () => (await readyz()).status === 200);
+    assert.equal(await fresh(), 200, 'served again once the agent issues an SVID');
+  });
 });
