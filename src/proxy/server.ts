@@ -178,9 +178,12 @@ export class ProxyServer {
       // writes to the TLS socket, so the session is left there for #register.
       const socket = session.socket as StatefulSocket;
       socket[kSession] = session;
-      session.on('stream', () => {
+      // Every stream counts while it lives, answered or reset before its request was read.
+      session.on('stream', (stream: http2.ServerHttp2Stream) => {
         const state = socket[kConnection];
-        if (state !== undefined) this.#begin(state);
+        if (state === undefined) return;
+        this.#begin(state);
+        stream.once('close', () => this.#end(state));
       });
     });
     this.server.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
@@ -715,9 +718,11 @@ export class ProxyServer {
     const started = performance.now();
     const socket = req.socket as StatefulSocket;
     const state = this.#state(socket);
-    // HTTP/2 streams were counted when they opened; HTTP/1.1 requests are counted here.
-    if (state.session === undefined) this.#begin(state);
-    res.once('close', () => this.#end(state));
+    // HTTP/2 streams are counted from 'stream' to their 'close'; HTTP/1.1 requests here.
+    if (state.session === undefined) {
+      this.#begin(state);
+      res.once('close', () => this.#end(state));
+    }
     if (state.closing) {
       // The 401 went out and the connection is closing: later requests get no answer and no log line.
       if ('stream' in req && req.stream !== undefined)
