@@ -13,18 +13,16 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import type http2 from 'node:http2';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
-import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import { type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import {
   ConnectionWitness,
   connectHttp2,
@@ -147,7 +145,7 @@ const EXEC_ADMITTED = ['does not have a host assigned'];
 describe('attacks on the request target, against a real kube-apiserver', { skip, timeout: 600_000 }, () => {
   let cp: ControlPlane;
   let pki: DevPki;
-  let dir: string;
+  let files: ProxyFiles;
   let proxy: RunningProxy;
   /** The attacker's host: a plain TCP listener that must never see a connection. */
   let attacker: ConnectionWitness;
@@ -158,34 +156,16 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
     cp = await startControlPlane();
     pki = await makeDevPki();
     attacker = await ConnectionWitness.listen();
-    dir = mkdtempSync(join(tmpdir(), 'ksp-e2e-attack-'));
-    const write = (name: string, text: string): string => {
-      const file = join(dir, name);
-      writeFileSync(file, text);
-      return file;
-    };
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('hub.json', bundleJson(pki.hub));
-    write('apiserver-ca.pem', cp.caPem);
-    write('token', `${cp.proxyToken}\n`);
-    write('policy.yaml', POLICY);
-    const objects = write('objects.yaml', OBJECTS.map((o) => stringify(o)).join('---\n'));
+    files = writeProxyFiles('ksp-e2e-attack-', pki, {
+      policy: POLICY,
+      token: `${cp.proxyToken}\n`,
+      upstreamCa: cp.caPem,
+    });
+    const objects = files.write('objects.yaml', OBJECTS.map((o) => stringify(o)).join('---\n'));
     await run('kubectl', [`--kubeconfig=${cp.kubeconfig('admin')}`, 'apply', '-f', objects]);
     const logger = createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } });
     proxy = await startProxy(
-      parseProxyConfig(
-        `trustDomain: spoke.example.org
-listen: 127.0.0.1:0
-admin: { listen: 127.0.0.1:0 }
-policyFile: policy.yaml
-identity:
-  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json, hub.example.org: hub.json } }
-upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
-`,
-        join(dir, 'proxy.yaml'),
-      ),
+      parseProxyConfig(proxyConfigYaml(files, { upstreamUrl: cp.url }), files.configFile),
       { logger, defaultMetrics: false, probeIntervalMs: 60_000 },
     );
     // RBAC reaches the authorizer through an informer: wait until both mapped users can read p1.
@@ -205,7 +185,7 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
     await proxy?.close();
     await attacker?.close();
     await cp?.close();
-    if (dir) rmSync(dir, { recursive: true, force: true });
+    files?.remove();
   });
 
   function client(who: Who): SvidClient {

@@ -6,19 +6,19 @@
  */
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import http2 from 'node:http2';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import tls from 'node:tls';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
-import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import { clientTls, type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import { type ControlPlane, proxyRbac, startControlPlane } from './controlplane.ts';
 import { e2eSkip } from './skip.ts';
 
@@ -107,27 +107,19 @@ interface Failure {
 describe('kubectl through the proxy, against a real kube-apiserver', { skip, timeout: 600_000 }, () => {
   let cp: ControlPlane;
   let pki: DevPki;
-  let dir: string;
+  let files: ProxyFiles;
   let proxy: RunningProxy;
   const logs: string[] = [];
 
   before(async () => {
     cp = await startControlPlane();
     pki = await makeDevPki();
-    dir = mkdtempSync(join(tmpdir(), 'ksp-e2e-'));
-    const write = (name: string, text: string): string => {
-      const file = join(dir, name);
-      writeFileSync(file, text);
-      return file;
-    };
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('hub.json', bundleJson(pki.hub));
-    write('apiserver-ca.pem', cp.caPem);
-    write('token', `${cp.proxyToken}\n`);
-    write('policy.yaml', POLICY);
-    const rbac = write('rbac.yaml', RBAC.map((o) => stringify(o)).join('---\n'));
+    files = writeProxyFiles('ksp-e2e-', pki, {
+      policy: POLICY,
+      token: `${cp.proxyToken}\n`,
+      upstreamCa: cp.caPem,
+    });
+    const rbac = files.write('rbac.yaml', RBAC.map((o) => stringify(o)).join('---\n'));
     await admin('apply', '-f', rbac);
     // No kubelet runs: mark the pod Running so kubectl port-forward tries (and kube-apiserver answers "no host").
     await admin(
@@ -143,24 +135,14 @@ describe('kubectl through the proxy, against a real kube-apiserver', { skip, tim
     );
     const logger = createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } });
     proxy = await startProxy(
-      parseProxyConfig(
-        `trustDomain: spoke.example.org
-listen: 127.0.0.1:0
-admin: { listen: 127.0.0.1:0 }
-policyFile: policy.yaml
-identity:
-  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json, hub.example.org: hub.json } }
-upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
-`,
-        join(dir, 'proxy.yaml'),
-      ),
+      parseProxyConfig(proxyConfigYaml(files, { upstreamUrl: cp.url }), files.configFile),
       { logger, defaultMetrics: false, probeIntervalMs: 60_000 },
     );
     for (const [who, identity] of [
       ['argocd', pki.good.clientArgocd],
       ['flux', pki.good.clientFlux],
     ] as const) {
-      write(
+      files.write(
         `${who}.kubeconfig`,
         stringify({
           apiVersion: 'v1',
@@ -203,7 +185,7 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
   after(async () => {
     await proxy?.close();
     await cp?.close();
-    if (dir) rmSync(dir, { recursive: true, force: true });
+    files?.remove();
   });
 
   function admin(...args: string[]): Promise<{ stdout: string; stderr: string }> {
@@ -212,8 +194,8 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
 
   function kubectl(who: 'argocd' | 'flux', ...args: string[]): Promise<{ stdout: string; stderr: string }> {
     return run('kubectl', [
-      `--kubeconfig=${join(dir, `${who}.kubeconfig`)}`,
-      `--cache-dir=${join(dir, 'cache')}`,
+      `--kubeconfig=${join(files.dir, `${who}.kubeconfig`)}`,
+      `--cache-dir=${join(files.dir, 'cache')}`,
       ...args,
     ]);
   }
@@ -239,7 +221,7 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
 
   it('get, create, apply --server-side and delete are allowed or forbidden exactly as RBAC says', async () => {
     await kubectl('argocd', 'create', 'configmap', 'e2e-a', '-n', 'apps', '--from-literal=k=v');
-    const manifest = join(dir, 'cm.yaml');
+    const manifest = join(files.dir, 'cm.yaml');
     writeFileSync(
       manifest,
       stringify({
@@ -269,7 +251,7 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
 
   it('get -w streams events as they happen', async () => {
     const watch = spawn('kubectl', [
-      `--kubeconfig=${join(dir, 'argocd.kubeconfig')}`,
+      `--kubeconfig=${join(files.dir, 'argocd.kubeconfig')}`,
       'get',
       'configmaps',
       '-n',
@@ -365,7 +347,7 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
       'exec went through the upgrade path',
     );
     const pf = spawn('kubectl', [
-      `--kubeconfig=${join(dir, 'argocd.kubeconfig')}`,
+      `--kubeconfig=${join(files.dir, 'argocd.kubeconfig')}`,
       'port-forward',
       '-n',
       'apps',
@@ -399,10 +381,7 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
       const socket = tls.connect({
         host: '127.0.0.1',
         port: proxy.port,
-        servername: 'localhost',
-        ca: pki.spoke.rootPem,
-        cert: pki.good.clientArgocd.chainPem,
-        key: pki.good.clientArgocd.keyPem,
+        ...clientTls(pki, pki.good.clientArgocd),
         ALPNProtocols: ['http/1.1'],
       });
       let answer = '';
@@ -426,12 +405,7 @@ upstream: { url: "${cp.url}", caFile: apiserver-ca.pem, tokenFile: token }
     assert.equal(who(h1).username, 'argocd');
     assert.ok(!who(h1).groups.includes('system:masters'));
 
-    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, {
-      servername: 'localhost',
-      ca: pki.spoke.rootPem,
-      cert: pki.good.clientArgocd.chainPem,
-      key: pki.good.clientArgocd.keyPem,
-    });
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, clientTls(pki, pki.good.clientArgocd));
     try {
       const h2 = await new Promise<string>((resolve, reject) => {
         const stream = session.request({

@@ -6,19 +6,24 @@
  */
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http, { type IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import type { AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
-import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { Upstream, UpstreamError } from '../../src/proxy/forward.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import {
+  clientTls,
+  type Http2StandIn,
+  listenHttp2StandIn,
+  type ProxyFiles,
+  proxyConfigYaml,
+  writeProxyFiles,
+} from '../helpers/proxy-fixture.ts';
 
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
 
@@ -34,36 +39,22 @@ interface Seen {
 
 describe('forwarding to kube-apiserver', () => {
   let pki: DevPki;
-  let dir: string;
-  let upstream: http2.Http2SecureServer;
+  let files: ProxyFiles;
+  let upstream: Http2StandIn;
   let proxy: RunningProxy;
   let seen: Seen[] = [];
   let releaseSecondEvent: () => void = () => {};
-  const upstreamSessions: http2.ServerHttp2Session[] = [];
   const reviews: { user: string; resourceAttributes: { name: string } }[] = [];
 
   before(async () => {
     pki = await makeDevPki();
-    dir = mkdtempSync(join(tmpdir(), 'ksp-forward-'));
-    const write = (name: string, text: string): void => writeFileSync(join(dir, name), text);
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('hub.json', bundleJson(pki.hub));
-    write('ca.pem', pki.spoke.rootPem);
-    write('token', 'proxy-token\n');
-    write(
-      'policy.yaml',
-      `rules:\n  - name: argocd\n    match:\n      id: ${ARGOCD}\n    identity:\n      user: argocd\n      groups: [gitops]\n`,
-    );
-    // The stand-in serves with the spoke SVID (IP SAN 127.0.0.1), so the proxy trusts it through the spoke root.
-    upstream = http2.createSecureServer({
-      cert: pki.good.proxyServer.chainPem,
-      key: pki.good.proxyServer.keyPem,
-      allowHTTP1: true,
+    files = writeProxyFiles('ksp-forward-', pki, {
+      policy: `rules:\n  - name: argocd\n    match:\n      id: ${ARGOCD}\n    identity:\n      user: argocd\n      groups: [gitops]\n`,
+      token: 'proxy-token\n',
+      upstreamCa: pki.spoke.rootPem,
     });
-    upstream.on('session', (session) => upstreamSessions.push(session));
-    upstream.on('request', (req, res) => {
+    // The stand-in serves with the spoke SVID (IP SAN 127.0.0.1), so the proxy trusts it through the spoke root.
+    upstream = await listenHttp2StandIn(pki, { allowHTTP1: true }, (req, res) => {
       const record: Seen = {
         httpVersion: req.httpVersion,
         method: req.method,
@@ -118,7 +109,7 @@ describe('forwarding to kube-apiserver', () => {
         res.end('{"kind":"Status","status":"Success"}');
       });
     });
-    upstream.on('upgrade', (req, socket) => {
+    upstream.server.on('upgrade', (req, socket) => {
       seen.push({
         httpVersion: req.httpVersion,
         method: req.method,
@@ -136,19 +127,10 @@ describe('forwarding to kube-apiserver', () => {
       socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n');
       socket.on('data', (d: Buffer) => socket.write(Buffer.concat([Buffer.from('echo:'), d])));
     });
-    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
-    const port = (upstream.address() as AddressInfo).port;
     proxy = await startProxy(
       parseProxyConfig(
-        `trustDomain: spoke.example.org
-listen: 127.0.0.1:0
-admin: { listen: 127.0.0.1:0 }
-policyFile: policy.yaml
-identity:
-  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json, hub.example.org: hub.json } }
-upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
-`,
-        join(dir, 'proxy.yaml'),
+        proxyConfigYaml(files, { upstreamUrl: `https://127.0.0.1:${upstream.port}` }),
+        files.configFile,
       ),
       { logger: silentLogger(), defaultMetrics: false, probeIntervalMs: 60_000 },
     );
@@ -156,16 +138,11 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
 
   after(async () => {
     await proxy?.close();
-    await new Promise<void>((resolve) => upstream?.close(() => resolve()));
-    if (dir) rmSync(dir, { recursive: true, force: true });
+    await upstream?.close();
+    files?.remove();
   });
 
-  const client = () => ({
-    ca: pki.spoke.rootPem,
-    servername: 'localhost',
-    cert: pki.good.clientArgocd.chainPem,
-    key: pki.good.clientArgocd.keyPem,
-  });
+  const client = () => clientTls(pki, pki.good.clientArgocd);
 
   /** A raw HTTP/1.1 exchange over TLS: full control over header names, order, duplicates and Connection. */
   function rawHttp1(request: string, onData?: (all: string, socket: tls.TLSSocket) => void): Promise<string> {
@@ -229,12 +206,12 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
       });
     try {
       assert.equal(await get(), 200);
-      const before = upstreamSessions.length;
+      const before = upstream.sessions.length;
       // kube-apiserver sends GOAWAY when it shuts down or rebalances (--goaway-chance).
-      for (const s of upstreamSessions) if (!s.closed) s.goaway();
+      for (const s of upstream.sessions) if (!s.closed) s.goaway();
       await new Promise((resolve) => setTimeout(resolve, 50));
       assert.equal(await get(), 200);
-      assert.equal(upstreamSessions.length, before + 1, 'a new session was opened');
+      assert.equal(upstream.sessions.length, before + 1, 'a new session was opened');
     } finally {
       session.close();
     }
@@ -418,8 +395,8 @@ upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
     assert.equal(seen.length, 2, 'no refused request reached the upstream');
   });
   it('forwards a nested impersonation only when the rule lists it and the SubjectAccessReview allows it', async () => {
-    writeFileSync(
-      join(dir, 'policy.yaml'),
+    files.write(
+      'policy.yaml',
       `rules:\n  - name: argocd\n    match:\n      id: ${ARGOCD}\n    identity:\n      user: argocd\n      groups: [gitops]\n` +
         '    impersonate:\n      serviceAccounts: ["apps/*"]\n',
     );

@@ -5,82 +5,66 @@
  * unauthenticated and idle connections are closed, and TCP probes are counted apart from failed clients.
  */
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http2 from 'node:http2';
-import net, { type AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
-import { bundleJson, type DevIdentity, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type DevIdentity, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import {
+  clientTls,
+  type Http2StandIn,
+  listenHttp2StandIn,
+  type ProxyFiles,
+  proxyConfigYaml,
+  requestStatus,
+  until,
+  writeProxyFiles,
+} from '../helpers/proxy-fixture.ts';
 
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
 const FLUX = 'spiffe://hub.example.org/ns/flux-system/sa/kustomize-controller';
 
-/** Waits for a condition with a deadline (not a timing assertion: the deadline only bounds a hung test). */
-async function until(what: string, check: () => boolean | Promise<boolean>, ms = 15_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
 describe('limits: what one client can hold', () => {
   let pki: DevPki;
-  let dir: string;
-  let upstream: http2.Http2SecureServer;
+  let files: ProxyFiles;
+  let upstream: Http2StandIn;
   let proxy: RunningProxy;
   const held: http2.Http2ServerResponse[] = [];
   const logs: string[] = [];
-  const upstreamSessions: http2.ServerHttp2Session[] = [];
   const sessions: http2.ClientHttp2Session[] = [];
 
   before(async () => {
     pki = await makeDevPki();
-    dir = mkdtempSync(join(tmpdir(), 'ksp-limits-'));
-    const write = (name: string, text: string): void => writeFileSync(join(dir, name), text);
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('hub.json', bundleJson(pki.hub));
-    write('ca.pem', pki.spoke.rootPem);
-    write('token', 'proxy-token\n');
     const rule = (name: string, id: string): string =>
       `  - name: ${name}\n    match:\n      id: ${id}\n    identity:\n      user: ${name}\n`;
-    write('policy.yaml', `rules:\n${rule('argocd', ARGOCD)}${rule('flux', FLUX)}`);
-    upstream = http2.createSecureServer({
-      cert: pki.good.proxyServer.chainPem,
-      key: pki.good.proxyServer.keyPem,
+    files = writeProxyFiles('ksp-limits-', pki, {
+      policy: `rules:\n${rule('argocd', ARGOCD)}${rule('flux', FLUX)}`,
+      token: 'proxy-token\n',
+      upstreamCa: pki.spoke.rootPem,
+    });
+    upstream = await listenHttp2StandIn(
+      pki,
       // kube-apiserver's answer to a client's streams: 100 at a time per connection.
-      settings: { maxConcurrentStreams: 100 },
-    });
-    upstream.on('session', (s) => upstreamSessions.push(s));
-    upstream.on('request', (req, res) => {
-      res.writeHead(200, { 'content-type': 'application/json' });
-      if (req.url?.includes('watch=true')) {
-        // A watch: headers now, events never (until the test ends).
-        res.write('{"type":"ADDED"}\n');
-        held.push(res);
-        return;
-      }
-      res.end('{"kind":"PodList","items":[]}');
-    });
-    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
-    const port = (upstream.address() as AddressInfo).port;
+      { settings: { maxConcurrentStreams: 100 } },
+      (req, res) => {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        if (req.url?.includes('watch=true')) {
+          // A watch: headers now, events never (until the test ends).
+          res.write('{"type":"ADDED"}\n');
+          held.push(res);
+          return;
+        }
+        res.end('{"kind":"PodList","items":[]}');
+      },
+    );
     proxy = await startProxy(
       parseProxyConfig(
-        `trustDomain: spoke.example.org
-listen: 127.0.0.1:0
-admin: { listen: 127.0.0.1:0 }
-policyFile: policy.yaml
-identity:
-  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json, hub.example.org: hub.json } }
-upstream: { url: "https://127.0.0.1:${port}", caFile: ca.pem, tokenFile: token }
-limits:
+        proxyConfigYaml(files, {
+          upstreamUrl: `https://127.0.0.1:${upstream.port}`,
+          extra: `limits:
   maxStreamsPerConnection: 300
   maxLongRunningPerIdentity: 150
   maxUpstreamSessions: 1
@@ -89,7 +73,8 @@ timeouts:
   idle: 1s
   unauthenticated: 1s
 `,
-        join(dir, 'proxy.yaml'),
+        }),
+        files.configFile,
       ),
       {
         logger: createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } }),
@@ -102,18 +87,14 @@ timeouts:
   after(async () => {
     for (const s of sessions) s.destroy();
     for (const res of held) res.stream.destroy();
-    for (const s of upstreamSessions) s.destroy();
+    upstream?.destroySessions();
     await proxy?.close();
-    await new Promise<void>((resolve) => upstream?.close(() => resolve()));
-    if (dir) rmSync(dir, { recursive: true, force: true });
+    await upstream?.close();
+    files?.remove();
   });
 
   function connect(who?: DevIdentity): http2.ClientHttp2Session {
-    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, {
-      ca: pki.spoke.rootPem,
-      servername: 'localhost',
-      ...(who ? { cert: who.chainPem, key: who.keyPem } : {}),
-    });
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, clientTls(pki, who));
     session.on('error', () => {});
     sessions.push(session);
     return session;
@@ -213,8 +194,7 @@ timeouts:
     const socket = tls.connect({
       host: '127.0.0.1',
       port: proxy.port,
-      ca: pki.spoke.rootPem,
-      servername: 'localhost',
+      ...clientTls(pki),
       ALPNProtocols: ['h2'],
     });
     socket.on('error', () => {});
@@ -258,51 +238,18 @@ timeouts:
   });
 });
 
-/** A request's status and whole body (watches: status only, once headers arrive). */
-function requestStatus(
-  session: http2.ClientHttp2Session,
-  path: string,
-): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const stream = session.request({ ':path': path });
-    let status = 0;
-    let body = '';
-    stream.setEncoding('utf8');
-    stream.on('error', reject);
-    stream.on('response', (headers) => {
-      status = Number(headers[':status']);
-      if (status === 200 && path.includes('watch=true')) resolve({ status, body });
-    });
-    stream.on('data', (d: string) => {
-      body += d;
-    });
-    stream.on('end', () => resolve({ status, body }));
-    stream.on('close', () => resolve({ status, body }));
-  });
-}
-
 describe('readiness.minSvidRemaining', () => {
   it('warns at start when it is not shorter than the SVID lifetime, and /readyz says why it is not ready', async () => {
     const pki = await makeDevPki();
-    const dir = mkdtempSync(join(tmpdir(), 'ksp-minsvid-'));
-    const write = (name: string, text: string): void => writeFileSync(join(dir, name), text);
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('policy.yaml', 'rules: []\n');
+    const files = writeProxyFiles('ksp-minsvid-', pki, { policy: 'rules: []\n', hubBundle: false });
     const logs: string[] = [];
     const proxy = await startProxy(
       parseProxyConfig(
-        `trustDomain: spoke.example.org
-listen: 127.0.0.1:0
-admin: { listen: 127.0.0.1:0 }
-policyFile: policy.yaml
-identity:
-  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json } }
-upstream: { url: "https://127.0.0.1:1" }
-readiness: { minSvidRemaining: 100000h }
-`,
-        join(dir, 'proxy.yaml'),
+        proxyConfigYaml(files, {
+          upstreamUrl: 'https://127.0.0.1:1',
+          extra: 'readiness: { minSvidRemaining: 100000h }\n',
+        }),
+        files.configFile,
       ),
       {
         logger: createLogger({ level: 'warn', stream: { write: (line: string) => void logs.push(line) } }),
@@ -323,7 +270,7 @@ readiness: { minSvidRemaining: 100000h }
       assert.match(svid?.detail ?? '', /needs more than 360000000s/);
     } finally {
       await proxy.close();
-      rmSync(dir, { recursive: true, force: true });
+      files.remove();
     }
   });
 });

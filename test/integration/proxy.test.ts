@@ -4,19 +4,18 @@
  * reaches it) in place of kube-apiserver, which the e2e suite of the proxy's part 2 provides for real.
  */
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import http, { type IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import { bundleJson, type DevIdentity, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import { clientTls, type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import { importIssuer, makeLeaf } from '../unit/spiffe/helpers/certs.ts';
 
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
@@ -47,7 +46,7 @@ interface Recorded {
 }
 
 describe('the proxy front door', () => {
-  let dir: string;
+  let files: ProxyFiles;
   let pki: DevPki;
   let upstream: http.Server;
   let recorded: Recorded[] = [];
@@ -59,18 +58,8 @@ describe('the proxy front door', () => {
 
   before(async () => {
     pki = await makeDevPki();
-    dir = mkdtempSync(join(tmpdir(), 'ksp-proxy-'));
-    const write = (name: string, text: string): string => {
-      const file = join(dir, name);
-      writeFileSync(file, text);
-      return file;
-    };
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('hub.json', bundleJson(pki.hub));
-    write('token', 'proxy-service-account-token\n');
-    policyFile = write('policy.yaml', policyYaml());
+    files = writeProxyFiles('ksp-proxy-', pki, { token: 'proxy-service-account-token\n' });
+    policyFile = files.write('policy.yaml', policyYaml());
     upstream = http.createServer((req, res) => {
       recorded.push({ method: req.method, url: req.url, headers: req.headers, rawHeaders: req.rawHeaders });
       req.resume();
@@ -82,22 +71,8 @@ describe('the proxy front door', () => {
     await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
     const upstreamPort = (upstream.address() as AddressInfo).port;
     const config = parseProxyConfig(
-      `trustDomain: spoke.example.org
-listen: 127.0.0.1:0
-admin: { listen: 127.0.0.1:0 }
-policyFile: policy.yaml
-identity:
-  files:
-    certFile: proxy.crt
-    keyFile: proxy.key
-    bundles:
-      spoke.example.org: spoke.json
-      hub.example.org: hub.json
-upstream:
-  url: http://127.0.0.1:${upstreamPort}
-  tokenFile: token
-`,
-      join(dir, 'proxy.yaml'),
+      proxyConfigYaml(files, { upstreamUrl: `http://127.0.0.1:${upstreamPort}` }),
+      files.configFile,
     );
     const logger = createLogger({
       level: 'debug',
@@ -114,13 +89,7 @@ upstream:
   after(async () => {
     await proxy?.close();
     await new Promise<void>((resolve) => upstream?.close(() => resolve()));
-    if (dir) rmSync(dir, { recursive: true, force: true });
-  });
-
-  const tlsOptions = (who: { chainPem: string; keyPem: string } | undefined) => ({
-    ca: pki.spoke.rootPem,
-    servername: 'localhost',
-    ...(who ? { cert: who.chainPem, key: who.keyPem } : {}),
+    files?.remove();
   });
 
   /** One HTTP/1.1 request through `agent` (which caches TLS sessions), and whether its session was resumed. */
@@ -135,7 +104,7 @@ upstream:
           port: proxy.port,
           path: '/api/v1/namespaces/default/pods',
           agent,
-          ...tlsOptions(who),
+          ...clientTls(pki, who),
         },
         (res) => {
           const reused = (res.socket as import('node:tls').TLSSocket).isSessionReused();
@@ -153,7 +122,7 @@ upstream:
   }
 
   function h2(who: DevIdentity | { chainPem: string; keyPem: string } | undefined): http2.ClientHttp2Session {
-    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, tlsOptions(who));
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, clientTls(pki, who));
     session.on('error', () => {});
     return session;
   }
@@ -398,7 +367,7 @@ upstream:
     );
     // The hub's bundle is replaced by another PKI's: the root that signed the client is gone.
     const other = await makeDevPki();
-    writeFileSync(join(dir, 'hub.json'), bundleJson(other.hub));
+    files.write('hub.json', bundleJson(other.hub));
     for (let i = 0; i < 100 && !logged('session ticket keys replaced'); i++) {
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
@@ -437,7 +406,7 @@ upstream:
       port: proxy.port,
       maxVersion: 'TLSv1.2',
       ALPNProtocols: ['http/1.1'],
-      ...tlsOptions(pki.good.clientArgocd),
+      ...clientTls(pki, pki.good.clientArgocd),
     });
     socket.on('error', () => {});
     await new Promise<void>((resolve) => socket.once('secureConnect', () => resolve()));

@@ -9,15 +9,23 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import http2, { type IncomingHttpHeaders } from 'node:http2';
-import net, { type AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
+import net from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { CLI, cliEnv } from '../helpers/cli.ts';
+import {
+  clientTls,
+  type Http2StandIn,
+  listenHttp2StandIn,
+  type ProxyFiles,
+  proxyConfigYaml,
+  requestStatus,
+  writeProxyFiles,
+} from '../helpers/proxy-fixture.ts';
 
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
 const RELOADING = 'proxy: reloading every file it reads';
@@ -38,35 +46,25 @@ function policyYaml(user: string): string {
 /** The stand-in for kube-apiserver: records what reaches it, answers lists, holds watches open. */
 class UpstreamStandIn {
   readonly recorded: { path: string; headers: IncomingHttpHeaders }[] = [];
-  readonly #server: http2.Http2SecureServer;
-  readonly #sessions = new Set<http2.ServerHttp2Session>();
+  #standIn: Http2StandIn | undefined;
 
-  constructor(pki: DevPki) {
-    this.#server = http2.createSecureServer({
-      cert: pki.good.proxyServer.chainPem,
-      key: pki.good.proxyServer.keyPem,
+  async listen(pki: DevPki): Promise<number> {
+    this.#standIn = await listenHttp2StandIn(
+      pki,
       // kube-apiserver answers HTTP/1.1 too (the proxy's readiness probe and upgrades use it).
-      allowHTTP1: true,
-    });
-    this.#server.on('session', (s) => {
-      this.#sessions.add(s);
-      s.on('close', () => this.#sessions.delete(s));
-    });
-    this.#server.on('request', (req, res) => {
-      this.recorded.push({ path: req.url, headers: req.headers });
-      res.writeHead(200, { 'content-type': 'application/json' });
-      if (req.url.includes('watch=true')) {
-        // A watch: headers and one event now, the rest never.
-        res.write('{"type":"ADDED"}\n');
-        return;
-      }
-      res.end('{"kind":"PodList","items":[]}');
-    });
-  }
-
-  async listen(): Promise<number> {
-    await new Promise<void>((resolve) => this.#server.listen(0, '127.0.0.1', resolve));
-    return (this.#server.address() as AddressInfo).port;
+      { allowHTTP1: true },
+      (req, res) => {
+        this.recorded.push({ path: req.url, headers: req.headers });
+        res.writeHead(200, { 'content-type': 'application/json' });
+        if (req.url.includes('watch=true')) {
+          // A watch: headers and one event now, the rest never.
+          res.write('{"type":"ADDED"}\n');
+          return;
+        }
+        res.end('{"kind":"PodList","items":[]}');
+      },
+    );
+    return this.#standIn.port;
   }
 
   /** The last request for `path` that reached the stand-in. */
@@ -75,8 +73,7 @@ class UpstreamStandIn {
   }
 
   async close(): Promise<void> {
-    for (const s of this.#sessions) s.destroy();
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    await this.#standIn?.close();
   }
 }
 
@@ -177,25 +174,6 @@ class ServeProcess {
   }
 }
 
-/** A request's status and body; a watch resolves once its headers arrive. */
-function request(session: http2.ClientHttp2Session, path: string): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const stream = session.request({ ':path': path });
-    let status = 0;
-    let body = '';
-    stream.setEncoding('utf8');
-    stream.on('error', reject);
-    stream.on('response', (headers) => {
-      status = Number(headers[':status']);
-      if (status === 200 && path.includes('watch=true')) resolve({ status, body });
-    });
-    stream.on('data', (d: string) => {
-      body += d;
-    });
-    stream.on('close', () => resolve({ status, body }));
-  });
-}
-
 /** GET on the admin port, on a connection of its own. */
 function adminGet(port: number, path: string): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
@@ -223,45 +201,37 @@ function tcpConnect(port: number): Promise<string> {
   });
 }
 
-/** A temporary directory with the proxy's files; the policy and the token are symlinks into data/. */
-class ProxyFiles {
+/** The proxy's files in a temporary directory; the policy and the token are symlinks into data/. */
+class ServeFiles {
   readonly dir: string;
   readonly configFile: string;
   readonly policyData: string;
   readonly tokenData: string;
+  readonly #files: ProxyFiles;
   #upstreamPort = 0;
 
   constructor(pki: DevPki) {
-    this.dir = mkdtempSync(join(tmpdir(), 'ksp-serve-signals-'));
+    this.#files = writeProxyFiles('ksp-serve-signals-', pki, { upstreamCa: pki.spoke.rootPem });
+    this.dir = this.#files.dir;
+    this.configFile = this.#files.configFile;
     mkdirSync(join(this.dir, 'conf'));
     mkdirSync(join(this.dir, 'data'));
-    const write = (name: string, text: string): void => writeFileSync(join(this.dir, name), text);
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('hub.json', bundleJson(pki.hub));
-    write('ca.pem', pki.spoke.rootPem);
-    this.policyData = join(this.dir, 'data', 'policy.yaml');
-    this.tokenData = join(this.dir, 'data', 'token');
-    writeFileSync(this.policyData, policyYaml('argocd'));
-    writeFileSync(this.tokenData, 'proxy-token\n');
+    this.policyData = this.#files.write(join('data', 'policy.yaml'), policyYaml('argocd'));
+    this.tokenData = this.#files.write(join('data', 'token'), 'proxy-token\n');
     symlinkSync(this.policyData, join(this.dir, 'conf', 'policy.yaml'));
     symlinkSync(this.tokenData, join(this.dir, 'conf', 'token'));
-    this.configFile = join(this.dir, 'proxy.yaml');
   }
 
+  /** Nine lines: a key appended lands on line 10, which the rejected-reload test names. */
   config(upstreamPort = this.#upstreamPort, listen = '127.0.0.1:0'): string {
     this.#upstreamPort = upstreamPort;
-    return `trustDomain: spoke.example.org
-listen: ${listen}
-admin: { listen: 127.0.0.1:0 }
-policyFile: conf/policy.yaml
-logLevel: info
-identity:
-  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json, hub.example.org: hub.json } }
-upstream: { url: "https://127.0.0.1:${upstreamPort}", caFile: ca.pem, tokenFile: conf/token }
-timeouts: { shutdownDrain: 3s }
-`;
+    return proxyConfigYaml(this.#files, {
+      upstreamUrl: `https://127.0.0.1:${upstreamPort}`,
+      listen,
+      policyFile: 'conf/policy.yaml',
+      tokenFile: 'conf/token',
+      extra: 'logLevel: info\ntimeouts: { shutdownDrain: 3s }\n',
+    });
   }
 
   writeConfig(text: string): void {
@@ -269,7 +239,7 @@ timeouts: { shutdownDrain: 3s }
   }
 
   remove(): void {
-    rmSync(this.dir, { recursive: true, force: true });
+    this.#files.remove();
   }
 }
 
@@ -282,8 +252,8 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
 
   before(async () => {
     pki = await makeDevPki();
-    upstream = new UpstreamStandIn(pki);
-    upstreamPort = await upstream.listen();
+    upstream = new UpstreamStandIn();
+    upstreamPort = await upstream.listen(pki);
   });
 
   after(async () => {
@@ -292,8 +262,8 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
     await upstream?.close();
   });
 
-  async function startServe(): Promise<{ files: ProxyFiles; proxy: ServeProcess }> {
-    const files = new ProxyFiles(pki);
+  async function startServe(): Promise<{ files: ServeFiles; proxy: ServeProcess }> {
+    const files = new ServeFiles(pki);
     cleanups.push(() => files.remove());
     files.writeConfig(files.config(upstreamPort));
     const proxy = new ServeProcess(files.configFile);
@@ -303,19 +273,14 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
   }
 
   function connect(port: number): http2.ClientHttp2Session {
-    const session = http2.connect(`https://127.0.0.1:${port}`, {
-      ca: pki.spoke.rootPem,
-      servername: 'localhost',
-      cert: pki.good.clientArgocd.chainPem,
-      key: pki.good.clientArgocd.keyPem,
-    });
+    const session = http2.connect(`https://127.0.0.1:${port}`, clientTls(pki, pki.good.clientArgocd));
     session.on('error', () => {});
     sessions.push(session);
     return session;
   }
 
   describe('SIGHUP re-reads every file and keeps serving', () => {
-    let files: ProxyFiles;
+    let files: ServeFiles;
     let proxy: ServeProcess;
     let session: http2.ClientHttp2Session;
 
@@ -325,7 +290,7 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
     });
 
     it('an edit of the policy made just before SIGHUP is in force for the next request', async () => {
-      assert.equal((await request(session, PODS)).status, 200);
+      assert.equal((await requestStatus(session, PODS)).status, 200);
       assert.equal(upstream.last(PODS)?.['impersonate-user'], 'argocd');
 
       writeFileSync(files.policyData, policyYaml('argocd-renamed'));
@@ -337,7 +302,7 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
       );
 
       // The same connection, its next request: mapped to the new user.
-      assert.equal((await request(session, PODS)).status, 200);
+      assert.equal((await requestStatus(session, PODS)).status, 200);
       assert.equal(upstream.last(PODS)?.['impersonate-user'], 'argocd-renamed');
       // The audit line is written once the exchange is over, possibly after the client saw the end.
       await proxy.waitForLog(
@@ -354,7 +319,11 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
       assert.ok(i > start, `expected the restart warning after the SIGHUP:\n${proxy.output}`);
       assert.deepEqual(proxy.logs[i]?.keys, ['listen']);
       assert.ok(proxy.running);
-      assert.equal((await request(connect(proxy.port), PODS)).status, 200, 'still serving on the old port');
+      assert.equal(
+        (await requestStatus(connect(proxy.port), PODS)).status,
+        200,
+        'still serving on the old port',
+      );
 
       files.writeConfig(files.config(upstreamPort));
       const again = await proxy.hangUp();
@@ -369,18 +338,18 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
       const err = proxy.logs[i]?.err as { message?: string } | undefined;
       assert.match(err?.message ?? '', /:10:1: unknown key "bogus"/);
       assert.ok(proxy.running);
-      assert.equal((await request(session, PODS)).status, 200);
+      assert.equal((await requestStatus(session, PODS)).status, 200);
 
       files.writeConfig('trustDomain: [unclosed\n');
       const broken = await proxy.hangUp();
       assert.ok(proxy.find(/^configuration file rejected on reload/, broken) > broken);
       assert.ok(proxy.running);
-      assert.equal((await request(session, PODS)).status, 200);
+      assert.equal((await requestStatus(session, PODS)).status, 200);
       files.writeConfig(files.config(upstreamPort));
     });
 
     it('a rotated token file is re-read: the stand-in sees the new bearer token on the next request', async () => {
-      assert.equal((await request(session, PODS)).status, 200);
+      assert.equal((await requestStatus(session, PODS)).status, 200);
       assert.equal(upstream.last(PODS)?.authorization, 'Bearer proxy-token');
 
       writeFileSync(files.tokenData, 'rotated-token\n');
@@ -389,7 +358,7 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
         proxy.find('upstream credential re-read; new requests use it', start) > start,
         `expected the credential re-read after the SIGHUP:\n${proxy.output}`,
       );
-      assert.equal((await request(session, PODS)).status, 200);
+      assert.equal((await requestStatus(session, PODS)).status, 200);
       assert.equal(upstream.last(PODS)?.authorization, 'Bearer rotated-token');
     });
 
@@ -406,7 +375,11 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
         from,
       );
       assert.ok(proxy.running);
-      assert.equal((await request(connect(proxy.port), PODS)).status, 200, 'a new TLS connection is served');
+      assert.equal(
+        (await requestStatus(connect(proxy.port), PODS)).status,
+        200,
+        'a new TLS connection is served',
+      );
       writeFileSync(certFile, good);
     });
 
@@ -423,7 +396,7 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
       assert.equal((await adminGet(proxy.adminPort, '/readyz')).status, 200);
       const session = connect(proxy.port);
       const goaway = new Promise<void>((resolve) => session.once('goaway', () => resolve()));
-      assert.equal((await request(session, WATCH)).status, 200, 'the watch is open through the proxy');
+      assert.equal((await requestStatus(session, WATCH)).status, 200, 'the watch is open through the proxy');
 
       const from = proxy.logs.length;
       proxy.kill('SIGTERM');
@@ -466,7 +439,7 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
       const { proxy } = await startServe();
       // A connection that made a request and holds nothing now.
       const session = connect(proxy.port);
-      assert.equal((await request(session, PODS)).status, 200);
+      assert.equal((await requestStatus(session, PODS)).status, 200);
 
       const from = proxy.logs.length;
       proxy.kill('SIGTERM');
@@ -483,7 +456,7 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
     it('a second SIGTERM while draining exits 1 at once', async () => {
       const { proxy } = await startServe();
       const session = connect(proxy.port);
-      assert.equal((await request(session, WATCH)).status, 200);
+      assert.equal((await requestStatus(session, WATCH)).status, 200);
 
       const from = proxy.logs.length;
       proxy.kill('SIGTERM');

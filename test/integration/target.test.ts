@@ -7,18 +7,17 @@
  * requests, HTTP/1.1 for upgrades) and `http:` (HTTP/1.1 throughout).
  */
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http2 from 'node:http2';
 import net, { type AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import fc from 'fast-check';
-import { bundleJson, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger, silentLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
+import { type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import {
   ConnectionWitness,
   connectHttp2,
@@ -237,7 +236,7 @@ function targets(decoyPort: number): fc.Arbitrary<Buffer> {
 
 describe('the request target reaches the upstream exactly as judged', { timeout: 300_000 }, () => {
   let pki: DevPki;
-  let dir: string;
+  let files: ProxyFiles;
   let decoy: ConnectionWitness;
   const modes: {
     readonly name: 'https' | 'http';
@@ -248,19 +247,12 @@ describe('the request target reaches the upstream exactly as judged', { timeout:
 
   before(async () => {
     pki = await makeDevPki();
-    dir = mkdtempSync(join(tmpdir(), 'ksp-target-'));
-    const write = (name: string, text: string): void => writeFileSync(join(dir, name), text);
-    write('proxy.crt', pki.good.proxyServer.chainPem);
-    write('proxy.key', pki.good.proxyServer.keyPem);
-    write('spoke.json', bundleJson(pki.spoke));
-    write('hub.json', bundleJson(pki.hub));
-    write('ca.pem', pki.spoke.rootPem);
-    write('token', 'proxy-token\n');
-    // No limits: every target the proxy can read is allowed, so refusals can only be about the target itself.
-    write(
-      'policy.yaml',
-      `rules:\n  - name: flux\n    match:\n      id: ${FLUX}\n    identity:\n      user: flux\n`,
-    );
+    files = writeProxyFiles('ksp-target-', pki, {
+      // No limits: every target the proxy can read is allowed, so refusals can only be about the target itself.
+      policy: `rules:\n  - name: flux\n    match:\n      id: ${FLUX}\n    identity:\n      user: flux\n`,
+      token: 'proxy-token\n',
+      upstreamCa: pki.spoke.rootPem,
+    });
     decoy = await ConnectionWitness.listen();
     for (const name of ['https', 'http'] as const) {
       // The stand-in serves with the spoke SVID (IP SAN 127.0.0.1), trusted through the spoke root.
@@ -273,15 +265,9 @@ describe('the request target reaches the upstream exactly as judged', { timeout:
       const audit: Record<string, unknown>[] = [];
       const proxy = await startProxy(
         parseProxyConfig(
-          `trustDomain: spoke.example.org
-listen: 127.0.0.1:0
-admin: { listen: 127.0.0.1:0 }
-policyFile: policy.yaml
-identity:
-  files: { certFile: proxy.crt, keyFile: proxy.key, bundles: { spoke.example.org: spoke.json, hub.example.org: hub.json } }
-upstream: { url: "${name}://127.0.0.1:${port}", ${name === 'https' ? 'caFile: ca.pem, ' : ''}tokenFile: token }
-`,
-          join(dir, `proxy-${name}.yaml`),
+          // upstream.caFile for https: only.
+          proxyConfigYaml(files, { upstreamUrl: `${name}://127.0.0.1:${port}` }),
+          join(files.dir, `proxy-${name}.yaml`),
         ),
         {
           logger: silentLogger(),
@@ -303,7 +289,7 @@ upstream: { url: "${name}://127.0.0.1:${port}", ${name === 'https' ? 'caFile: ca
       await m.standIn.close();
     }
     await decoy?.close();
-    if (dir) rmSync(dir, { recursive: true, force: true });
+    files?.remove();
   });
 
   const client = (port: number): SvidClient => ({
