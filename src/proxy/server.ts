@@ -9,7 +9,7 @@ import type { AddressInfo, Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
-import type { ProxyMetrics } from '../observability/metrics.ts';
+import { ProxyMetrics } from '../observability/metrics.ts';
 import { NESTED_SPIFFE_ID_EXTRA, parseImpersonationHeaders } from '../policy/nested.ts';
 import { requestInfo } from '../policy/request.ts';
 import {
@@ -125,6 +125,8 @@ export class ProxyServer {
   readonly #timeouts: ProxyTimeouts;
   readonly #counters: IdentityCounters;
   readonly #quiet: RateLimitedLog;
+  /** The metrics given, or a registry nobody scrapes: the request path never asks whether metrics exist. */
+  readonly #metrics: ProxyMetrics;
   #draining = false;
   /** Why the identity source has no SVID to serve with, while it has none. */
   #withoutSvid: string | undefined;
@@ -138,6 +140,7 @@ export class ProxyServer {
   constructor(options: ProxyServerOptions) {
     this.#options = options;
     this.#log = options.logger;
+    this.#metrics = options.metrics ?? new ProxyMetrics({ defaultMetrics: false });
     this.#limits = { ...DEFAULT_LIMITS, ...options.limits };
     this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts };
     this.#counters = new IdentityCounters(this.#limits);
@@ -154,10 +157,10 @@ export class ProxyServer {
       settings: { maxConcurrentStreams: this.#limits.maxStreamsPerConnection },
     });
     this.server.maxConnections = this.#limits.maxConnections;
-    const metrics = options.metrics;
+    const metrics = this.#metrics;
     this.server.on('drop', (data?: { remoteAddress?: string }) => {
-      metrics?.limitRefused('limits.maxConnections');
-      metrics?.connectionClosedByProxy('max_connections');
+      metrics.limitRefused('limits.maxConnections');
+      metrics.connectionClosedByProxy('max_connections');
       this.#quiet.warn(
         'drop',
         { peer: data?.remoteAddress, limit: 'limits.maxConnections', max: this.#limits.maxConnections },
@@ -190,14 +193,14 @@ export class ProxyServer {
       const code = err.code ?? 'ERR_TLS_HANDSHAKE';
       // Nothing received at all: a TCP probe, a port scan or a load balancer check, not a failed client.
       if (rawSocket(socket)?.bytesRead === 0) {
-        metrics?.handshake('no_client_hello');
-        if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics?.connectionClosedByProxy('handshake_timeout');
+        metrics.handshake('no_client_hello');
+        if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics.connectionClosedByProxy('handshake_timeout');
         this.#log.debug({ peer: socket.remoteAddress, code }, 'connection closed before a ClientHello');
         return;
       }
-      if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics?.connectionClosedByProxy('handshake_timeout');
-      metrics?.handshake('error');
-      metrics?.authFailure(code);
+      if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics.connectionClosedByProxy('handshake_timeout');
+      metrics.handshake('error');
+      metrics.authFailure(code);
       this.#quiet.warn(
         `tls:${code}`,
         { peer: socket.remoteAddress, code, err: { message: err.message } },
@@ -315,7 +318,7 @@ export class ProxyServer {
   /** GOAWAY (HTTP/2) or end (HTTP/1.1), then destroy whatever has not closed after a short grace. */
   #closeConnection(state: ConnectionState, reason: string): void {
     if (state.socket.destroyed) return;
-    this.#options.metrics?.connectionClosedByProxy(reason);
+    this.#metrics.connectionClosedByProxy(reason);
     if (state.session !== undefined && !state.session.closed) state.session.close();
     else if (state.active === 0) state.socket.end();
     setTimeout(() => state.socket.destroy(), CLOSE_GRACE_MS);
@@ -392,7 +395,7 @@ export class ProxyServer {
     this.#closed = true;
     this.#draining = true;
     for (const socket of this.#sockets) {
-      this.#options.metrics?.connectionClosedByProxy('shutdown');
+      this.#metrics.connectionClosedByProxy('shutdown');
       socket.destroy();
     }
     if (!this.server.listening) return;
@@ -490,13 +493,13 @@ export class ProxyServer {
     if (raw !== undefined) this.#handshakeDone.add(raw);
     const started = raw === undefined ? undefined : this.#handshakeStarts.get(raw);
     const seconds = started === undefined ? 0 : (performance.now() - started) / 1000;
-    const metrics = this.#options.metrics;
+    const metrics = this.#metrics;
     const state = this.#register(socket);
-    metrics?.connectionOpened();
-    socket.once('close', () => metrics?.connectionClosed());
+    metrics.connectionOpened();
+    socket.once('close', () => metrics.connectionClosed());
     if (this.#withoutSvid !== undefined) {
       // The SVID this handshake presented was withdrawn: nothing is served under it.
-      metrics?.connectionClosedByProxy('no_svid');
+      metrics.connectionClosedByProxy('no_svid');
       this.#quiet.warn(
         'no_svid',
         { peer: socket.remoteAddress, reason: this.#withoutSvid },
@@ -507,7 +510,7 @@ export class ProxyServer {
     }
     try {
       state.identity = this.#authenticator.authenticate(socket, this.trust);
-      metrics?.handshake('ok', seconds);
+      metrics.handshake('ok', seconds);
       if (state.active === 0) this.#arm(state, this.#timeouts.idleMs, 'idle');
       this.#log.debug(
         {
@@ -522,8 +525,8 @@ export class ProxyServer {
       state.refused = { code, message: (err as Error).message, generation: this.trust.generation };
       // Long enough to send one request and read why it is refused; then the connection goes.
       this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
-      metrics?.handshake('refused', seconds);
-      metrics?.authFailure(code);
+      metrics.handshake('refused', seconds);
+      metrics.authFailure(code);
       this.#quiet.warn(
         `auth:${code}`,
         {
@@ -554,7 +557,7 @@ export class ProxyServer {
       const code = authFailureCode(err);
       state.identity = undefined;
       state.refused = { code, message: (err as Error).message, generation: trust.generation };
-      this.#options.metrics?.authFailure(code);
+      this.#metrics.authFailure(code);
       this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
       this.#quiet.warn(
         `auth:${code}`,
@@ -629,12 +632,12 @@ export class ProxyServer {
     }
     entry.verb = info.verb;
     entry.path = info.path;
-    const metrics = this.#options.metrics;
+    const metrics = this.#metrics;
     const requested = parseImpersonationHeaders(headers);
     if (requested !== undefined) return this.#admitNested(state, identity, info, entry, requested);
     const decision = this.#decide(state, identity, info);
     if (!decision.allowed) {
-      metrics?.decision(decision.rule ?? '', false, decision.code);
+      metrics.decision(decision.rule ?? '', false, decision.code);
       return {
         ok: false,
         entry,
@@ -643,7 +646,7 @@ export class ProxyServer {
         extra: { decision: 'deny', rule: decision.rule, code: decision.code, reason: decision.reason },
       };
     }
-    metrics?.decision(decision.rule, true, '');
+    metrics.decision(decision.rule, true, '');
     entry.rule = decision.rule;
     entry.user = decision.identity.user;
     entry.groups = decision.identity.groups;
@@ -663,9 +666,9 @@ export class ProxyServer {
     entry: Record<string, unknown>,
     requested: NestedImpersonationRequest | { readonly refused: string },
   ): Promise<Admission> {
-    const metrics = this.#options.metrics;
+    const metrics = this.#metrics;
     const refuse = (rule: string | undefined, code: string, reason: string): Admission => {
-      metrics?.decision(rule ?? '', false, code);
+      metrics.decision(rule ?? '', false, code);
       return {
         ok: false,
         entry,
@@ -691,7 +694,7 @@ export class ProxyServer {
       state.reviews.set(key, { result: review, until: Date.now() + REVIEW_CACHE_MS });
     }
     if (!review.allowed) return refuse(decision.rule, PolicyDenyCode.NestedImpersonation, review.reason);
-    metrics?.decision(decision.rule, true, '');
+    metrics.decision(decision.rule, true, '');
     const forwarded: KubeIdentity = {
       user: decision.nested.user,
       groups: decision.nested.groups,
@@ -707,7 +710,7 @@ export class ProxyServer {
     extra: Record<string, unknown>,
   ): void {
     const seconds = (performance.now() - started) / 1000;
-    this.#options.metrics?.request(status, seconds);
+    this.#metrics.request(status, seconds);
     this.#options.audit.info(
       { ...entry, ...extra, status, durationMs: Math.round(seconds * 10000) / 10 },
       'request',
@@ -776,7 +779,7 @@ export class ProxyServer {
     const status = err instanceof UpstreamError ? err.status : 502;
     const limit = err instanceof UpstreamError ? err.limit : undefined;
     const message = `kube-svid-proxy: ${(err as Error).message}`;
-    if (limit !== undefined) this.#options.metrics?.limitRefused(limit);
+    if (limit !== undefined) this.#metrics.limitRefused(limit);
     this.#quiet.warn(
       `${what}:${limit ?? status}`,
       { err: { message: (err as Error).message }, ...(limit ? { limit } : {}) },
@@ -799,7 +802,7 @@ export class ProxyServer {
     limit: string,
     max: number,
   ): void {
-    this.#options.metrics?.limitRefused(limit);
+    this.#metrics.limitRefused(limit);
     const message =
       `kube-svid-proxy: ${entry.spiffeId} already has ${max} requests of this kind in flight (${limit}); ` +
       'retry later';
@@ -814,7 +817,7 @@ export class ProxyServer {
       return;
     }
     const seconds = (performance.now() - started) / 1000;
-    this.#options.metrics?.request(401, seconds);
+    this.#metrics.request(401, seconds);
     this.#quiet.warn(
       `401:${String(admission.extra.code)}`,
       { ...admission.entry, ...admission.extra, status: 401, audit: true },
@@ -827,7 +830,7 @@ export class ProxyServer {
     state.closing = true;
     if (state.session === undefined) (res as ServerResponse).setHeader?.('connection', 'close');
     res.once('finish', () => {
-      this.#options.metrics?.connectionClosedByProxy('unauthenticated');
+      this.#metrics.connectionClosedByProxy('unauthenticated');
       // At 'finish' an HTTP/2 stream has left its session already: close the session the connection holds.
       if (state.session !== undefined) state.session.close();
       else state.socket.end();
@@ -862,7 +865,7 @@ export class ProxyServer {
     }
     const slot = this.#counters.acquire(admission.entry.spiffeId as string, true);
     if ('limit' in slot) {
-      this.#options.metrics?.limitRefused(slot.limit);
+      this.#metrics.limitRefused(slot.limit);
       const message =
         `kube-svid-proxy: ${admission.entry.spiffeId} already has ${slot.max} requests of this kind in flight ` +
         `(${slot.limit}); retry later`;
