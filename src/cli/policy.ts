@@ -2,7 +2,8 @@
 import { parseArgs } from 'node:util';
 import { PolicyError } from '../policy/errors.ts';
 import { describedNested, describedRequest, explain, formatExplanation } from '../policy/explain.ts';
-import { loadPolicyFile, type Policy } from '../policy/policy.ts';
+import type { Policy } from '../policy/model.ts';
+import { loadPolicyFile } from '../policy/parse.ts';
 import { DEFAULT_SERVICE_ACCOUNT, rbacManifests, type ServiceAccountRef } from '../policy/rbac.ts';
 import { SpiffeError } from '../spiffe/errors.ts';
 import { SpiffeId } from '../spiffe/id.ts';

@@ -4,13 +4,14 @@
  * the rule's `impersonate` allows it. The same decision path as the proxy's.
  */
 import type { SpiffeId } from '../spiffe/id.ts';
+import { parseRequestResource, type RequestLimits } from './limits.ts';
+import type { MatchKind, Policy } from './model.ts';
 import {
   type ImpersonationAllowance,
   nestedDecision,
   parseImpersonationHeaders,
   parseServiceAccountUser,
 } from './nested.ts';
-import { type MatchKind, type Policy, parseRequestResource, type RequestLimits } from './policy.ts';
 import { describeRequest, requestInfo } from './request.ts';
 import {
   type Decision,

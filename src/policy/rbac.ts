@@ -13,8 +13,9 @@
  */
 import { Document, type YAMLMap } from 'yaml';
 import { SpiffeId } from '../spiffe/id.ts';
+import type { Policy, PolicyRule } from './model.ts';
 import { impliedGroups, NESTED_SPIFFE_ID_EXTRA, serviceAccountGroups } from './nested.ts';
-import { expandTemplate, type Policy, type PolicyRule, type Template } from './policy.ts';
+import { expandTemplate, type Template } from './template.ts';
 
 export interface ServiceAccountRef {
   readonly namespace: string;

@@ -4,7 +4,8 @@
  */
 import { type WatchedFile, watchFile } from '../config/watch.ts';
 import { PolicyError } from './errors.ts';
-import { type Policy, parsePolicy } from './policy.ts';
+import type { Policy } from './model.ts';
+import { parsePolicy } from './parse.ts';
 
 export interface PolicyWatcher {
   /** The last valid policy. */

@@ -3,6 +3,7 @@ import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import { PolicyError } from '../../../src/policy/errors.ts';
 import { describedNested, explain, formatExplanation } from '../../../src/policy/explain.ts';
+import type { Policy } from '../../../src/policy/model.ts';
 import {
   type ImpersonationAllowance,
   impliedGroups,
@@ -11,7 +12,7 @@ import {
   parseImpersonationHeaders,
   parseServiceAccountUser,
 } from '../../../src/policy/nested.ts';
-import { type Policy, parsePolicy } from '../../../src/policy/policy.ts';
+import { parsePolicy } from '../../../src/policy/parse.ts';
 import { requestInfo } from '../../../src/policy/request.ts';
 import { type NestedImpersonationRequest, PolicyDenyCode } from '../../../src/policy/types.ts';
 import { SpiffeId } from '../../../src/spiffe/id.ts';

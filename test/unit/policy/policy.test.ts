@@ -5,8 +5,10 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { PolicyError, PolicyErrorCode } from '../../../src/policy/errors.ts';
 import { describedRequest, explain, formatExplanation } from '../../../src/policy/explain.ts';
-import { loadPolicyFile, type Policy, parsePolicy, parseTemplate } from '../../../src/policy/policy.ts';
+import type { Policy } from '../../../src/policy/model.ts';
+import { loadPolicyFile, parsePolicy } from '../../../src/policy/parse.ts';
 import { requestInfo } from '../../../src/policy/request.ts';
+import { parseTemplate } from '../../../src/policy/template.ts';
 import { PolicyDenyCode } from '../../../src/policy/types.ts';
 import { SpiffeId } from '../../../src/spiffe/id.ts';
 

@@ -3,7 +3,7 @@ import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import { stringify } from 'yaml';
 import { PolicyError, RequestInfoError } from '../../../src/policy/errors.ts';
-import { parsePolicy } from '../../../src/policy/policy.ts';
+import { parsePolicy } from '../../../src/policy/parse.ts';
 import { requestInfo } from '../../../src/policy/request.ts';
 import { PolicyDenyCode } from '../../../src/policy/types.ts';
 import { SpiffeId } from '../../../src/spiffe/id.ts';

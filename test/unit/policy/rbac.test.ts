@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { parseAllDocuments } from 'yaml';
-import { parsePolicy } from '../../../src/policy/policy.ts';
+import { parsePolicy } from '../../../src/policy/parse.ts';
 import { impersonationGrants, rbacManifests, serviceAccountGrants } from '../../../src/policy/rbac.ts';
 
 const parse = (text: string) => parsePolicy(text, { file: 'policy.yaml' });

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { PolicyError } from '../../../src/policy/errors.ts';
-import type { Policy } from '../../../src/policy/policy.ts';
+import type { Policy } from '../../../src/policy/model.ts';
 import { watchPolicy } from '../../../src/policy/watch.ts';
 
 const policyFor = (user: string) => `rules:
