@@ -521,23 +521,37 @@ export class ProxyServer {
         'client authenticated',
       );
     } catch (err) {
-      const code = authFailureCode(err);
-      state.refused = { code, message: (err as Error).message, generation: this.trust.generation };
-      // Long enough to send one request and read why it is refused; then the connection goes.
-      this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
       metrics.handshake('refused', seconds);
-      metrics.authFailure(code);
-      this.#quiet.warn(
-        `auth:${code}`,
-        {
-          code,
-          peer: socket.remoteAddress,
-          resumed: socket.isSessionReused(),
-          err: { message: (err as Error).message },
-        },
-        'client authentication refused',
-      );
+      this.#refuseAuthentication(socket, state, err);
     }
+  }
+
+  /**
+   * The client's SVID is refused (at the handshake, or later after an expiry or a bundle change): remembered for
+   * this trust generation, counted, logged at a limited rate, and the connection gets `timeouts.unauthenticated`
+   * to send one request and read why; then it goes.
+   */
+  #refuseAuthentication(
+    socket: StatefulSocket,
+    state: ConnectionState,
+    err: unknown,
+  ): { code: string; message: string } {
+    const code = authFailureCode(err);
+    state.identity = undefined;
+    state.refused = { code, message: (err as Error).message, generation: this.trust.generation };
+    this.#metrics.authFailure(code);
+    this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
+    this.#quiet.warn(
+      `auth:${code}`,
+      {
+        code,
+        peer: socket.remoteAddress,
+        resumed: socket.isSessionReused(),
+        err: { message: state.refused.message },
+      },
+      'client authentication refused',
+    );
+    return state.refused;
   }
 
   /** The connection's identity for this request, or why it is refused (counted and logged once per cause). */
@@ -554,22 +568,7 @@ export class ProxyServer {
       state.refused = undefined;
       return state.identity;
     } catch (err) {
-      const code = authFailureCode(err);
-      state.identity = undefined;
-      state.refused = { code, message: (err as Error).message, generation: trust.generation };
-      this.#metrics.authFailure(code);
-      this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
-      this.#quiet.warn(
-        `auth:${code}`,
-        {
-          code,
-          peer: socket.remoteAddress,
-          resumed: socket.isSessionReused(),
-          err: { message: state.refused.message },
-        },
-        'client authentication refused',
-      );
-      return state.refused;
+      return this.#refuseAuthentication(socket, state, err);
     }
   }
 
@@ -636,16 +635,8 @@ export class ProxyServer {
     const requested = parseImpersonationHeaders(headers);
     if (requested !== undefined) return this.#admitNested(state, identity, info, entry, requested);
     const decision = this.#decide(state, identity, info);
-    if (!decision.allowed) {
-      metrics.decision(decision.rule ?? '', false, decision.code);
-      return {
-        ok: false,
-        entry,
-        status: 403,
-        message: `kube-svid-proxy: ${identity.id} is not allowed to ${info.verb} ${info.path}: ${decision.reason} (${decision.code})`,
-        extra: { decision: 'deny', rule: decision.rule, code: decision.code, reason: decision.reason },
-      };
-    }
+    if (!decision.allowed)
+      return this.#deny(identity, info, entry, decision.rule, decision.code, decision.reason);
     metrics.decision(decision.rule, true, '');
     entry.rule = decision.rule;
     entry.user = decision.identity.user;
@@ -667,16 +658,8 @@ export class ProxyServer {
     requested: NestedImpersonationRequest | { readonly refused: string },
   ): Promise<Admission> {
     const metrics = this.#metrics;
-    const refuse = (rule: string | undefined, code: string, reason: string): Admission => {
-      metrics.decision(rule ?? '', false, code);
-      return {
-        ok: false,
-        entry,
-        status: 403,
-        message: `kube-svid-proxy: ${identity.id} is not allowed to ${info.verb} ${info.path}: ${reason} (${code})`,
-        extra: { decision: 'deny', ...(rule ? { rule } : {}), code, reason },
-      };
-    };
+    const refuse = (rule: string | undefined, code: string, reason: string): Admission =>
+      this.#deny(identity, info, entry, rule, code, reason);
     if ('refused' in requested)
       return refuse(undefined, PolicyDenyCode.NestedImpersonation, requested.refused);
     const decision = this.#options.policy.current.decideNested(identity.id, info, requested);
@@ -701,6 +684,25 @@ export class ProxyServer {
       extra: { [NESTED_SPIFFE_ID_EXTRA]: [identity.id.toString()] },
     };
     return { ok: true, entry, identity: forwarded, longRunning: isLongRunning(info) };
+  }
+
+  /** A policy refusal: 403 with a Status naming who, what, why and the code; counted per rule and code. */
+  #deny(
+    identity: PeerIdentity,
+    info: RequestInfo,
+    entry: Record<string, unknown>,
+    rule: string | undefined,
+    code: string,
+    reason: string,
+  ): Admission {
+    this.#metrics.decision(rule ?? '', false, code);
+    return {
+      ok: false,
+      entry,
+      status: 403,
+      message: `kube-svid-proxy: ${identity.id} is not allowed to ${info.verb} ${info.path}: ${reason} (${code})`,
+      extra: { decision: 'deny', ...(rule ? { rule } : {}), code, reason },
+    };
   }
 
   #audit(
