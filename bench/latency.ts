@@ -1,7 +1,7 @@
 // Latency the proxy adds to a request: a GET of a small object through the proxy against the same GET sent
 // straight to kube-apiserver, both on a warm connection, in the same run.
 //
-// A real control plane (test/e2e/controlplane.ts: etcd and kube-apiserver, built from their modules into the
+// A real control plane (dev/controlplane.ts: etcd and kube-apiserver, built from their modules into the
 // peer cache) and the proxy (startProxy, alone in a child process: this file, --proxy-child DIR). The client
 // loops run in this process, one request at a time, each timed from request() to the response's 'end':
 //   direct-h2: an HTTP/2 session to kube-apiserver that sends exactly the headers the proxy sends upstream
@@ -32,13 +32,13 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs, promisify } from 'node:util';
 import { stringify } from 'yaml';
 import { bundleJson, makeDevPki } from '../certs-dev/devpki.ts';
+import { type ControlPlane, PROXY_USER, startControlPlane } from '../dev/controlplane.ts';
+import { PEERS } from '../dev/peers/peers.ts';
+import { e2eSkip } from '../dev/skip.ts';
 import { parseProxyConfig } from '../src/config/proxy.ts';
 import { createLogger } from '../src/observability/logger.ts';
 import type { KubeIdentity } from '../src/policy/types.ts';
 import { upstreamHeaders } from '../src/proxy/forward.ts';
-import { type ControlPlane, PROXY_USER, startControlPlane } from '../test/e2e/controlplane.ts';
-import { e2eSkip } from '../test/e2e/skip.ts';
-import { PEERS } from '../test/peers/peers.ts';
 import { machineInfo, positive, type Summary, summarize } from './stats.ts';
 
 const run = promisify(execFile);

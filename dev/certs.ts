@@ -1,5 +1,5 @@
 /**
- * Test-only builder for custom X.509 certificates (CAs and leaves) that the dev PKI does not provide:
+ * Builder, for tests and benchmarks, of custom X.509 certificates (CAs and leaves) the dev PKI does not provide:
  * odd basic constraints, key usages, path lengths, name constraints, unknown critical extensions.
  * Same approach as certs-dev/devpki.ts (P-256 keys, @peculiar/x509 over node's WebCrypto).
  */
@@ -16,7 +16,7 @@ import {
   NameConstraints,
 } from '@peculiar/asn1-x509';
 import * as x509 from '@peculiar/x509';
-import { randomSerial } from '../../../../certs-dev/devpki.ts';
+import { randomSerial } from '../certs-dev/devpki.ts';
 
 x509.cryptoProvider.set(webcrypto);
 

@@ -1,8 +1,8 @@
 /**
  * A real Kubernetes control plane on loopback for end-to-end tests: etcd v3.6.5 and kube-apiserver v1.33.13,
- * built from their published Go modules into the peer cache (test/peers/peers.ts) on first use.
+ * built from their published Go modules into the peer cache (dev/peers/peers.ts) on first use.
  *
- *   node test/e2e/controlplane.ts [dir]     start one, print its URL and kubeconfigs, stop on Ctrl-C
+ *   node dev/controlplane.ts [dir]     start one, print its URL and kubeconfigs, stop on Ctrl-C
  *
  * No kubelet, scheduler or controller-manager runs, so: pods stay Pending, service accounts get no `default`
  * account or tokens (the ServiceAccount admission plugin is off so pods can still be created), and a deleted
@@ -23,8 +23,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { generateKeyPair, randomSerial, x509 } from '../../src/agent/keys.ts';
-import { PeerUnavailableError, peer } from '../peers/peers.ts';
+import { generateKeyPair, randomSerial, x509 } from '../src/agent/keys.ts';
+import { PeerUnavailableError, peer } from './peers/peers.ts';
 
 /** User name behind `adminToken` (group system:masters). */
 export const ADMIN_USER = 'ksp-admin';

@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { peer, peersRequired } from '../peers/peers.ts';
+import { peer, peersRequired } from './peers/peers.ts';
 
 const run = promisify(execFile);
 

@@ -1,6 +1,6 @@
 /**
  * The complete local stack that `npm start` runs: the bundled agent with its CA, a real kube-apiserver and etcd
- * (built from their Go modules on first use, see test/peers), and the proxy in front of kube-apiserver. It writes
+ * (built from their Go modules on first use, see dev/peers), and the proxy in front of kube-apiserver. It writes
  * a kubeconfig whose only credential is `kube-svid-proxy credential`, an exec plugin that fetches an X.509-SVID
  * from the agent each time kubectl asks: nothing secret is stored.
  *
@@ -13,12 +13,12 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
+import { type ControlPlane, proxyRbac, startControlPlane } from '../dev/controlplane.ts';
 import { WorkloadAgent } from '../src/agent/agent.ts';
 import { parseProxyConfig } from '../src/config/proxy.ts';
 import { createLogger, type Logger } from '../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../src/proxy/proxy.ts';
 import { TrustDomain } from '../src/spiffe/id.ts';
-import { type ControlPlane, proxyRbac, startControlPlane } from '../test/e2e/controlplane.ts';
 
 const run = promisify(execFile);
 const CLI = join(import.meta.dirname, '..', 'src', 'cli', 'main.ts');

@@ -1,7 +1,7 @@
 /**
  * Real peers for interop tests, built from their published Go modules into a cache outside the repository.
  *
- *   node test/peers/peers.ts [name...]     build (or reuse) and print the binaries' paths
+ *   node dev/peers/peers.ts [name...]     build (or reuse) and print the binaries' paths
  *
  * The cache is $KSP_CACHE_DIR, else $XDG_CACHE_HOME/kube-svid-proxy, else ~/.cache/kube-svid-proxy. A binary is
  * keyed by a hash of the module files that pin it, so changing a pin rebuilds it and nothing else does.
@@ -15,7 +15,7 @@ import { homedir } from 'node:os';
 import { join } from 'node:path';
 
 interface PeerSpec {
-  /** Go module directory (under test/peers) whose go.mod/go.sum pin the versions. */
+  /** Go module directory (under dev/peers) whose go.mod/go.sum pin the versions. */
   readonly dir: string;
   /** Package to build, relative to the module. */
   readonly pkg: string;

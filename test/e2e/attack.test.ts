@@ -1,5 +1,5 @@
 /**
- * End to end: attacks on the request target, against a real kube-apiserver and etcd (test/e2e/controlplane.ts).
+ * End to end: attacks on the request target, against a real kube-apiserver and etcd (dev/controlplane.ts).
  * What the policy judges must be exactly what kube-apiserver executes, on every way through the proxy: HTTP/1.1,
  * HTTP/1.1 with `Upgrade` (WebSocket and SPDY/3.1) and HTTP/2. A target that could be read two ways (`\`, dot
  * segments raw or percent-encoded, `#`, control bytes, a host of its own) is refused with 400 before any policy
@@ -8,7 +8,7 @@
  * could not see success cannot pass by accident.
  *
  * HTTP/1.1 requests are written raw over TLS (Node's clients normalise targets); HTTP/2 puts the bytes in `:path`.
- * Skips like the other real-peer suites (test/e2e/skip.ts).
+ * Skips like the other real-peer suites (dev/skip.ts).
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
@@ -19,6 +19,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
 import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type ControlPlane, proxyRbac, startControlPlane } from '../../dev/controlplane.ts';
+import { e2eSkip } from '../../dev/skip.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
@@ -31,8 +33,6 @@ import {
   rawHttp1,
   type SvidClient,
 } from '../helpers/raw-http.ts';
-import { type ControlPlane, proxyRbac, startControlPlane } from './controlplane.ts';
-import { e2eSkip } from './skip.ts';
 
 const run = promisify(execFile);
 /** Limited to namespace `allowed`: pods, configmaps, pods/exec, and non-resource /openapi/*. */

@@ -1,5 +1,5 @@
 /**
- * Smoke test of the end-to-end control plane (test/e2e/controlplane.ts): real etcd and kube-apiserver, driven
+ * Smoke test of the end-to-end control plane (dev/controlplane.ts): real etcd and kube-apiserver, driven
  * with the real `kubectl` on PATH. Without Go (to build them) or kubectl the suite skips, saying why; with
  * KSP_REQUIRE_PEERS=1 (CI) a missing peer fails the run instead.
  */
@@ -15,8 +15,8 @@ import {
   type ControlPlaneUser,
   PROXY_USER,
   startControlPlane,
-} from './controlplane.ts';
-import { e2eSkip } from './skip.ts';
+} from '../../dev/controlplane.ts';
+import { e2eSkip } from '../../dev/skip.ts';
 
 // Never execFileSync here: this process must stay responsive while kubectl runs.
 const run = promisify(execFile);

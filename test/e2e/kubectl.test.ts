@@ -1,5 +1,5 @@
 /**
- * End to end: the real `kubectl` through the proxy to a real kube-apiserver and etcd (test/e2e/controlplane.ts),
+ * End to end: the real `kubectl` through the proxy to a real kube-apiserver and etcd (dev/controlplane.ts),
  * with the client SVIDs of the dev PKI and no stored credential of the client's own. Everything RBAC decides is
  * decided by kube-apiserver for the mapped identity; the proxy only proves who the client is and forwards.
  * Skips like the other real-peer suites when Go (to build the control plane) or kubectl is missing.
@@ -15,12 +15,12 @@ import tls from 'node:tls';
 import { promisify } from 'node:util';
 import { stringify } from 'yaml';
 import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import { type ControlPlane, proxyRbac, startControlPlane } from '../../dev/controlplane.ts';
+import { e2eSkip } from '../../dev/skip.ts';
 import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
 import { clientTls, type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
-import { type ControlPlane, proxyRbac, startControlPlane } from './controlplane.ts';
-import { e2eSkip } from './skip.ts';
 
 const run = promisify(execFile);
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';

@@ -11,9 +11,9 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { parse } from 'yaml';
+import { e2eSkip } from '../../dev/skip.ts';
 import { LOCAL_CLIENT_ID, LOCAL_USER, type LocalStack, startLocalStack } from '../../scripts/local-stack.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
-import { e2eSkip } from './skip.ts';
 
 const run = promisify(execFile);
 

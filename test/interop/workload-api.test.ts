@@ -1,7 +1,7 @@
 /**
  * Interop with real SPIFFE software: the SPIRE agent's own CLI (`spire-agent api fetch|validate`, v1.13.3) and a
- * go-spiffe v2.9.0 program of ours (test/peers/gospiffe) talk to our agent's socket, unchanged. Both are built
- * from their Go modules into a cache outside the repository (test/peers/peers.ts). Without Go these tests skip,
+ * go-spiffe v2.9.0 program of ours (dev/peers/gospiffe) talk to our agent's socket, unchanged. Both are built
+ * from their Go modules into a cache outside the repository (dev/peers/peers.ts). Without Go these tests skip,
  * saying why; with KSP_REQUIRE_PEERS=1 (CI) a missing peer fails the run instead.
  */
 import assert from 'node:assert/strict';
@@ -12,11 +12,11 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { bundleJson, makeDevPki } from '../../certs-dev/devpki.ts';
+import { peer } from '../../dev/peers/peers.ts';
 import { BundleSet } from '../../src/spiffe/bundle.ts';
 import { verifyJwtSvid } from '../../src/spiffe/jwtsvid.ts';
 import { parseCertificates, parseX509Svid, verifyX509Svid } from '../../src/spiffe/x509svid.ts';
 import { entryFor, startTestAgent, type TestAgent, TRUST_DOMAIN } from '../helpers/agent.ts';
-import { peer } from '../peers/peers.ts';
 
 // Never execFileSync here: the agent answers from this process's event loop.
 const run = promisify(execFile);

@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { type DevPki, makeDevPki } from '../../../certs-dev/devpki.ts';
+import { DAY, HOUR, importIssuer, makeCa } from '../../../dev/certs.ts';
 import {
   BACKDATE_SECONDS,
   type CaSlot,
@@ -22,7 +23,6 @@ import type { SpiffeBundle } from '../../../src/spiffe/bundle.ts';
 import { SpiffeId, TrustDomain } from '../../../src/spiffe/id.ts';
 import { mintJwtSvid, verifyJwtSvid } from '../../../src/spiffe/jwtsvid.ts';
 import { verifyX509Svid } from '../../../src/spiffe/x509svid.ts';
-import { DAY, HOUR, importIssuer, makeCa } from '../spiffe/helpers/certs.ts';
 
 /** A whole second, so that certificate times (second resolution) equal the computed ones exactly. */
 const T0 = Date.UTC(2030, 0, 1, 12, 0, 0);

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 
-const peers = join(import.meta.dirname, '..', '..', 'peers', 'peers.ts');
+const peers = join(import.meta.dirname, '..', '..', '..', 'dev', 'peers', 'peers.ts');
 
 /** Asks for a peer in a child process whose PATH has no Go and whose cache is empty. */
 function askWithoutGo(

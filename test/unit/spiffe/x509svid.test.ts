@@ -11,6 +11,21 @@ import {
   makeDevPki,
 } from '../../../certs-dev/devpki.ts';
 import {
+  type CertOptions,
+  DAY,
+  generateKeys,
+  HOUR,
+  importIssuer,
+  KeyUsage,
+  MINUTE,
+  makeCa,
+  makeLeaf,
+  nameConstraints,
+  opaqueExtension,
+  type TestIssuer,
+  type TestLeaf,
+} from '../../../dev/certs.ts';
+import {
   AuthzErrorCode,
   authorizeAny,
   authorizeId,
@@ -32,21 +47,6 @@ import {
   type X509BundleSource,
   X509ErrorCode,
 } from '../../../src/spiffe/index.ts';
-import {
-  type CertOptions,
-  DAY,
-  generateKeys,
-  HOUR,
-  importIssuer,
-  KeyUsage,
-  MINUTE,
-  makeCa,
-  makeLeaf,
-  nameConstraints,
-  opaqueExtension,
-  type TestIssuer,
-  type TestLeaf,
-} from './helpers/certs.ts';
 
 /** Every validity period of the dev PKI is relative to this instant (whole seconds, UTCTime-representable). */
 const NOW = new Date('2040-01-01T00:00:00Z');
