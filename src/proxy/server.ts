@@ -1,4 +1,3 @@
-import { constants as cryptoConstants, randomBytes } from 'node:crypto';
 import { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
 import http2, {
   type Http2ServerRequest,
@@ -13,16 +12,13 @@ import { ProxyMetrics } from '../observability/metrics.ts';
 import { NESTED_SPIFFE_ID_EXTRA, parseImpersonationHeaders } from '../policy/nested.ts';
 import { requestInfo } from '../policy/request.ts';
 import {
-  type CompiledPolicy,
   type Decision,
   type KubeIdentity,
   type NestedImpersonationRequest,
   PolicyDenyCode,
   type RequestInfo,
 } from '../policy/types.ts';
-import { BundleSet } from '../spiffe/bundle.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
-import type { X509Svid } from '../spiffe/x509svid.ts';
 import {
   Authenticator,
   authFailureCode,
@@ -42,12 +38,7 @@ import {
 import { mayImpersonate, type SarResult } from './sar.ts';
 import type { IdentitySource } from './source.ts';
 import { kubeStatus, sendStatus } from './status.ts';
-
-/** The policy as the proxy sees it: the current compiled policy and its generation, swapped whole on reload. */
-export interface PolicyHolder {
-  readonly current: CompiledPolicy;
-  readonly generation: number;
-}
+import { type PolicyHolder, ServingTrust } from './trust.ts';
 
 export interface ProxyServerOptions {
   readonly trustDomain: TrustDomain;
@@ -114,6 +105,8 @@ export class ProxyServer {
   readonly #options: ProxyServerOptions;
   readonly #log: Logger;
   readonly #authenticator = new Authenticator();
+  /** What clients are verified against and what new handshakes present. */
+  readonly #serving: ServingTrust;
   /** When each accepted TCP connection started its TLS handshake. */
   readonly #handshakeStarts = new WeakMap<Socket, number>();
   /** TCP connections whose TLS handshake finished. */
@@ -128,13 +121,6 @@ export class ProxyServer {
   /** The metrics given, or a registry nobody scrapes: the request path never asks whether metrics exist. */
   readonly #metrics: ProxyMetrics;
   #draining = false;
-  /** Why the identity source has no SVID to serve with, while it has none. */
-  #withoutSvid: string | undefined;
-  #trust: TrustState;
-  #trustKey = '';
-  #roots = new Set<string>();
-  /** The inputs the trust state was last computed from; unchanged objects mean nothing to recompute. */
-  #trustInputs: { bundles: BundleSet; policy: CompiledPolicy } | undefined;
   #closed = false;
 
   constructor(options: ProxyServerOptions) {
@@ -145,10 +131,14 @@ export class ProxyServer {
     this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts };
     this.#counters = new IdentityCounters(this.#limits);
     this.#quiet = new RateLimitedLog(options.logger);
-    this.#trust = { bundles: new BundleSet(), generation: 0 };
-    this.#refreshTrust();
+    this.#serving = new ServingTrust({
+      trustDomain: options.trustDomain,
+      source: options.source,
+      policy: options.policy,
+      logger: options.logger,
+    });
     this.server = http2.createSecureServer({
-      ...this.#secureContextOptions(this.#options.source.svid()),
+      ...this.#serving.initialContext(),
       allowHTTP1: true,
       requestCert: true,
       rejectUnauthorized: false,
@@ -219,6 +209,7 @@ export class ProxyServer {
         sendStatus(res, 500, 'kube-svid-proxy: internal error');
       });
     });
+    this.#serving.attach(this.server);
     options.source.on('update', () => this.#onIdentityUpdate());
   }
 
@@ -250,7 +241,7 @@ export class ProxyServer {
    * next handshake on (and its resumable sessions voided), not only after the next request.
    */
   policyChanged(): void {
-    this.#refreshTrust();
+    this.#serving.refresh();
   }
 
   /** The connection's state; every TLS connection has one from its 'secureConnection' on. */
@@ -326,8 +317,7 @@ export class ProxyServer {
 
   /** The bundles clients are verified against: ours and those of the trust domains the policy names. */
   get trust(): TrustState {
-    this.#refreshTrust();
-    return this.#trust;
+    return this.#serving.state;
   }
 
   async listen(port: number, host = '0.0.0.0'): Promise<AddressInfo> {
@@ -402,90 +392,9 @@ export class ProxyServer {
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 
-  #secureContextOptions(svid: X509Svid): { cert: string; key: string; ca: string[]; secureOptions: number } {
-    return {
-      // TLS 1.2 renegotiation is never needed and has a history of attacks: refused.
-      secureOptions: cryptoConstants.SSL_OP_NO_RENEGOTIATION,
-      cert: svid.certificates.map((c) => c.toString()).join(''),
-      key: svid.privateKey.export({ format: 'pem', type: 'pkcs8' }).toString(),
-      // Only offered to clients as acceptable CA names; the decision is ours.
-      ca: this.#trust.bundles.allX509Authorities().map((c) => c.toString()),
-    };
-  }
-
-  /** Recomputes the trust state when the bundles or the policy's trust domains changed. */
-  /** Returns whether the trust state changed (and the secure context with it). */
-  #refreshTrust(): boolean {
-    const policy = this.#options.policy.current;
-    const all = this.#options.source.bundles();
-    // Called on every request: both inputs are immutable values swapped whole, so identity says "unchanged".
-    if (this.#trustInputs?.bundles === all && this.#trustInputs.policy === policy) return false;
-    this.#trustInputs = { bundles: all, policy };
-    const accepted = new Set([this.#options.trustDomain.name, ...policy.trustDomains]);
-    const bundles = new BundleSet(all.bundles().filter((b) => accepted.has(b.trustDomain.name)));
-    const roots = new Set(bundles.allX509Authorities().map((c) => c.fingerprint256));
-    const key = `${[...roots].sort().join(',')}|${[...accepted].sort().join(',')}`;
-    if (key === this.#trustKey) return false;
-    const lost = [...this.#roots].some((fp) => !roots.has(fp));
-    this.#trustKey = key;
-    this.#roots = roots;
-    this.#trust = { bundles, generation: this.#trust.generation + 1 };
-    if (this.server !== undefined) {
-      this.#installContext();
-      if (lost) {
-        // A removed authority must not live on in resumable sessions: new ticket keys void every old ticket.
-        this.server.setTicketKeys(randomBytes(48));
-        this.#log.info('a trust bundle lost an authority: session ticket keys replaced');
-      }
-    }
-    return true;
-  }
-
-  /** The SVID to serve with, or undefined (and why) while the identity source has none. */
-  #svid(): X509Svid | undefined {
-    try {
-      const svid = this.#options.source.svid();
-      if (this.#withoutSvid !== undefined) {
-        this.#log.info(
-          { spiffeId: svid.id.toString() },
-          'an SVID to serve with is back: accepting clients again',
-        );
-        this.#withoutSvid = undefined;
-      }
-      return svid;
-    } catch (err) {
-      if (this.#withoutSvid === undefined) {
-        this.#withoutSvid = (err as Error).message;
-        this.#log.error(
-          { err: { message: this.#withoutSvid } },
-          'no SVID to serve with: new connections are closed after their handshake and /readyz fails until ' +
-            'the identity source delivers one again; open connections keep going',
-        );
-      }
-      return undefined;
-    }
-  }
-
-  /** A new secure context for new handshakes (current SVID and CA names); none while there is no SVID. */
-  #installContext(): void {
-    const svid = this.#svid();
-    if (svid !== undefined) this.server.setSecureContext(this.#secureContextOptions(svid));
-  }
-
   #onIdentityUpdate(): void {
     if (this.#closed) return;
-    // A changed trust state installed the new context already; otherwise only the SVID changed.
-    if (!this.#refreshTrust()) this.#installContext();
-    const svid = this.#svid();
-    if (svid === undefined) return;
-    this.#log.info(
-      {
-        spiffeId: svid.id.toString(),
-        notAfter: svid.certificates[0]?.validTo,
-        trustGeneration: this.#trust.generation,
-      },
-      'serving SVID or bundles updated; new handshakes use them, open connections stay',
-    );
+    this.#serving.identityChanged();
   }
 
   #onSecureConnection(socket: StatefulSocket): void {
@@ -497,12 +406,12 @@ export class ProxyServer {
     const state = this.#register(socket);
     metrics.connectionOpened();
     socket.once('close', () => metrics.connectionClosed());
-    if (this.#withoutSvid !== undefined) {
+    if (this.#serving.withoutSvid !== undefined) {
       // The SVID this handshake presented was withdrawn: nothing is served under it.
       metrics.connectionClosedByProxy('no_svid');
       this.#quiet.warn(
         'no_svid',
-        { peer: socket.remoteAddress, reason: this.#withoutSvid },
+        { peer: socket.remoteAddress, reason: this.#serving.withoutSvid },
         'connection closed: no SVID to serve with',
       );
       socket.destroy();

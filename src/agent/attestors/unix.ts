@@ -8,6 +8,7 @@
 import { createHash } from 'node:crypto';
 import { open, readFile, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
+import { compareStrings } from '../../config/compare.ts';
 import { AgentError, AgentErrorCode } from '../errors.ts';
 import { formatSelector, type Selector } from '../selectors.ts';
 import { DEFAULT_PROC_ROOT, procPath, readProcessStatus } from './proc.ts';
@@ -133,7 +134,7 @@ export class UnixAttestor implements WorkloadAttestor {
     }
 
     const unique = [...new Set(values)].map((value): Selector => ({ type: SELECTOR_TYPE, value }));
-    return unique.sort((a, b) => compare(formatSelector(a), formatSelector(b)));
+    return unique.sort((a, b) => compareStrings(formatSelector(a), formatSelector(b)));
   }
 
   /** The executable's path as the process sees it (in its own mount namespace). */
@@ -207,8 +208,4 @@ export class UnixAttestor implements WorkloadAttestor {
       await handle.close();
     }
   }
-}
-
-function compare(a: string, b: string): number {
-  return a < b ? -1 : a > b ? 1 : 0;
 }
