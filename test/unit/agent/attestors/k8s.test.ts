@@ -16,12 +16,11 @@ import { after, before, beforeEach, describe, it } from 'node:test';
 import * as x509 from '@peculiar/x509';
 import { DAY, makeCa, makeLeaf } from '../../../../dev/certs.ts';
 import {
-  K8sAttestor,
-  type K8sAttestorOptions,
   locateContainer,
   parseCgroupPaths,
   parseMountinfoCgroupRoots,
-} from '../../../../src/agent/attestors/k8s.ts';
+} from '../../../../src/agent/attestors/containerid.ts';
+import { K8sAttestor, type K8sAttestorOptions } from '../../../../src/agent/attestors/k8s.ts';
 import { AgentErrorCode, isAgentError } from '../../../../src/agent/errors.ts';
 import { formatSelector, type Selector } from '../../../../src/agent/selectors.ts';
 
