@@ -12,7 +12,15 @@ import {
   X509Bundle,
 } from '../spiffe/index.ts';
 import { EXIT, UsageError } from './common.ts';
-import { AGENT_USAGE, API_USAGE, CREDENTIAL_USAGE, POLICY_USAGE, SERVE_USAGE } from './usage.ts';
+import {
+  AGENT_USAGE,
+  API_USAGE,
+  CREDENTIAL_USAGE,
+  commandPath,
+  commandUsage,
+  POLICY_USAGE,
+  SERVE_USAGE,
+} from './usage.ts';
 
 const USAGE = `kube-svid-proxy: SPIFFE mTLS front door for kube-apiserver
 
@@ -29,6 +37,9 @@ ${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${CREDENTIAL_USAGE}${POLICY_USAGE}  vers
 Not built yet (each prints what it will be and exits 3):
   bundle        bundle endpoint and federation tools
   client        client-mode listener (wraps outbound connections in SVID mTLS)
+
+Run 'kube-svid-proxy help COMMAND' (or 'kube-svid-proxy COMMAND --help') for a command's flags, their
+defaults, and an example.
 `;
 
 const NOT_BUILT: Record<string, string> = {
@@ -85,16 +96,43 @@ function svidVerify(args: string[]): number {
   return EXIT.ok;
 }
 
+/** `--help` or `-h` anywhere before a `--` asks for help, whatever else the command line holds. */
+function asksForHelp(argv: readonly string[]): boolean {
+  const end = argv.indexOf('--');
+  return (end === -1 ? argv : argv.slice(0, end)).some((a) => a === '--help' || a === '-h');
+}
+
+/** `help [COMMAND [SUBCOMMAND ...]]`: the command list, or one command's usage (as `COMMAND --help` prints it). */
+function help(words: string[]): number {
+  if (words.length === 0) {
+    process.stdout.write(USAGE);
+    return EXIT.ok;
+  }
+  const path = commandPath(words);
+  if (path === undefined || path.split(' ').length !== words.length) {
+    throw new UsageError(`help: unknown command ${JSON.stringify(words.join(' '))}`);
+  }
+  process.stdout.write(commandUsage(path));
+  return EXIT.ok;
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  const path = commandPath(argv);
   try {
+    if (command !== undefined && asksForHelp(argv)) {
+      // Help is answered before any flag is parsed or file read: `serve --config /nonexistent --help` is help.
+      if (command === '--help' || command === '-h') return help([]);
+      if (path === undefined) throw new UsageError(`unknown command ${JSON.stringify(command)}`);
+      process.stdout.write(commandUsage(path));
+      return EXIT.ok;
+    }
     switch (command) {
       case undefined:
-      case 'help':
-      case '--help':
-      case '-h':
         process.stdout.write(USAGE);
-        return command === undefined ? EXIT.usage : EXIT.ok;
+        return EXIT.usage;
+      case 'help':
+        return help(rest);
       case 'version':
       case '--version':
         process.stdout.write(`kube-svid-proxy ${version()}\n`);
@@ -131,7 +169,9 @@ async function main(argv: string[]): Promise<number> {
       e instanceof UsageError ||
       (e instanceof TypeError && 'code' in e && String(e.code).startsWith('ERR_PARSE_ARGS'))
     ) {
-      process.stderr.write(`kube-svid-proxy: ${e.message}\nRun 'kube-svid-proxy help' for usage.\n`);
+      // The pointer names the deepest command the words reach: `api fetch jwt --bogus` points at its own help.
+      const pointer = path === undefined || path === 'help' ? 'help' : `${path} --help`;
+      process.stderr.write(`kube-svid-proxy: ${e.message}\nRun 'kube-svid-proxy ${pointer}' for usage.\n`);
       return EXIT.usage;
     }
     if (isAgentError(e)) {

@@ -166,7 +166,7 @@ describe('kube-svid-proxy agent: refusals before it starts', () => {
     assert.equal(noConfig.status, 2, noConfig.stderr);
     assert.doesNotMatch(noConfig.stderr, /not built yet/);
     assert.match(noConfig.stderr, /agent needs --config FILE/);
-    assert.match(noConfig.stderr, /Run 'kube-svid-proxy help' for usage/);
+    assert.match(noConfig.stderr, /Run 'kube-svid-proxy agent --help' for usage/);
 
     assert.equal(absent.status, 1, absent.stderr);
     assert.match(absent.stderr, /ERR_AGENT_CONFIG/);
