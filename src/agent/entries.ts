@@ -18,6 +18,7 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { isMap, type Node } from 'yaml';
+import { compareStrings } from '../config/compare.ts';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
 import { describe, quote, readYaml, type YamlProblem, YamlReader } from '../config/yaml.ts';
 import { SpiffeError } from '../spiffe/errors.ts';
@@ -55,10 +56,6 @@ export class EntriesError extends FileProblemsError {
     super(AgentErrorCode.Entries, file, problems);
     this.name = 'EntriesError';
   }
-}
-
-function compareStrings(a: string, b: string): number {
-  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 /** A validated, immutable set of registration entries, in file order. */
@@ -104,7 +101,6 @@ export class EntrySet {
 // ---------------------------------------------------------------------------------------------------------
 // Parsing
 
-const TOP_KEYS = ['entries'] as const;
 const ENTRY_KEYS = [
   'spiffeId',
   'selectors',
@@ -150,27 +146,10 @@ class Parser extends YamlReader {
   }
 
   top(): RegistrationEntry[] {
-    const contents = this.doc.contents as Node | null;
-    const top = this.deref(contents, 0);
-    if (top === undefined) return [];
-    if (top === null || !isMap(top)) {
-      this.report(
-        this.offsetOf(contents, 0),
-        `the file must be a map with an "entries" list (write "entries: []" for none), got ${describe(top)}`,
-      );
-      return [];
-    }
-    const fields = this.fields(top, TOP_KEYS, 'the top level');
-    const entries = fields.get('entries');
-    if (entries === undefined) {
-      this.report(
-        this.offsetOf(top, 0),
-        'missing required key "entries" (write "entries: []" for no identities)',
-      );
-      return [];
-    }
-    const items = this.list(entries.value, entries.valueOffset, '"entries"');
-    if (items === undefined) return [];
+    const items = this.topLevelList('entries', {
+      notMap: 'the file must be a map with an "entries" list (write "entries: []" for none)',
+      missingHint: 'write "entries: []" for no identities',
+    });
     const out: RegistrationEntry[] = [];
     const seen = new Map<string, number>();
     for (const [index, item] of items.entries()) {

@@ -202,6 +202,30 @@ export class YamlReader {
     return undefined;
   }
 
+  /**
+   * The items of the one required list of a file whose top level is a map holding only `key`, each with its
+   * offset; empty after reporting a file of another shape. `notMap` is the problem for a top level that is not
+   * a map (`, got <what>` is appended); `missingHint` is put in parentheses after a missing key's problem.
+   */
+  topLevelList(
+    key: string,
+    messages: { notMap: string; missingHint: string },
+  ): { node: Node | null; offset: number }[] {
+    const contents = this.doc.contents as Node | null;
+    const top = this.deref(contents, 0);
+    if (top === undefined) return [];
+    if (top === null || !isMap(top)) {
+      this.report(this.offsetOf(contents, 0), `${messages.notMap}, got ${describe(top)}`);
+      return [];
+    }
+    const field = this.fields(top, [key], 'the top level').get(key);
+    if (field === undefined) {
+      this.report(this.offsetOf(top, 0), `missing required key ${quote(key)} (${messages.missingHint})`);
+      return [];
+    }
+    return this.list(field.value, field.valueOffset, quote(key)) ?? [];
+  }
+
   /** Problems in file order (ties keep the order they were found in). */
   sortedProblems(): YamlProblem[] {
     return this.problems

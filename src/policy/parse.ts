@@ -20,7 +20,6 @@ import { type MatchKind, Policy, type Rule, SERVICE_ACCOUNT_PREFIX } from './mod
 import { type ImpersonationAllowance, nestedNameProblem, serviceAccountEntryProblem } from './nested.ts';
 import { type IdentityTemplates, parseTemplate, type Template } from './template.ts';
 
-const TOP_KEYS = ['rules'] as const;
 const RULE_KEYS = ['name', 'match', 'identity', 'limits', 'impersonate'] as const;
 const MATCH_KEYS = ['id', 'pattern', 'trustDomain'] as const;
 const IDENTITY_KEYS = ['user', 'groups', 'uid', 'extra'] as const;
@@ -160,27 +159,10 @@ class Parser extends YamlReader {
   }
 
   top(): Rule[] {
-    const contents = this.doc.contents as Node | null;
-    const top = this.deref(contents, 0);
-    if (top === undefined) return [];
-    if (top === null || !isMap(top)) {
-      this.report(
-        this.offsetOf(contents, 0),
-        `the policy must be a map with a "rules" list (write "rules: []" to deny everything), got ${describe(top)}`,
-      );
-      return [];
-    }
-    const fields = this.fields(top, TOP_KEYS, 'the top level');
-    const rulesField = fields.get('rules');
-    if (rulesField === undefined) {
-      this.report(
-        this.offsetOf(top, 0),
-        'missing required key "rules" (write "rules: []" to deny everything)',
-      );
-      return [];
-    }
-    const items = this.list(rulesField.value, rulesField.valueOffset, '"rules"');
-    if (items === undefined) return [];
+    const items = this.topLevelList('rules', {
+      notMap: 'the policy must be a map with a "rules" list (write "rules: []" to deny everything)',
+      missingHint: 'write "rules: []" to deny everything',
+    });
     const rules: Rule[] = [];
     const names = new Map<string, number>();
     const matches = new Map<string, { label: string; line: number }>();
