@@ -4,6 +4,7 @@
  * kube-apiserver would understand it is a `RequestInfoError` (code `ERR_POLICY_BAD_REQUEST`).
  */
 import { formatProblems, type YamlProblem } from '../config/yaml.ts';
+import { SpiffeError } from '../spiffe/errors.ts';
 
 export const PolicyErrorCode = {
   /** The policy file cannot be read, parsed or validated. */
@@ -43,4 +44,10 @@ export class RequestInfoError extends Error {
 
 export function isPolicyError(err: unknown): err is PolicyError {
   return err instanceof PolicyError;
+}
+
+/** A SPIFFE ID or trust domain parse failure for a policy problem, with its stable code. */
+export function spiffeMessage(err: unknown): string {
+  if (err instanceof SpiffeError) return `${err.message} (${err.code})`;
+  return err instanceof Error ? err.message : String(err);
 }

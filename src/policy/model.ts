@@ -26,6 +26,7 @@ import { quote } from '../config/yaml.ts';
 import type { SpiffeId } from '../spiffe/id.ts';
 import { limitRefusal, type RequestLimits, type ResourceMatcher } from './limits.ts';
 import { type ImpersonationAllowance, nestedDecision } from './nested.ts';
+import { patternMatches } from './pattern.ts';
 import { expandTemplate, type IdentityTemplates, type Template } from './template.ts';
 import {
   type CompiledPolicy,
@@ -112,17 +113,6 @@ class MissingSegment extends Error {}
 
 /** Users named so are service accounts to kube-apiserver's impersonation filter; the policy never maps to one. */
 export const SERVICE_ACCOUNT_PREFIX = 'system:serviceaccount:';
-
-function patternMatches(segments: readonly string[], idSegments: readonly string[]): boolean {
-  const last = segments.length - 1;
-  const rest = segments[last] === '**';
-  if (rest ? idSegments.length < segments.length : idSegments.length !== segments.length) return false;
-  for (let i = 0; i < (rest ? last : segments.length); i++) {
-    const want = segments[i];
-    if (want !== '*' && want !== idSegments[i]) return false;
-  }
-  return true;
-}
 
 /** A validated policy. Immutable. */
 export class Policy implements CompiledPolicy {

@@ -5,9 +5,8 @@
 import { readFile } from 'node:fs/promises';
 import { isMap, isScalar, type Node, type Scalar } from 'yaml';
 import { describe, quote, readYaml, YamlReader } from '../config/yaml.ts';
-import { SpiffeError } from '../spiffe/errors.ts';
-import { MAX_ID_BYTES, SpiffeId, TrustDomain } from '../spiffe/id.ts';
-import { PolicyError } from './errors.ts';
+import { SpiffeId, TrustDomain } from '../spiffe/id.ts';
+import { PolicyError, spiffeMessage } from './errors.ts';
 import {
   namespaceEntryProblem,
   nonResourcePathProblem,
@@ -18,6 +17,7 @@ import {
 } from './limits.ts';
 import { type MatchKind, Policy, type Rule, SERVICE_ACCOUNT_PREFIX } from './model.ts';
 import { type ImpersonationAllowance, nestedNameProblem, serviceAccountEntryProblem } from './nested.ts';
+import { parsePattern, SCHEME } from './pattern.ts';
 import { type IdentityTemplates, parseTemplate, type Template } from './template.ts';
 
 const RULE_KEYS = ['name', 'match', 'identity', 'limits', 'impersonate'] as const;
@@ -29,74 +29,6 @@ const IMPERSONATE_KEYS = ['serviceAccounts', 'users', 'groups'] as const;
 const RULE_NAME = /^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$/;
 const MAX_RULE_NAME = 63;
 const EXTRA_KEY = /^[a-z0-9./-]+$/;
-const SEGMENT_CHARS = /^[A-Za-z0-9._-]+$/;
-const SCHEME = 'spiffe://';
-
-function spiffeMessage(err: unknown): string {
-  if (err instanceof SpiffeError) return `${err.message} (${err.code})`;
-  return err instanceof Error ? err.message : String(err);
-}
-
-/** Parses `spiffe://td/seg/*\/**`; a problem carries the character index it is about. */
-function parsePattern(
-  text: string,
-): { trustDomain: string; segments: string[] } | { at: number; message: string } {
-  if (Buffer.byteLength(text, 'utf8') > MAX_ID_BYTES) {
-    return { at: 0, message: `pattern is longer than ${MAX_ID_BYTES} bytes` };
-  }
-  if (!text.startsWith(SCHEME)) return { at: 0, message: 'pattern must start with "spiffe://"' };
-  const slash = text.indexOf('/', SCHEME.length);
-  const authority = slash < 0 ? text.slice(SCHEME.length) : text.slice(SCHEME.length, slash);
-  if (authority.includes('*')) {
-    return {
-      at: SCHEME.length,
-      message:
-        'the trust domain of a pattern is literal (no "*" or "**"); match a whole trust domain with "trustDomain:"',
-    };
-  }
-  let trustDomain: string;
-  try {
-    trustDomain = TrustDomain.parse(authority).name;
-  } catch (err) {
-    return { at: SCHEME.length, message: `pattern trust domain: ${spiffeMessage(err)}` };
-  }
-  if (slash < 0 || slash === text.length - 1) {
-    return {
-      at: slash < 0 ? text.length : slash,
-      message: 'pattern needs at least one path segment (match a whole trust domain with "trustDomain:")',
-    };
-  }
-  const segments = text.slice(slash + 1).split('/');
-  let at = slash + 1;
-  for (const [i, segment] of segments.entries()) {
-    if (segment === '') return { at, message: 'pattern has an empty segment ("//" or a trailing "/")' };
-    if (segment === '**') {
-      if (i !== segments.length - 1) return { at, message: '"**" may only be the last segment of a pattern' };
-    } else if (segment !== '*') {
-      if (segment.includes('*')) {
-        return {
-          at,
-          message: `"*" and "**" must be whole segments (${quote(segment)} is not supported; use "*")`,
-        };
-      }
-      if (segment === '.' || segment === '..') {
-        return { at, message: 'pattern segments must not be "." or ".." (ERR_ID_DOT_SEGMENT)' };
-      }
-      if (!SEGMENT_CHARS.test(segment)) {
-        return {
-          at,
-          message: `pattern segment ${quote(segment)} may contain only [a-zA-Z0-9._-], or be "*" or "**" (ERR_ID_PATH_SEGMENT_CHAR)`,
-        };
-      }
-    }
-    at += segment.length + 1;
-  }
-  if (!segments.includes('*') && !segments.includes('**')) {
-    return { at: 0, message: 'pattern has no "*" or "**": write it as "id:"' };
-  }
-  return { trustDomain, segments };
-}
-
 interface Field {
   readonly value: Node | null;
   readonly keyOffset: number;

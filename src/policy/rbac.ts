@@ -12,6 +12,7 @@
  * `subjectaccessreviews` to check each nested impersonation as the client's mapped identity first.
  */
 import { Document, type YAMLMap } from 'yaml';
+import { compareStrings } from '../config/compare.ts';
 import { SpiffeId } from '../spiffe/id.ts';
 import type { Policy, PolicyRule } from './model.ts';
 import { impliedGroups, NESTED_SPIFFE_ID_EXTRA, serviceAccountGroups } from './nested.ts';
@@ -98,10 +99,6 @@ function fixedValue(rule: PolicyRule, template: Template): string | { why: strin
 
 function describeMatch(rule: PolicyRule): string {
   return rule.kind === 'pattern' ? `pattern ${rule.match}` : `any ID of trust domain ${rule.trustDomain}`;
-}
-
-function compareStrings(a: string, b: string): number {
-  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 const ID_TEMPLATE: Template = { source: '{id}', parts: [{ kind: 'id' }] };
