@@ -5,7 +5,7 @@ import { runUntilSignal, serviceFlags } from './common.ts';
 
 /** Runs the agent until SIGINT or SIGTERM (SIGHUP re-reads its files); resolves with the exit code. */
 export async function agentCommand(args: string[]): Promise<number> {
-  const flags = serviceFlags('agent', args, 'Agent configuration');
+  const flags = serviceFlags('agent', args, 'agent.yaml');
   const config = await loadAgentConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy-agent' });
   const agent = await WorkloadAgent.start({ ...config, logger });

@@ -46,7 +46,7 @@ export function serviceFlags(
   if (positionals.length > 0)
     throw new UsageError(`${command} takes no arguments, got ${positionals.join(' ')}`);
   if (values.config === undefined)
-    throw new UsageError(`${command} needs --config FILE (see README, "${section}")`);
+    throw new UsageError(`${command} needs --config FILE (see docs/operator/configuration.md, "${section}")`);
   const level = values['log-level'];
   if (level !== undefined && !isLogLevel(level)) {
     throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}`);

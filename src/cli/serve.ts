@@ -5,7 +5,7 @@ import { runUntilSignal, serviceFlags } from './common.ts';
 
 /** Runs the proxy until SIGINT or SIGTERM (drained, then stopped); SIGHUP re-reads its files. */
 export async function serveCommand(args: string[]): Promise<number> {
-  const flags = serviceFlags('serve', args, 'Proxy configuration');
+  const flags = serviceFlags('serve', args, 'proxy.yaml');
   const config = await loadProxyConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy' });
   const proxy = await startProxy(config, { logger, configFile: flags.config });
