@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
+import { compareStrings } from '../config/compare.ts';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
 import type { LogLevel } from '../observability/levels.ts';
 import { BundleSet, SpiffeBundle } from '../spiffe/bundle.ts';
@@ -458,7 +459,7 @@ function makeAttestors(options: AgentOptions['attestors']): readonly WorkloadAtt
 /** A comparable text of a setting: maps in key order, empty objects as absent (trust domains have toJSON). */
 function canonical(value: unknown): string {
   const text = JSON.stringify(value, (_key, v: unknown) => {
-    if (v instanceof Map) return [...v].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    if (v instanceof Map) return [...v].sort(([a], [b]) => compareStrings(String(a), String(b)));
     if (typeof v === 'object' && v !== null && !Array.isArray(v) && Object.keys(v).length === 0)
       return undefined;
     return v;
