@@ -29,8 +29,8 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { bundleJson, makeDevPki } from '../certs-dev/devpki.ts';
 import { importIssuer, makeLeaf } from '../dev/certs.ts';
-import { parseProxyConfig } from '../src/config/proxy.ts';
 import { silentLogger } from '../src/observability/logger.ts';
+import { parseProxyConfig } from '../src/proxy/config.ts';
 import { machineInfo, positive, type Summary, summarize } from './stats.ts';
 
 const SERVERS = ['tls', 'h2', 'proxy'] as const;

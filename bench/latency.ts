@@ -35,9 +35,9 @@ import { bundleJson, makeDevPki } from '../certs-dev/devpki.ts';
 import { type ControlPlane, PROXY_USER, startControlPlane } from '../dev/controlplane.ts';
 import { PEERS } from '../dev/peers/peers.ts';
 import { e2eSkip } from '../dev/skip.ts';
-import { parseProxyConfig } from '../src/config/proxy.ts';
 import { createLogger } from '../src/observability/logger.ts';
 import type { KubeIdentity } from '../src/policy/types.ts';
+import { parseProxyConfig } from '../src/proxy/config.ts';
 import { upstreamHeaders } from '../src/proxy/forward.ts';
 import { machineInfo, positive, type Summary, summarize } from './stats.ts';
 

@@ -15,8 +15,8 @@ import { promisify } from 'node:util';
 import { stringify } from 'yaml';
 import { type ControlPlane, proxyRbac, startControlPlane } from '../dev/controlplane.ts';
 import { WorkloadAgent } from '../src/agent/agent.ts';
-import { parseProxyConfig } from '../src/config/proxy.ts';
 import { createLogger, type Logger } from '../src/observability/logger.ts';
+import { parseProxyConfig } from '../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../src/proxy/proxy.ts';
 import { TrustDomain } from '../src/spiffe/id.ts';
 

@@ -1,5 +1,5 @@
-import { loadProxyConfig } from '../config/proxy.ts';
 import { createLogger } from '../observability/logger.ts';
+import { loadProxyConfig } from '../proxy/config.ts';
 import { startProxy } from '../proxy/proxy.ts';
 import { runUntilSignal, serviceFlags } from './common.ts';
 

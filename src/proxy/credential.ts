@@ -11,9 +11,9 @@ import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { AgentError, AgentErrorCode } from '../agent/errors.ts';
-import type { UpstreamConfig } from '../config/proxy.ts';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
 import type { Logger } from '../observability/logger.ts';
+import type { UpstreamConfig } from './config.ts';
 
 /** What `Upstream` needs: where kube-apiserver is, how to trust it, and the proxy's credential. */
 export interface UpstreamCredential {

@@ -1,9 +1,9 @@
 import type { Logger } from 'pino';
 import { type AdminServer, createAdminServer, type ReadinessReport } from '../admin/server.ts';
 import { AgentError, AgentErrorCode } from '../agent/errors.ts';
-import { loadProxyConfig, type ProxyConfig } from '../config/proxy.ts';
 import { ProxyMetrics } from '../observability/metrics.ts';
 import { watchPolicy } from '../policy/watch.ts';
+import { loadProxyConfig, type ProxyConfig } from './config.ts';
 import { loadUpstreamCredential, type UpstreamCredential } from './credential.ts';
 import { Upstream } from './forward.ts';
 import { ProxyServer } from './server.ts';

@@ -21,8 +21,8 @@ import { stringify } from 'yaml';
 import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { type ControlPlane, proxyRbac, startControlPlane } from '../../dev/controlplane.ts';
 import { e2eSkip } from '../../dev/skip.ts';
-import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger } from '../../src/observability/logger.ts';
+import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
 import { type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import {

@@ -12,8 +12,8 @@ import type { AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
-import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
+import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { Upstream, UpstreamError } from '../../src/proxy/forward.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
 import {

@@ -14,8 +14,8 @@ import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import fc from 'fast-check';
 import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
-import { parseProxyConfig } from '../../src/config/proxy.ts';
 import { createLogger, silentLogger } from '../../src/observability/logger.ts';
+import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
 import { type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import {

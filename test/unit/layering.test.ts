@@ -91,8 +91,6 @@ const KNOWN_BACK_EDGES = [
   // The config schemas build the attestors and the agent's options (config/agent.ts → agent/*),
   // while agent/ watches its entry file through config/watch.ts: config ↔ agent.
   'config -> agent',
-  // config/proxy.ts takes its limit defaults from proxy/limits.ts, while proxy/ reads config/proxy.ts: config ↔ proxy.
-  'config -> proxy',
   // The Workload API server uses agent/errors.ts and the proc attestor, while agent/ serves through
   // workload/server.ts: workload ↔ agent.
   'workload -> agent',

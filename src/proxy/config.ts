@@ -1,8 +1,5 @@
 import type { Node, YAMLMap } from 'yaml';
 import { AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
-import type { LogLevel } from '../observability/logger.ts';
-import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS, type ProxyLimits, type ProxyTimeouts } from '../proxy/limits.ts';
-import type { TrustDomain } from '../spiffe/id.ts';
 import {
   type Field,
   fieldMap,
@@ -12,8 +9,11 @@ import {
   readLogLevel,
   readTrustDomain,
   readTrustDomainFiles,
-} from './common.ts';
-import type { YamlProblem, YamlReader } from './yaml.ts';
+} from '../config/common.ts';
+import type { YamlProblem, YamlReader } from '../config/yaml.ts';
+import type { LogLevel } from '../observability/logger.ts';
+import type { TrustDomain } from '../spiffe/id.ts';
+import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS, type ProxyLimits, type ProxyTimeouts } from './limits.ts';
 
 export interface HostPort {
   readonly host: string;

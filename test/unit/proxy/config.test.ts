@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { join, resolve } from 'node:path';
 import { describe, it } from 'node:test';
 import { isAgentError } from '../../../src/agent/errors.ts';
-import { type ProxyConfigError, parseHostPort, parseProxyConfig } from '../../../src/config/proxy.ts';
+import { type ProxyConfigError, parseHostPort, parseProxyConfig } from '../../../src/proxy/config.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/proxy/limits.ts';
 
 const repo = resolve(import.meta.dirname, '..', '..', '..');
