@@ -6,9 +6,6 @@ import type { LogLevel } from '../observability/levels.ts';
 import { BundleSet, SpiffeBundle } from '../spiffe/bundle.ts';
 import { type SpiffeId, TrustDomain } from '../spiffe/id.ts';
 import { type JwtSvid, verifyJwtSvid } from '../spiffe/jwtsvid.ts';
-import type { PeerCredentials } from '../workload/peercred.ts';
-import { assertPeerCredAvailable } from '../workload/peercred.ts';
-import { type WorkloadApiBackend, WorkloadApiServer, type WorkloadState } from '../workload/server.ts';
 import { K8sAttestor, type K8sAttestorOptions } from './attestors/k8s.ts';
 import type { WorkloadAttestor } from './attestors/types.ts';
 import { UnixAttestor, type UnixAttestorOptions } from './attestors/unix.ts';
@@ -17,7 +14,10 @@ import { type EntriesWatcher, type EntrySet, type RegistrationEntry, watchEntrie
 import { AgentError, AgentErrorCode } from './errors.ts';
 import { type IssuedX509Svid, SvidIssuer } from './issuer.ts';
 import type { KeyType } from './keys.ts';
+import type { PeerCredentials } from './peercred.ts';
+import { assertPeerCredAvailable } from './peercred.ts';
 import { formatSelector } from './selectors.ts';
+import { type WorkloadApiBackend, WorkloadApiServer, type WorkloadState } from './workload-api.ts';
 
 export interface AgentOptions {
   readonly trustDomain: TrustDomain;

@@ -1,5 +1,5 @@
 import { WorkloadAgent } from '../agent/agent.ts';
-import { loadAgentConfig } from '../config/agent.ts';
+import { loadAgentConfig } from '../agent/config.ts';
 import { createLogger } from '../observability/logger.ts';
 import { runUntilSignal, serviceFlags } from './common.ts';
 

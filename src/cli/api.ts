@@ -2,7 +2,7 @@ import type { X509Certificate } from 'node:crypto';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { DEFAULT_AGENT_SOCKET } from '../config/agent.ts';
+import { DEFAULT_AGENT_SOCKET } from '../agent/config.ts';
 import { parseDuration } from '../config/duration.ts';
 import type { BundleSet } from '../spiffe/bundle.ts';
 import { WorkloadApiError, WorkloadClient, type X509Context } from '../workload/client.ts';

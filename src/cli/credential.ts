@@ -10,7 +10,7 @@ import { extname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
-import { DEFAULT_AGENT_SOCKET } from '../config/agent.ts';
+import { DEFAULT_AGENT_SOCKET } from '../agent/config.ts';
 import { parseDuration } from '../config/duration.ts';
 import type { X509Svid } from '../spiffe/x509svid.ts';
 import { WorkloadApiError, WorkloadClient } from '../workload/client.ts';

@@ -5,7 +5,6 @@
 import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { Node, YAMLMap } from 'yaml';
-import { AgentError, type AgentErrorCode } from '../agent/errors.ts';
 import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
 import { TrustDomain } from '../spiffe/id.ts';
 import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
@@ -109,11 +108,27 @@ export function parseConfig<T>(
   return config;
 }
 
+/**
+ * An unreadable configuration file, refused with the command's stable code (`ERR_AGENT_CONFIG`,
+ * `ERR_PROXY_CONFIG`). Its own class, not the agent's, so config/ stays below the commands it serves.
+ */
+export class ConfigReadError extends Error {
+  readonly code: string;
+  readonly file: string;
+
+  constructor(code: string, file: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = 'ConfigReadError';
+    this.code = code;
+    this.file = file;
+  }
+}
+
 /** Reads a configuration file, refusing an unreadable one with `code`, naming the file. */
-export async function readConfigFile(file: string, code: AgentErrorCode): Promise<string> {
+export async function readConfigFile(file: string, code: string): Promise<string> {
   try {
     return await readFile(file, 'utf8');
   } catch (err) {
-    throw new AgentError(code, `cannot read ${file}: ${(err as Error).message}`, { cause: err });
+    throw new ConfigReadError(code, file, `cannot read ${file}: ${(err as Error).message}`, { cause: err });
   }
 }

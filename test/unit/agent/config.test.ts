@@ -1,14 +1,14 @@
 import assert from 'node:assert/strict';
 import { join, resolve } from 'node:path';
 import { describe, it } from 'node:test';
-import { isAgentError } from '../../../src/agent/errors.ts';
 import {
   type AgentConfig,
   ConfigError,
   DEFAULT_AGENT_SOCKET,
   loadAgentConfig,
   parseAgentConfig,
-} from '../../../src/config/agent.ts';
+} from '../../../src/agent/config.ts';
+import { ConfigReadError } from '../../../src/config/common.ts';
 
 const root = join(import.meta.dirname, '..', '..', '..');
 const FILE = '/etc/ksp/agent.yaml';
@@ -319,7 +319,9 @@ describe('agent configuration', () => {
     it('refuses a missing file with ERR_AGENT_CONFIG naming the file', async () => {
       const file = join(root, 'examples', 'agent', 'absent.yaml');
       await assert.rejects(loadAgentConfig(file, {}), (err: unknown) => {
-        assert.ok(isAgentError(err, 'ERR_AGENT_CONFIG'), String(err));
+        assert.ok(err instanceof ConfigReadError, String(err));
+        assert.equal(err.code, 'ERR_AGENT_CONFIG');
+        assert.equal(err.file, file);
         assert.ok(err.message.includes(file), err.message);
         assert.match(err.message, /ENOENT/);
         return true;

@@ -14,7 +14,7 @@ import type { BigIntStats, Stats } from 'node:fs';
 import { chmod, lstat, mkdir, readlink, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import { basename, dirname, isAbsolute, join } from 'node:path';
-import { AgentError, AgentErrorCode } from '../agent/errors.ts';
+import { AgentError, AgentErrorCode } from './errors.ts';
 
 /** Identity of the socket file the server bound: what it may remove at the end, and nothing else. */
 export interface SocketFileId {

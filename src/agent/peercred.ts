@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
-import { AgentError, AgentErrorCode } from '../agent/errors.ts';
+import { AgentError, AgentErrorCode } from './errors.ts';
 
 /** What the kernel recorded about the process at the other end of a Unix socket when it connected. */
 export interface PeerCredentials {

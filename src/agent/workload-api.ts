@@ -4,13 +4,10 @@ import net from 'node:net';
 import { dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { readProcessStartTime } from '../agent/attestors/proc.ts';
-import { AgentError, AgentErrorCode } from '../agent/errors.ts';
 import type { SpiffeBundle } from '../spiffe/bundle.ts';
 import { isSpiffeError } from '../spiffe/errors.ts';
 import { SpiffeId } from '../spiffe/id.ts';
 import type { JwtSvid } from '../spiffe/jwtsvid.ts';
-import { type PeerCredentials, peerCredentials } from './peercred.ts';
 import {
   type JwtBundlesResponse,
   type JwtSvidRequest,
@@ -22,7 +19,10 @@ import {
   workloadApiService,
   type X509BundlesResponse,
   type X509SvidResponse,
-} from './proto.ts';
+} from '../workload/proto.ts';
+import { readProcessStartTime } from './attestors/proc.ts';
+import { AgentError, AgentErrorCode } from './errors.ts';
+import { type PeerCredentials, peerCredentials } from './peercred.ts';
 import {
   prepareSocketPath,
   removeSocketFile,

@@ -36,24 +36,24 @@ import * as grpc from '@grpc/grpc-js';
 import { LocalCa } from '../../../src/agent/ca.ts';
 import { AgentErrorCode } from '../../../src/agent/errors.ts';
 import { generateKeyPair } from '../../../src/agent/keys.ts';
+import type { PeerCredentials } from '../../../src/agent/peercred.ts';
+import { prepareSocketPath } from '../../../src/agent/socket.ts';
+import {
+  type ServedX509Svid,
+  type WorkloadApiBackend,
+  WorkloadApiServer,
+  type WorkloadState,
+} from '../../../src/agent/workload-api.ts';
 import { silentLogger } from '../../../src/observability/logger.ts';
 import { SpiffeId, TrustDomain } from '../../../src/spiffe/id.ts';
 import type { JwtSvid } from '../../../src/spiffe/jwtsvid.ts';
 import { WorkloadClient } from '../../../src/workload/client.ts';
-import type { PeerCredentials } from '../../../src/workload/peercred.ts';
 import {
   type JwtBundlesResponse,
   WorkloadApiClient,
   type X509BundlesResponse,
   type X509SvidResponse,
 } from '../../../src/workload/proto.ts';
-import {
-  type ServedX509Svid,
-  type WorkloadApiBackend,
-  WorkloadApiServer,
-  type WorkloadState,
-} from '../../../src/workload/server.ts';
-import { prepareSocketPath } from '../../../src/workload/socket.ts';
 
 const td = TrustDomain.parse('example.org');
 const federatedTd = TrustDomain.parse('other.org');

@@ -1,12 +1,4 @@
 import type { Node, YAMLMap } from 'yaml';
-import type { AgentOptions } from '../agent/agent.ts';
-import type { K8sAttestorOptions } from '../agent/attestors/k8s.ts';
-import type { UnixAttestorOptions } from '../agent/attestors/unix.ts';
-import { DEFAULT_CA_TTL_SECONDS } from '../agent/ca.ts';
-import { AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
-import { DEFAULT_X509_SVID_TTL_SECONDS } from '../agent/issuer.ts';
-import { isKeyType, KEY_TYPES, type KeyType } from '../agent/keys.ts';
-import type { LogLevel } from '../observability/logger.ts';
 import {
   type Field,
   fieldMap,
@@ -16,8 +8,16 @@ import {
   readLogLevel,
   readTrustDomain,
   readTrustDomainFiles,
-} from './common.ts';
-import type { YamlProblem, YamlReader } from './yaml.ts';
+} from '../config/common.ts';
+import type { YamlProblem, YamlReader } from '../config/yaml.ts';
+import type { LogLevel } from '../observability/logger.ts';
+import type { AgentOptions } from './agent.ts';
+import type { K8sAttestorOptions } from './attestors/k8s.ts';
+import type { UnixAttestorOptions } from './attestors/unix.ts';
+import { DEFAULT_CA_TTL_SECONDS } from './ca.ts';
+import { AgentErrorCode, FileProblemsError } from './errors.ts';
+import { DEFAULT_X509_SVID_TTL_SECONDS } from './issuer.ts';
+import { isKeyType, KEY_TYPES, type KeyType } from './keys.ts';
 
 export const DEFAULT_AGENT_SOCKET = '/run/kube-svid-proxy/agent.sock';
 
