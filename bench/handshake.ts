@@ -171,8 +171,10 @@ async function runServer(kind: ServerKind, dir: string, profileDir: string | und
     const { startProxy } = await import('../src/proxy/proxy.ts');
     const config = parseProxyConfig(await readFile(files.configFile, 'utf8'), files.configFile);
     const hour = 3_600_000;
+    const { fileAuditSink } = await import('../src/proxy/audit.ts');
     const proxy = await startProxy(config, {
       logger: silentLogger(),
+      audit: fileAuditSink('/dev/null'),
       defaultMetrics: false,
       watchPollMs: hour,
       probeIntervalMs: hour,

@@ -162,7 +162,13 @@ async function runProxyChild(dir: string): Promise<void> {
   // As `kube-svid-proxy serve` logs (info, synchronous writes), but to /dev/null: every audit line is still
   // serialized and written.
   const logger = createLogger({ level: 'info', destination: openSync('/dev/null', 'w') });
-  const proxy = await startProxy(config, { logger, watchPollMs: HOUR, probeIntervalMs: HOUR });
+  const { fileAuditSink } = await import('../src/proxy/audit.ts');
+  const proxy = await startProxy(config, {
+    logger,
+    audit: fileAuditSink('/dev/null'),
+    watchPollMs: HOUR,
+    probeIntervalMs: HOUR,
+  });
   process.on('disconnect', () => process.exit(1));
   process.on('message', (message: ToProxy) => {
     const handle = async (): Promise<void> => {

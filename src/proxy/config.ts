@@ -41,6 +41,8 @@ export interface ProxyConfig {
   readonly limits: ProxyLimits;
   /** `timeouts`; every key has a default. */
   readonly timeouts: ProxyTimeouts;
+  /** `audit.file`: where the audit Events go, a path or "-" for stdout (the default). */
+  readonly audit: { readonly file: string };
 }
 
 /**
@@ -81,6 +83,7 @@ const TOP = [
   'logLevel',
   'limits',
   'timeouts',
+  'audit',
 ] as const;
 /** `limits.<key>`: a positive whole number, with its largest sensible value. */
 const LIMITS: Readonly<Record<keyof ProxyLimits, number>> = {
@@ -117,6 +120,9 @@ const UPSTREAM = [
 ] as const;
 const UPSTREAM_EXPLICIT = ['caFile', 'tokenFile', 'clientCertFile', 'clientKeyFile'] as const;
 const READINESS = ['minSvidRemaining'] as const;
+const AUDIT = ['file'] as const;
+/** `audit.file` when absent: stdout, apart from the operational log on stderr. */
+export const DEFAULT_AUDIT_FILE = '-';
 
 export function parseHostPort(text: string): HostPort | string {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(text.trim());
@@ -267,6 +273,15 @@ function readTop(
     }
   }
 
+  let auditFile = DEFAULT_AUDIT_FILE;
+  const auditMap = sub(f.get('audit'), 'audit');
+  if (auditMap) {
+    const field = r.fields(auditMap, AUDIT, 'audit').get('file');
+    const text = str(field, 'audit.file');
+    if (field && text === '') r.report(field.valueOffset, 'audit.file is empty (a path, or "-" for stdout)');
+    else if (text !== undefined) auditFile = text === '-' ? '-' : (path(text) ?? auditFile);
+  }
+
   if (trustDomain === undefined || policyFile === undefined || upstream === undefined) return undefined;
   return {
     trustDomain,
@@ -279,6 +294,7 @@ function readTop(
     logLevel,
     limits: limits as unknown as ProxyLimits,
     timeouts: timeouts as unknown as ProxyTimeouts,
+    audit: { file: auditFile },
   };
 }
 
@@ -352,8 +368,11 @@ function readUpstream(
   if (urlText !== undefined) {
     try {
       url = new URL(urlText);
-      if (url.protocol !== 'https:' && url.protocol !== 'http:')
-        throw new Error('must be https:// (or http:// for tests)');
+      if (url.protocol !== 'https:') {
+        throw new Error(
+          'must be https://: the proxy sends its credential and the impersonation headers, never in clear',
+        );
+      }
       if (url.username || url.password) throw new Error('must not carry credentials');
       if (url.pathname !== '/' || url.search !== '' || url.hash !== '') {
         throw new Error('must be an origin (scheme, host and port; no path, query or fragment)');

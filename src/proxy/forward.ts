@@ -1,5 +1,10 @@
-import type { IncomingMessage, ServerResponse } from 'node:http';
-import http, { type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
+import type {
+  IncomingHttpHeaders,
+  IncomingMessage,
+  OutgoingHttpHeaders,
+  RequestOptions,
+  ServerResponse,
+} from 'node:http';
 import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
 import http2 from 'node:http2';
 import https from 'node:https';
@@ -31,6 +36,8 @@ function isIdentityHeader(name: string): boolean {
     // Client addresses kube-apiserver may record as audit source IPs: only the proxy says where a client is.
     name === 'forwarded' ||
     name === 'x-real-ip' ||
+    // kube-apiserver keeps a request's Audit-ID as its own audit ID: the ID is the proxy's, joining both logs.
+    name === 'audit-id' ||
     // Some servers and proxies fold "_" into "-" (X_Remote_User would become X-Remote-User): never forwarded.
     name.includes('_')
   );
@@ -60,6 +67,7 @@ export function upstreamHeaders(
   identity: KubeIdentity,
   credential: { authorization?: string },
   peerAddress: string | undefined,
+  auditId?: string,
 ): OutgoingHttpHeaders {
   const named = new Set<string>();
   for (const value of [incoming.connection ?? []].flat()) {
@@ -80,6 +88,7 @@ export function upstreamHeaders(
     if (values.length > 0) out[`impersonate-extra-${escapeExtraKey(key)}`] = [...values];
   }
   if (peerAddress) out['x-forwarded-for'] = peerAddress;
+  if (auditId) out['audit-id'] = auditId;
   return out;
 }
 
@@ -227,13 +236,13 @@ function limitOf(p: PooledSession): number {
   return p.session.remoteSettings?.maxConcurrentStreams ?? DEFAULT_STREAMS_PER_SESSION;
 }
 
-/** Options for node:http(s).request that reach the configured origin with `target` sent exactly as given. */
-function originRequest(url: URL, target: string): http.RequestOptions {
+/** Options for node:https.request that reach the configured origin with `target` sent exactly as given. */
+function originRequest(url: URL, target: string): RequestOptions {
   const host = url.hostname.startsWith('[') ? url.hostname.slice(1, -1) : url.hostname;
   return {
     protocol: url.protocol,
     hostname: host,
-    port: url.port === '' ? (url.protocol === 'https:' ? 443 : 80) : Number(url.port),
+    port: url.port === '' ? 443 : Number(url.port),
     // Never `new URL(target, base)`: WHATWG parsing reads "\\" as "/" and resolves dot segments, which once sent
     // the proxy's credential to a host the client named. The target goes byte for byte as the policy judged it.
     path: target,
@@ -253,12 +262,12 @@ function originRequest(url: URL, target: string): http.RequestOptions {
  * or fails leaves its pool; its open streams finish. Upgrade requests (SPDY/3.1 and WebSocket: exec, attach, cp,
  * port-forward) go over a fresh HTTP/1.1 connection each, since an upgrade is impossible over HTTP/2; a 101 joins
  * the two connections, and any other answer is relayed unchanged and the connection closed, so kubectl can fall
- * back (WebSocket → SPDY) and no second request can slip through a raw tunnel. An `http:` upstream (tests) is
- * spoken to over HTTP/1.1 keep-alive.
+ * back (WebSocket → SPDY) and no second request can slip through a raw tunnel. The origin is `https:` only:
+ * the proxy's credential and the impersonation headers never travel in clear.
  */
 export class Upstream {
   #options: UpstreamOptions;
-  #agent: http.Agent;
+  #agent: https.Agent;
   #ordinary: SessionPool;
   #longRunning: SessionPool;
   readonly #headersTimeoutMs: number;
@@ -266,6 +275,9 @@ export class Upstream {
   #closed = false;
 
   constructor(options: UpstreamOptions) {
+    if (options.url.protocol !== 'https:') {
+      throw new Error(`the upstream must be https:// (got ${options.url.protocol}//${options.url.host})`);
+    }
     this.#options = options;
     this.#headersTimeoutMs = options.responseHeadersTimeoutMs ?? RESPONSE_HEADERS_TIMEOUT_MS;
     this.#longRunningHeadersTimeoutMs =
@@ -288,10 +300,8 @@ export class Upstream {
     return this.#options.url;
   }
 
-  #newAgent(): http.Agent {
-    return this.url.protocol === 'https:'
-      ? new https.Agent({ keepAlive: true, ...this.#tlsOptions() })
-      : new http.Agent({ keepAlive: true });
+  #newAgent(): https.Agent {
+    return new https.Agent({ keepAlive: true, ...this.#tlsOptions() });
   }
 
   /**
@@ -350,7 +360,7 @@ export class Upstream {
     res: ServerResponse | Http2ServerResponse,
     identity: KubeIdentity,
     peerAddress: string | undefined,
-    options: { longRunning?: boolean } = {},
+    options: { longRunning?: boolean; auditId?: string } = {},
   ): Promise<number> {
     const authorization = this.#options.authorization();
     const headers = upstreamHeaders(
@@ -358,8 +368,8 @@ export class Upstream {
       identity,
       authorization ? { authorization } : {},
       peerAddress,
+      options.auditId,
     );
-    if (this.url.protocol !== 'https:') return this.#forwardHttp1(req, res, headers, options);
     return this.#forwardHttp2(req, res, headers, options);
   }
 
@@ -448,52 +458,6 @@ export class Upstream {
     });
   }
 
-  #forwardHttp1(
-    req: IncomingMessage | Http2ServerRequest,
-    res: ServerResponse | Http2ServerResponse,
-    headers: OutgoingHttpHeaders,
-    options: { longRunning?: boolean },
-  ): Promise<number> {
-    const longRunning = options.longRunning === true;
-    return new Promise((resolve, reject) => {
-      const upstreamReq = http.request(
-        {
-          ...originRequest(this.url, req.url ?? '/'),
-          method: req.method,
-          headers,
-          agent: this.#agent,
-        },
-        (upstreamRes) => {
-          clearTimeout(timer);
-          res.statusCode = upstreamRes.statusCode ?? 502;
-          for (const [name, value] of Object.entries(downstreamHeaders(upstreamRes.headers))) {
-            if (value !== undefined) res.setHeader(name, value);
-          }
-          if ('flushHeaders' in res && typeof res.flushHeaders === 'function') res.flushHeaders();
-          upstreamRes.pipe(res as NodeJS.WritableStream);
-          upstreamRes.on('end', () => resolve(res.statusCode));
-          upstreamRes.on('error', (err) => reject(upstreamFailure(this.url.origin, err)));
-        },
-      );
-      const timer = setTimeout(
-        () => {
-          upstreamReq.destroy();
-          reject(this.#timeoutError(longRunning));
-        },
-        longRunning ? this.#longRunningHeadersTimeoutMs : this.#headersTimeoutMs,
-      );
-      upstreamReq.on('error', (err) => {
-        clearTimeout(timer);
-        reject(upstreamFailure(this.url.origin, err));
-      });
-      res.on('close', () => {
-        if (!upstreamReq.destroyed) upstreamReq.destroy();
-      });
-      endUnreadUpload(req);
-      (req as NodeJS.ReadableStream).pipe(upstreamReq);
-    });
-  }
-
   /**
    * The upgrade path (HTTP/1.1 only): sends the sanitised request with its `Upgrade` to kube-apiserver on a new
    * connection. On 101 the two sockets are joined; on anything else the answer is relayed unchanged with
@@ -506,6 +470,7 @@ export class Upstream {
     head: Buffer,
     identity: KubeIdentity,
     peerAddress: string | undefined,
+    auditId?: string,
   ): Promise<number> {
     if (this.#closed) return Promise.reject(new UpstreamError(503, 'the proxy is shutting down'));
     const authorization = this.#options.authorization();
@@ -514,18 +479,18 @@ export class Upstream {
       identity,
       authorization ? { authorization } : {},
       peerAddress,
+      auditId,
     );
     // The sanitiser dropped the hop-by-hop Upgrade and Connection; an upgrade needs exactly these back.
     headers.connection = 'Upgrade';
     headers.upgrade = req.headers.upgrade ?? '';
-    const transport = this.url.protocol === 'https:' ? https : http;
     return new Promise((resolve, reject) => {
-      const upstreamReq = transport.request({
+      const upstreamReq = https.request({
         ...originRequest(this.url, req.url ?? '/'),
         method: req.method,
         headers,
         agent: false,
-        ...(this.url.protocol === 'https:' ? this.#tlsOptions() : {}),
+        ...this.#tlsOptions(),
       });
       const timer = setTimeout(() => {
         upstreamReq.destroy();
@@ -582,11 +547,10 @@ export class Upstream {
     body?: unknown,
     timeoutMs = 10_000,
   ): Promise<{ status: number; json: unknown }> {
-    const transport = this.url.protocol === 'https:' ? https : http;
     const authorization = this.#options.authorization();
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     return new Promise((resolve, reject) => {
-      const req = transport.request(
+      const req = https.request(
         {
           ...originRequest(this.url, path),
           method,
@@ -623,10 +587,9 @@ export class Upstream {
 
   /** A cheap reachability probe for readiness: any HTTP answer from /readyz counts as reachable. */
   probe(timeoutMs = 2000): Promise<boolean> {
-    const transport = this.url.protocol === 'https:' ? https : http;
     const authorization = this.#options.authorization();
     return new Promise((resolve) => {
-      const req = transport.request(
+      const req = https.request(
         {
           ...originRequest(this.url, '/readyz'),
           method: 'GET',

@@ -3,6 +3,7 @@ import { type AdminServer, createAdminServer, type ReadinessReport } from '../ad
 import { AgentError, AgentErrorCode } from '../agent/errors.ts';
 import { ProxyMetrics } from '../observability/metrics.ts';
 import { watchPolicy } from '../policy/watch.ts';
+import { type AuditSink, fileAuditSink } from './audit.ts';
 import { loadProxyConfig, type ProxyConfig } from './config.ts';
 import { loadUpstreamCredential, type UpstreamCredential } from './credential.ts';
 import { Upstream } from './forward.ts';
@@ -32,8 +33,8 @@ export interface RunningProxy {
 
 export interface StartProxyOptions {
   readonly logger: Logger;
-  /** Where audit lines go (default: the logger, with `audit: true`). */
-  readonly audit?: Logger;
+  /** Where audit Events go (default: `audit.file` of the configuration). */
+  readonly audit?: AuditSink;
   /** Re-read poll for watched files (default 5 s). */
   readonly watchPollMs?: number;
   /** How often the upstream is probed for readiness (default 10 s). */
@@ -50,11 +51,22 @@ export interface StartProxyOptions {
  */
 export async function startProxy(config: ProxyConfig, options: StartProxyOptions): Promise<RunningProxy> {
   const log = options.logger;
-  const audit = options.audit ?? log.child({ audit: true });
   const pollIntervalMs = options.watchPollMs ?? 5000;
   const metrics = new ProxyMetrics({ defaultMetrics: options.defaultMetrics ?? true });
   const closers: (() => unknown)[] = [];
   try {
+    let audit = options.audit;
+    if (audit === undefined) {
+      try {
+        audit = fileAuditSink(config.audit.file);
+      } catch (err) {
+        throw new AgentError(AgentErrorCode.ProxyConfig, `audit.file: ${(err as Error).message}`, {
+          cause: err,
+        });
+      }
+      const sink = audit;
+      closers.push(() => sink.close());
+    }
     let source: IdentitySource;
     try {
       source =

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
 import http2, {
   type Http2ServerRequest,
@@ -20,6 +21,15 @@ import {
 } from '../policy/types.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
 import {
+  type AuditDecision,
+  type AuditEvent,
+  type AuditSink,
+  nowMs,
+  objectRef,
+  rfc3339Micro,
+  userInfo,
+} from './audit.ts';
+import {
   Authenticator,
   authFailureCode,
   type PeerIdentity,
@@ -37,7 +47,7 @@ import {
 } from './limits.ts';
 import { mayImpersonate, type SarResult } from './sar.ts';
 import type { IdentitySource } from './source.ts';
-import { kubeStatus, sendStatus } from './status.ts';
+import { kubeStatus, sendStatus, statusReason } from './status.ts';
 import { type PolicyHolder, ServingTrust } from './trust.ts';
 
 export interface ProxyServerOptions {
@@ -47,8 +57,8 @@ export interface ProxyServerOptions {
   readonly upstream: Upstream;
   /** Operational log. */
   readonly logger: Logger;
-  /** One line per request (SPIFFE ID, rule, mapped identity, verb, path, status, duration). */
-  readonly audit: Logger;
+  /** One `audit.k8s.io/v1` Event per request of an authenticated client. */
+  readonly audit: AuditSink;
   readonly metrics?: ProxyMetrics;
   /** Limits on what clients can hold (defaults: DEFAULT_LIMITS). */
   readonly limits?: Partial<ProxyLimits>;
@@ -509,7 +519,16 @@ export class ProxyServer {
     url: string,
     headers: IncomingHttpHeaders,
   ): Promise<Admission> {
-    const entry: Record<string, unknown> = { peer: socket.remoteAddress };
+    const userAgent = headers['user-agent'];
+    const entry: AuditDraft = {
+      auditID: randomUUID(),
+      started: performance.now(),
+      received: nowMs(),
+      requestURI: url,
+      verb: method.toLowerCase(),
+      peer: socket.remoteAddress,
+      ...(userAgent !== undefined ? { userAgent } : {}),
+    };
     // Authentication first: a client without a valid SVID gets its one 401 and the connection closes, whatever
     // its request target (a bad target must not buy an unauthenticated client an audit line per request).
     const state = this.#state(socket);
@@ -521,7 +540,7 @@ export class ProxyServer {
         status: 401,
         close: true,
         message: `kube-svid-proxy: SPIFFE authentication failed (${identity.code}): ${identity.message}`,
-        extra: { decision: 'unauthenticated', code: identity.code },
+        outcome: { decision: 'unauthenticated', code: identity.code },
       };
     }
     entry.spiffeId = identity.id.toString();
@@ -535,11 +554,11 @@ export class ProxyServer {
         entry,
         status: 400,
         message: `kube-svid-proxy: ${(err as Error).message} (${code})`,
-        extra: { code },
+        outcome: { decision: 'bad-request', code },
       };
     }
     entry.verb = info.verb;
-    entry.path = info.path;
+    entry.info = info;
     const metrics = this.#metrics;
     const requested = parseImpersonationHeaders(headers);
     if (requested !== undefined) return this.#admitNested(state, identity, info, entry, requested);
@@ -548,8 +567,7 @@ export class ProxyServer {
       return this.#deny(identity, info, entry, decision.rule, decision.code, decision.reason);
     metrics.decision(decision.rule, true, '');
     entry.rule = decision.rule;
-    entry.user = decision.identity.user;
-    entry.groups = decision.identity.groups;
+    entry.impersonated = decision.identity;
     return { ok: true, entry, identity: decision.identity, longRunning: isLongRunning(info) };
   }
 
@@ -563,7 +581,7 @@ export class ProxyServer {
     state: ConnectionState,
     identity: PeerIdentity,
     info: RequestInfo,
-    entry: Record<string, unknown>,
+    entry: AuditDraft,
     requested: NestedImpersonationRequest | { readonly refused: string },
   ): Promise<Admission> {
     const metrics = this.#metrics;
@@ -574,9 +592,7 @@ export class ProxyServer {
     const decision = this.#options.policy.current.decideNested(identity.id, info, requested);
     if (!decision.allowed) return refuse(decision.rule, decision.code, decision.reason);
     entry.rule = decision.rule;
-    entry.user = decision.identity.user;
-    entry.groups = decision.identity.groups;
-    entry.impersonating = decision.nested.user;
+    entry.mappedUser = decision.identity.user;
     const key = `${this.#options.policy.generation}|${decision.nested.user}|${decision.nested.groups.join(',')}`;
     const cached = state.reviews.get(key);
     let review = cached !== undefined && cached.until > Date.now() ? cached.result : undefined;
@@ -592,6 +608,7 @@ export class ProxyServer {
       groups: decision.nested.groups,
       extra: { [NESTED_SPIFFE_ID_EXTRA]: [identity.id.toString()] },
     };
+    entry.impersonated = forwarded;
     return { ok: true, entry, identity: forwarded, longRunning: isLongRunning(info) };
   }
 
@@ -599,7 +616,7 @@ export class ProxyServer {
   #deny(
     identity: PeerIdentity,
     info: RequestInfo,
-    entry: Record<string, unknown>,
+    entry: AuditDraft,
     rule: string | undefined,
     code: string,
     reason: string,
@@ -610,26 +627,17 @@ export class ProxyServer {
       entry,
       status: 403,
       message: `kube-svid-proxy: ${identity.id} is not allowed to ${info.verb} ${info.path}: ${reason} (${code})`,
-      extra: { decision: 'deny', ...(rule ? { rule } : {}), code, reason },
+      outcome: { decision: 'deny', ...(rule ? { rule } : {}), code, reason },
     };
   }
 
-  #audit(
-    started: number,
-    entry: Record<string, unknown>,
-    status: number,
-    extra: Record<string, unknown>,
-  ): void {
-    const seconds = (performance.now() - started) / 1000;
-    this.#metrics.request(status, seconds);
-    this.#options.audit.info(
-      { ...entry, ...extra, status, durationMs: Math.round(seconds * 10000) / 10 },
-      'request',
-    );
+  /** Counts the request and writes its audit Event. */
+  #audit(entry: AuditDraft, status: number, outcome: AuditOutcome, message?: string): void {
+    this.#metrics.request(status, (performance.now() - entry.started) / 1000);
+    this.#options.audit.write(auditEvent(entry, status, outcome, message));
   }
 
   async #onRequest(req: Request, res: Response): Promise<void> {
-    const started = performance.now();
     const socket = req.socket as StatefulSocket;
     const state = this.#state(socket);
     // HTTP/2 streams are counted from 'stream' to their 'close'; HTTP/1.1 requests here.
@@ -649,13 +657,12 @@ export class ProxyServer {
     if (!admission.ok) {
       if (admission.close) this.#closeAfter(state, res);
       sendStatus(res, admission.status, admission.message);
-      this.#auditRefusal(started, admission);
+      this.#auditRefusal(admission);
       return;
     }
-    const spiffeId = admission.entry.spiffeId as string;
-    const slot = this.#counters.acquire(spiffeId, admission.longRunning);
+    const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', admission.longRunning);
     if ('limit' in slot) {
-      this.#refuseLimit(res, started, admission.entry, slot.limit, slot.max);
+      this.#refuseLimit(res, admission.entry, slot.limit, slot.max);
       return;
     }
     res.once('close', slot.release);
@@ -665,13 +672,11 @@ export class ProxyServer {
         res,
         admission.identity,
         socket.remoteAddress,
-        {
-          longRunning: admission.longRunning,
-        },
+        { longRunning: admission.longRunning, auditId: admission.entry.auditID },
       );
-      this.#audit(started, admission.entry, status, { decision: 'allow' });
+      this.#audit(admission.entry, status, allowed(admission.entry));
     } catch (err) {
-      const failure = this.#forwardingFailed(err, 'forwarding failed', started, admission.entry);
+      const failure = this.#forwardingFailed(err, 'forwarding failed', admission.entry);
       sendStatus(res, failure.status, failure.message, failure.headers);
     }
   }
@@ -683,9 +688,8 @@ export class ProxyServer {
   #forwardingFailed(
     err: unknown,
     what: string,
-    started: number,
-    entry: Record<string, unknown>,
-    extra: Record<string, unknown> = {},
+    entry: AuditDraft,
+    upgrade?: string,
   ): { status: number; message: string; headers: Record<string, string> } {
     const status = err instanceof UpstreamError ? err.status : 502;
     const limit = err instanceof UpstreamError ? err.limit : undefined;
@@ -696,43 +700,51 @@ export class ProxyServer {
       { err: { message: (err as Error).message }, ...(limit ? { limit } : {}) },
       what,
     );
-    this.#audit(started, entry, status, {
-      decision: 'allow',
-      code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
-      ...(limit ? { limit } : {}),
-      ...extra,
-    });
+    this.#audit(
+      entry,
+      status,
+      {
+        ...allowed(entry, upgrade),
+        code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
+        ...(limit ? { limit } : {}),
+      },
+      message,
+    );
     return { status, message, headers: limit ? { 'retry-after': '1' } : {} };
   }
 
   /** A request over a per-identity limit: 429 with Retry-After, counted, audited with the limit's key. */
-  #refuseLimit(
-    res: Response,
-    started: number,
-    entry: Record<string, unknown>,
-    limit: string,
-    max: number,
-  ): void {
+  #refuseLimit(res: Response, entry: AuditDraft, limit: string, max: number): void {
     this.#metrics.limitRefused(limit);
     const message =
       `kube-svid-proxy: ${entry.spiffeId} already has ${max} requests of this kind in flight (${limit}); ` +
       'retry later';
     sendStatus(res, 429, message, { 'retry-after': '1' });
-    this.#audit(started, entry, 429, { decision: 'allow', code: 'ERR_PROXY_LIMIT', limit });
+    this.#audit(entry, 429, { ...allowed(entry), code: 'ERR_PROXY_LIMIT', limit }, message);
   }
 
   /** Refusals before a policy decision by an authenticated client are audited; 401s only at a limited rate. */
-  #auditRefusal(started: number, admission: Extract<Admission, { ok: false }>): void {
-    if (admission.status !== 401) {
-      this.#audit(started, admission.entry, admission.status, admission.extra);
+  #auditRefusal(admission: Extract<Admission, { ok: false }>): void {
+    const { entry, status, outcome } = admission;
+    if (status !== 401) {
+      this.#audit(entry, status, outcome, admission.message);
       return;
     }
-    const seconds = (performance.now() - started) / 1000;
-    this.#metrics.request(401, seconds);
+    // Not in the audit sink: a client without an SVID must not be able to fill it.
+    this.#metrics.request(401, (performance.now() - entry.started) / 1000);
     this.#quiet.warn(
-      `401:${String(admission.extra.code)}`,
-      { ...admission.entry, ...admission.extra, status: 401, audit: true },
-      'request',
+      `401:${String(outcome.code)}`,
+      {
+        auditID: entry.auditID,
+        peer: entry.peer,
+        verb: entry.verb,
+        requestURI: entry.requestURI,
+        decision: outcome.decision,
+        code: outcome.code,
+        ...(outcome.upgrade ? { upgrade: outcome.upgrade } : {}),
+        status: 401,
+      },
+      'request refused: no valid SVID',
     );
   }
 
@@ -751,7 +763,7 @@ export class ProxyServer {
 
   /** HTTP/1.1 `Upgrade` requests (exec, attach, port-forward over SPDY or WebSocket): same checks, raw tunnel. */
   async #onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
-    const started = performance.now();
+    const upgrade = req.headers.upgrade;
     const state = this.#state(req.socket as StatefulSocket);
     this.#begin(state);
     socket.once('close', () => this.#end(state));
@@ -768,24 +780,25 @@ export class ProxyServer {
     if (!admission.ok) {
       if (admission.close) state.closing = true;
       writeRawStatus(socket, admission.status, admission.message);
-      this.#auditRefusal(started, {
+      this.#auditRefusal({
         ...admission,
-        extra: { ...admission.extra, upgrade: req.headers.upgrade },
+        outcome: { ...admission.outcome, ...(upgrade ? { upgrade } : {}) },
       });
       return;
     }
-    const slot = this.#counters.acquire(admission.entry.spiffeId as string, true);
+    const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', true);
     if ('limit' in slot) {
       this.#metrics.limitRefused(slot.limit);
       const message =
         `kube-svid-proxy: ${admission.entry.spiffeId} already has ${slot.max} requests of this kind in flight ` +
         `(${slot.limit}); retry later`;
       writeRawStatus(socket, 429, message, { 'Retry-After': '1' });
-      this.#audit(started, admission.entry, 429, {
-        decision: 'allow',
-        code: 'ERR_PROXY_LIMIT',
-        limit: slot.limit,
-      });
+      this.#audit(
+        admission.entry,
+        429,
+        { ...allowed(admission.entry, upgrade), code: 'ERR_PROXY_LIMIT', limit: slot.limit },
+        message,
+      );
       return;
     }
     socket.once('close', slot.release);
@@ -799,27 +812,103 @@ export class ProxyServer {
         head,
         admission.identity,
         req.socket.remoteAddress,
+        admission.entry.auditID,
       );
-      this.#audit(started, admission.entry, status, { decision: 'allow', upgrade: req.headers.upgrade });
+      this.#audit(admission.entry, status, allowed(admission.entry, upgrade));
     } catch (err) {
-      const failure = this.#forwardingFailed(err, 'upgrade forwarding failed', started, admission.entry, {
-        upgrade: req.headers.upgrade,
-      });
+      const failure = this.#forwardingFailed(err, 'upgrade forwarding failed', admission.entry, upgrade);
       writeRawStatus(socket, failure.status, failure.message, failure.headers);
     }
   }
 }
 
 type Admission =
-  | { ok: true; entry: Record<string, unknown>; identity: KubeIdentity; longRunning: boolean }
+  | { ok: true; entry: AuditDraft; identity: KubeIdentity; longRunning: boolean }
   | {
       ok: false;
-      entry: Record<string, unknown>;
+      entry: AuditDraft;
       status: number;
       message: string;
-      extra: Record<string, unknown>;
+      outcome: AuditOutcome;
       close?: boolean;
     };
+
+/** What the request path learnt of a request so far, for its audit Event. */
+interface AuditDraft {
+  readonly auditID: string;
+  /** performance.now() at the start, for the duration metric. */
+  readonly started: number;
+  /** Epoch milliseconds at the start. */
+  readonly received: number;
+  readonly requestURI: string;
+  /** The lower-case method until the target is read, then the RequestInfo verb. */
+  verb: string;
+  readonly peer: string | undefined;
+  readonly userAgent?: string;
+  spiffeId?: string;
+  info?: RequestInfo;
+  rule?: string;
+  /** The identity kube-apiserver is asked to act as. */
+  impersonated?: KubeIdentity;
+  /** Nested impersonation: the rule's own identity. */
+  mappedUser?: string;
+}
+
+/** How a request ended, for the proxy's annotations. */
+interface AuditOutcome {
+  readonly decision: AuditDecision;
+  readonly rule?: string;
+  readonly code?: string;
+  readonly reason?: string;
+  readonly limit?: string;
+  readonly upgrade?: string;
+}
+
+/** The outcome of a request the policy allowed. */
+function allowed(entry: AuditDraft, upgrade?: string): AuditOutcome {
+  return { decision: 'allow', ...(entry.rule ? { rule: entry.rule } : {}), ...(upgrade ? { upgrade } : {}) };
+}
+
+/** The `audit.k8s.io/v1` Event of a finished request; `message` for an answer the proxy wrote itself. */
+function auditEvent(entry: AuditDraft, code: number, outcome: AuditOutcome, message?: string): AuditEvent {
+  const { info } = entry;
+  const ref = info && objectRef(info);
+  const rule = outcome.rule ?? entry.rule;
+  const annotations: AuditEvent['annotations'] = {
+    ...(entry.spiffeId ? { 'kube-svid-proxy/spiffe-id': entry.spiffeId } : {}),
+    'kube-svid-proxy/decision': outcome.decision,
+    ...(rule ? { 'kube-svid-proxy/rule': rule } : {}),
+    ...(info ? { 'kube-svid-proxy/path': info.path } : {}),
+    ...(outcome.code ? { 'kube-svid-proxy/code': outcome.code } : {}),
+    ...(outcome.reason ? { 'kube-svid-proxy/reason': outcome.reason } : {}),
+    ...(outcome.limit ? { 'kube-svid-proxy/limit': outcome.limit } : {}),
+    ...(outcome.upgrade ? { 'kube-svid-proxy/upgrade': outcome.upgrade } : {}),
+    ...(entry.mappedUser && outcome.decision === 'allow'
+      ? { 'kube-svid-proxy/mapped-user': entry.mappedUser }
+      : {}),
+  };
+  return {
+    kind: 'Event',
+    apiVersion: 'audit.k8s.io/v1',
+    level: 'Metadata',
+    auditID: entry.auditID,
+    stage: 'ResponseComplete',
+    requestURI: entry.requestURI,
+    verb: entry.verb,
+    user: { username: entry.spiffeId ?? 'system:anonymous' },
+    ...(entry.impersonated && outcome.decision === 'allow'
+      ? { impersonatedUser: userInfo(entry.impersonated) }
+      : {}),
+    ...(entry.peer !== undefined ? { sourceIPs: [entry.peer] } : {}),
+    ...(entry.userAgent !== undefined ? { userAgent: entry.userAgent } : {}),
+    ...(ref ? { objectRef: ref } : {}),
+    responseStatus:
+      message === undefined ? { code } : { code, status: 'Failure', reason: statusReason(code), message },
+    requestReceivedTimestamp: rfc3339Micro(entry.received),
+    stageTimestamp: rfc3339Micro(nowMs()),
+    annotations,
+  };
+}
 
 /**
  * Requests kube-apiserver itself treats as long-running (its LongRunningRequestCheck: the verbs watch and proxy,

@@ -13,6 +13,11 @@ const REASONS: Readonly<Record<number, string>> = {
   504: 'Timeout',
 };
 
+/** The StatusReason kube-apiserver gives a status code the proxy produces. */
+export function statusReason(code: number): string {
+  return REASONS[code] ?? 'InternalError';
+}
+
 /**
  * A Kubernetes `Status` object (meta/v1), so kubectl and client-go print the message instead of a parse error.
  * The message says who is refused and why, with the stable code; it never carries credentials.
@@ -24,7 +29,7 @@ export function kubeStatus(code: number, message: string): string {
     metadata: {},
     status: 'Failure',
     message,
-    reason: REASONS[code] ?? 'InternalError',
+    reason: statusReason(code),
     code,
   });
 }

@@ -22,9 +22,10 @@ import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
 import { type ControlPlane, proxyRbac, startControlPlane } from '../../dev/controlplane.ts';
 import { e2eSkip } from '../../dev/skip.ts';
 import { createLogger } from '../../src/observability/logger.ts';
+import type { AuditEvent } from '../../src/proxy/audit.ts';
 import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
-import { type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
+import { memoryAudit, type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import {
   ConnectionWitness,
   connectHttp2,
@@ -150,6 +151,7 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
   /** The attacker's host: a plain TCP listener that must never see a connection. */
   let attacker: ConnectionWitness;
   const logs: string[] = [];
+  const audit = memoryAudit();
   const sessions = new Map<Who, http2.ClientHttp2Session>();
 
   before(async () => {
@@ -166,7 +168,7 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
     const logger = createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } });
     proxy = await startProxy(
       parseProxyConfig(proxyConfigYaml(files, { upstreamUrl: cp.url }), files.configFile),
-      { logger, defaultMetrics: false, probeIntervalMs: 60_000 },
+      { logger, audit: audit.sink, defaultMetrics: false, probeIntervalMs: 60_000 },
     );
     // RBAC reaches the authorizer through an informer: wait until both mapped users can read p1.
     for (const who of ['limited', 'unlimited'] as const) {
@@ -225,11 +227,8 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
   }
 
   /** The audit lines written since `from` (a forwarded request's line is written as its answer ends). */
-  function auditSince(from: number): Record<string, unknown>[] {
-    return logs
-      .slice(from)
-      .filter((line) => line.includes('"audit":true'))
-      .map((line) => JSON.parse(line) as Record<string, unknown>);
+  function auditSince(from: number): AuditEvent[] {
+    return audit.events.slice(from);
   }
 
   /**
@@ -246,7 +245,7 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
     refusal: Refusal = 'proxy',
     options: { host?: string } = {},
   ): Promise<void> {
-    const from = logs.length;
+    const from = audit.events.length;
     const connectionsBefore = attacker.connections;
     const answer = await send(who, way, method, target, options);
     const shown = `${method} ${JSON.stringify(target)} over ${way}`;
@@ -261,7 +260,9 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
       connectionsBefore,
       `${shown} made the proxy connect to the attacker's listener`,
     );
-    const forwarded = auditSince(from).filter((entry) => entry.decision === 'allow');
+    const forwarded = auditSince(from).filter(
+      (entry) => entry.annotations['kube-svid-proxy/decision'] === 'allow',
+    );
     assert.deepEqual(
       forwarded,
       [],
@@ -318,7 +319,7 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
     }
 
     it('the limited client’s exec on p1 goes through the upgrade path, and kube-apiserver answers it', async () => {
-      const from = logs.length;
+      const from = audit.events.length;
       const spdy = await send(
         'limited',
         'HTTP/1.1 Upgrade: SPDY/3.1',
@@ -339,7 +340,11 @@ describe('attacks on the request target, against a real kube-apiserver', { skip,
       );
       assert.match(websocket.body, /pod p1 does not have a host assigned/, websocket.body);
       assert.ok(
-        auditSince(from).filter((e) => e.decision === 'allow' && e.upgrade !== undefined).length >= 2,
+        auditSince(from).filter(
+          (e) =>
+            e.annotations['kube-svid-proxy/decision'] === 'allow' &&
+            e.annotations['kube-svid-proxy/upgrade'] !== undefined,
+        ).length >= 2,
         'both went through the upgrade path and were forwarded',
       );
     });

@@ -20,7 +20,13 @@ import { e2eSkip } from '../../dev/skip.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
-import { clientTls, type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
+import {
+  clientTls,
+  memoryAudit,
+  type ProxyFiles,
+  proxyConfigYaml,
+  writeProxyFiles,
+} from '../helpers/proxy-fixture.ts';
 
 const run = promisify(execFile);
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
@@ -110,6 +116,7 @@ describe('kubectl through the proxy, against a real kube-apiserver', { skip, tim
   let files: ProxyFiles;
   let proxy: RunningProxy;
   const logs: string[] = [];
+  const audit = memoryAudit();
 
   before(async () => {
     cp = await startControlPlane();
@@ -136,7 +143,7 @@ describe('kubectl through the proxy, against a real kube-apiserver', { skip, tim
     const logger = createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } });
     proxy = await startProxy(
       parseProxyConfig(proxyConfigYaml(files, { upstreamUrl: cp.url }), files.configFile),
-      { logger, defaultMetrics: false, probeIntervalMs: 60_000 },
+      { logger, audit: audit.sink, defaultMetrics: false, probeIntervalMs: 60_000 },
     );
     for (const [who, identity] of [
       ['argocd', pki.good.clientArgocd],
@@ -342,10 +349,13 @@ describe('kubectl through the proxy, against a real kube-apiserver', { skip, tim
       kubectl('argocd', 'exec', '-n', 'apps', 'web', '--', 'true'),
       /does not have a host assigned/,
     );
-    assert.ok(
-      logs.some((l) => l.includes('"upgrade"') && l.includes('/pods/web/exec')),
-      'exec went through the upgrade path',
-    );
+    const upgraded = (subresource: string): boolean =>
+      audit.events.some(
+        (e) =>
+          e.annotations['kube-svid-proxy/upgrade'] !== undefined &&
+          e.annotations['kube-svid-proxy/path']?.endsWith(`/pods/web/${subresource}`) === true,
+      );
+    assert.ok(upgraded('exec'), 'exec went through the upgrade path');
     const pf = spawn('kubectl', [
       `--kubeconfig=${join(files.dir, 'argocd.kubeconfig')}`,
       'port-forward',
@@ -361,10 +371,7 @@ describe('kubectl through the proxy, against a real kube-apiserver', { skip, tim
     const code = await new Promise<number | null>((resolve) => pf.on('close', resolve));
     assert.notEqual(code, 0);
     assert.match(stderr, /does not have a host assigned/);
-    assert.ok(
-      logs.some((l) => l.includes('"upgrade"') && l.includes('/pods/web/portforward')),
-      'port-forward too',
-    );
+    assert.ok(upgraded('portforward'), 'port-forward too');
   });
 
   it('never lets a smuggled credential or identity through, over HTTP/1.1 and HTTP/2', async () => {

@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type tls from 'node:tls';
 import { bundleJson, type DevPki } from '../../certs-dev/devpki.ts';
+import type { AuditEvent, AuditSink } from '../../src/proxy/audit.ts';
 
 /** The proxy's files in a fresh temporary directory; names are relative to it, as proxy.yaml gives them. */
 export interface ProxyFiles {
@@ -197,4 +198,17 @@ export async function until(
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** An audit sink that keeps the Events in memory, for `startProxy({ audit })` or a ProxyServer. */
+export function memoryAudit(): { readonly sink: AuditSink; readonly events: AuditEvent[] } {
+  const events: AuditEvent[] = [];
+  return {
+    events,
+    sink: {
+      // Through JSON, as the file sink writes them: what a test reads is what an operator's tools would.
+      write: (event) => void events.push(JSON.parse(JSON.stringify(event)) as AuditEvent),
+      close: () => {},
+    },
+  };
 }

@@ -20,6 +20,7 @@ import {
   clientTls,
   type Http2StandIn,
   listenHttp2StandIn,
+  memoryAudit,
   type ProxyFiles,
   proxyConfigYaml,
   writeProxyFiles,
@@ -132,7 +133,7 @@ describe('forwarding to kube-apiserver', () => {
         proxyConfigYaml(files, { upstreamUrl: `https://127.0.0.1:${upstream.port}` }),
         files.configFile,
       ),
-      { logger: silentLogger(), defaultMetrics: false, probeIntervalMs: 60_000 },
+      { logger: silentLogger(), audit: memoryAudit().sink, defaultMetrics: false, probeIntervalMs: 60_000 },
     );
   });
 
@@ -451,11 +452,18 @@ describe('forwarding to kube-apiserver', () => {
 });
 
 describe('the proxy’s own upstream errors', () => {
+  it('refuses an upstream that is not https://', () => {
+    assert.throws(
+      () => new Upstream({ url: new URL('http://127.0.0.1:8080'), authorization: () => undefined }),
+      /must be https:\/\//,
+    );
+  });
+
   it('answers 503 when kube-apiserver is unreachable, and 504 when it does not answer in time, on every path', async () => {
-    const silent = http.createServer(() => {
-      // Accepts and never answers.
-    });
-    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const standInPki = await makeDevPki();
+    // Accepts, over HTTP/2 and HTTP/1.1, and never answers.
+    const silent = await listenHttp2StandIn(standInPki, { allowHTTP1: true }, () => {});
+    const ca = standInPki.spoke.rootPem;
     const closed = http.createServer();
     await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
     const closedPort = (closed.address() as AddressInfo).port;
@@ -481,21 +489,16 @@ describe('the proxy’s own upstream errors', () => {
     try {
       assert.equal(
         await through(
-          new Upstream({ url: new URL(`http://127.0.0.1:${closedPort}`), authorization: () => undefined }),
-        ),
-        503,
-      );
-      assert.equal(
-        await through(
           new Upstream({
-            url: new URL(`http://127.0.0.1:${(silent.address() as AddressInfo).port}`),
+            url: new URL(`https://127.0.0.1:${silent.port}`),
+            ca,
             authorization: () => undefined,
             responseHeadersTimeoutMs: 200,
           }),
         ),
         504,
       );
-      // Over HTTP/2 (an https: upstream) a refused connect arrives as a cancelled stream: still 503.
+      // Over HTTP/2 a refused connect arrives as a cancelled stream: still 503.
       assert.equal(
         await through(
           new Upstream({ url: new URL(`https://127.0.0.1:${closedPort}`), authorization: () => undefined }),
@@ -544,7 +547,8 @@ describe('the proxy’s own upstream errors', () => {
       assert.equal(
         await upgradeThrough(
           new Upstream({
-            url: new URL(`http://127.0.0.1:${(silent.address() as AddressInfo).port}`),
+            url: new URL(`https://127.0.0.1:${silent.port}`),
+            ca,
             authorization: () => undefined,
             longRunningHeadersTimeoutMs: 200,
           }),
@@ -552,8 +556,7 @@ describe('the proxy’s own upstream errors', () => {
         504,
       );
     } finally {
-      silent.closeAllConnections();
-      await new Promise<void>((resolve) => silent.close(() => resolve()));
+      await silent.close();
     }
   });
 });

@@ -17,6 +17,7 @@ import {
   clientTls,
   type Http2StandIn,
   listenHttp2StandIn,
+  memoryAudit,
   type ProxyFiles,
   proxyConfigYaml,
   requestStatus,
@@ -78,6 +79,7 @@ timeouts:
       ),
       {
         logger: createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } }),
+        audit: memoryAudit().sink,
         defaultMetrics: false,
         probeIntervalMs: 60_000,
       },
@@ -253,6 +255,7 @@ describe('readiness.minSvidRemaining', () => {
       ),
       {
         logger: createLogger({ level: 'warn', stream: { write: (line: string) => void logs.push(line) } }),
+        audit: memoryAudit().sink,
         defaultMetrics: false,
         probeIntervalMs: 60_000,
       },

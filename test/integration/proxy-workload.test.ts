@@ -1,29 +1,29 @@
 /**
  * The proxy with its identity from the Workload API of the real bundled agent: its serving SVID rotates, new
  * handshakes get the new certificate, and connections opened before keep working. The upstream is a RECORDING
- * STAND-IN for kube-apiserver (plain HTTP).
+ * STAND-IN for kube-apiserver (HTTP/2 over TLS, serving the dev PKI's spoke certificate).
  */
 import assert from 'node:assert/strict';
 import type { X509Certificate } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
-import http from 'node:http';
 import http2 from 'node:http2';
-import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
+import { makeDevPki } from '../../certs-dev/devpki.ts';
 import { silentLogger } from '../../src/observability/logger.ts';
 import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
 import { X509Source } from '../../src/workload/client.ts';
 import { entryFor, startTestAgent, type TestAgent, TRUST_DOMAIN } from '../helpers/agent.ts';
+import { type Http2StandIn, listenHttp2StandIn, memoryAudit } from '../helpers/proxy-fixture.ts';
 
 const uid = process.getuid?.() ?? 0;
 const CLIENT = `spiffe://${TRUST_DOMAIN}/client`;
 
 describe('the proxy on the Workload API', () => {
   let agent: TestAgent;
-  let upstream: http.Server;
+  let upstream: Http2StandIn;
   let proxy: RunningProxy;
   let client: X509Source;
 
@@ -33,11 +33,12 @@ describe('the proxy on the Workload API', () => {
         entryFor(uid, 'client', '    hint: client\n'),
       { svid: { rotationJitter: 0 } },
     );
-    upstream = http.createServer((req, res) => {
+    const pki = await makeDevPki();
+    upstream = await listenHttp2StandIn(pki, {}, (req, res) => {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ user: req.headers['impersonate-user'] }));
     });
-    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+    writeFileSync(join(agent.dir, 'upstream-ca.pem'), pki.spoke.rootPem);
     const policyFile = join(agent.dir, 'policy.yaml');
     writeFileSync(
       policyFile,
@@ -53,7 +54,8 @@ identity:
     socket: ${agent.address}
     hint: proxy
 upstream:
-  url: http://127.0.0.1:${(upstream.address() as AddressInfo).port}
+  url: https://127.0.0.1:${upstream.port}
+  caFile: upstream-ca.pem
 readiness:
   minSvidRemaining: 1s
 `,
@@ -61,6 +63,7 @@ readiness:
     );
     proxy = await startProxy(config, {
       logger: silentLogger(),
+      audit: memoryAudit().sink,
       defaultMetrics: false,
       probeIntervalMs: 60_000,
     });
@@ -70,7 +73,7 @@ readiness:
   after(async () => {
     client?.close();
     await proxy?.close();
-    await new Promise<void>((resolve) => upstream?.close(() => resolve()));
+    await upstream?.close();
     await agent?.close();
   });
 

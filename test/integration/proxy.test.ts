@@ -1,14 +1,13 @@
 /**
  * The proxy's front door end to end: real TLS (HTTP/2 and HTTP/1.1) clients presenting the dev PKI's SVIDs,
- * the real policy file and its watcher, and a RECORDING UPSTREAM STAND-IN (a plain HTTP server that records what
+ * the real policy file and its watcher, and a RECORDING UPSTREAM STAND-IN (an HTTP/2 TLS server that records what
  * reaches it) in place of kube-apiserver, which the e2e suite of the proxy's part 2 provides for real.
  */
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
-import http, { type IncomingHttpHeaders } from 'node:http';
+import type { IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
-import type { AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import { bundleJson, type DevIdentity, type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
@@ -16,7 +15,15 @@ import { importIssuer, makeLeaf } from '../../dev/certs.ts';
 import { createLogger } from '../../src/observability/logger.ts';
 import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
-import { clientTls, type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
+import {
+  clientTls,
+  type Http2StandIn,
+  listenHttp2StandIn,
+  memoryAudit,
+  type ProxyFiles,
+  proxyConfigYaml,
+  writeProxyFiles,
+} from '../helpers/proxy-fixture.ts';
 
 const ARGOCD = 'spiffe://hub.example.org/ns/argocd/sa/argocd-application-controller';
 const FLUX = 'spiffe://hub.example.org/ns/flux-system/sa/kustomize-controller';
@@ -48,7 +55,8 @@ interface Recorded {
 describe('the proxy front door', () => {
   let files: ProxyFiles;
   let pki: DevPki;
-  let upstream: http.Server;
+  let upstream: Http2StandIn;
+  const audit = memoryAudit();
   let recorded: Recorded[] = [];
   let proxy: RunningProxy;
   const logs: string[] = [];
@@ -58,20 +66,21 @@ describe('the proxy front door', () => {
 
   before(async () => {
     pki = await makeDevPki();
-    files = writeProxyFiles('ksp-proxy-', pki, { token: 'proxy-service-account-token\n' });
+    files = writeProxyFiles('ksp-proxy-', pki, {
+      token: 'proxy-service-account-token\n',
+      upstreamCa: pki.spoke.rootPem,
+    });
     policyFile = files.write('policy.yaml', policyYaml());
-    upstream = http.createServer((req, res) => {
+    upstream = await listenHttp2StandIn(pki, {}, (req, res) => {
       recorded.push({ method: req.method, url: req.url, headers: req.headers, rawHeaders: req.rawHeaders });
       req.resume();
       req.on('end', () => {
-        res.writeHead(200, { 'content-type': 'application/json', connection: 'keep-alive' });
+        res.writeHead(200, { 'content-type': 'application/json' });
         res.end('{"kind":"PodList","items":[]}');
       });
     });
-    await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
-    const upstreamPort = (upstream.address() as AddressInfo).port;
     const config = parseProxyConfig(
-      proxyConfigYaml(files, { upstreamUrl: `http://127.0.0.1:${upstreamPort}` }),
+      proxyConfigYaml(files, { upstreamUrl: `https://127.0.0.1:${upstream.port}` }),
       files.configFile,
     );
     const logger = createLogger({
@@ -80,6 +89,7 @@ describe('the proxy front door', () => {
     });
     proxy = await startProxy(config, {
       logger,
+      audit: audit.sink,
       watchPollMs: 300,
       defaultMetrics: false,
       probeIntervalMs: 60_000,
@@ -88,7 +98,7 @@ describe('the proxy front door', () => {
 
   after(async () => {
     await proxy?.close();
-    await new Promise<void>((resolve) => upstream?.close(() => resolve()));
+    await upstream?.close();
     files?.remove();
   });
 
@@ -157,6 +167,7 @@ describe('the proxy front door', () => {
         authorization: 'Bearer stolen-token',
         'x-remote-user': 'admin',
         'X-Forwarded-For': '10.0.0.1',
+        'Audit-ID': 'client-chosen-audit-id',
       });
       assert.equal(r.status, 200, r.body);
       assert.equal(recorded.length, 1);
@@ -171,9 +182,25 @@ describe('the proxy front door', () => {
       assert.equal(h['impersonate-extra-spiffe.io%2fid'], ARGOCD);
       assert.equal(h['x-remote-user'], undefined);
       assert.equal(h['x-forwarded-for'], '127.0.0.1');
-      assert.ok(
-        logs.some((l) => l.includes('"audit":true') && l.includes(ARGOCD) && l.includes('"status":200')),
+      const event = audit.events.find(
+        (e) => e.user.username === ARGOCD && e.responseStatus.code === 200 && e.requestURI.includes('/pods'),
       );
+      assert.ok(event, JSON.stringify(audit.events));
+      // kube-apiserver keeps our audit ID for its own audit lines; the client's is replaced.
+      assert.match(event.auditID, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+      assert.equal(h['audit-id'], event.auditID);
+      assert.equal(event.kind, 'Event');
+      assert.equal(event.apiVersion, 'audit.k8s.io/v1');
+      assert.equal(event.stage, 'ResponseComplete');
+      assert.equal(event.verb, 'list');
+      assert.deepEqual(event.objectRef, { resource: 'pods', namespace: 'default', apiVersion: 'v1' });
+      assert.equal(event.impersonatedUser?.username, 'argocd-controller');
+      assert.deepEqual(event.impersonatedUser?.groups, ['gitops', 'spiffe:hub.example.org']);
+      assert.deepEqual(event.sourceIPs, ['127.0.0.1']);
+      assert.equal(event.annotations['kube-svid-proxy/decision'], 'allow');
+      assert.equal(event.annotations['kube-svid-proxy/rule'], 'argocd-controller');
+      assert.equal(event.annotations['kube-svid-proxy/spiffe-id'], ARGOCD);
+      assert.equal(event.annotations['kube-svid-proxy/path'], '/api/v1/namespaces/default/pods');
     } finally {
       session.close();
     }

@@ -16,6 +16,7 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
+import type { AuditEvent } from '../../src/proxy/audit.ts';
 import { CLI, cliEnv } from '../helpers/cli.ts';
 import {
   clientTls,
@@ -24,6 +25,7 @@ import {
   type ProxyFiles,
   proxyConfigYaml,
   requestStatus,
+  until,
   writeProxyFiles,
 } from '../helpers/proxy-fixture.ts';
 
@@ -77,9 +79,11 @@ class UpstreamStandIn {
   }
 }
 
-/** One `serve` child process, its JSON log lines (stderr) and the ports it bound. */
+/** One `serve` child process, its JSON log lines (stderr) and audit Events (stdout), and the ports it bound. */
 class ServeProcess {
   readonly logs: LogLine[] = [];
+  /** The audit Events, `audit.file: "-"` (the default). */
+  readonly audit: AuditEvent[] = [];
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
   readonly #child: ChildProcess;
   #stderr = '';
@@ -95,8 +99,13 @@ class ServeProcess {
     this.exited = new Promise((resolve) =>
       this.#child.on('exit', (code, signal) => resolve({ code, signal })),
     );
+    let auditPartial = '';
     this.#child.stdout?.setEncoding('utf8').on('data', (d: string) => {
       this.#stderr += `[stdout] ${d}`;
+      const lines = (auditPartial + d).split('\n');
+      auditPartial = lines.pop() ?? '';
+      for (const line of lines) if (line.startsWith('{')) this.audit.push(JSON.parse(line) as AuditEvent);
+      for (const w of [...this.#waiters]) w();
     });
     let partial = '';
     this.#child.stderr?.setEncoding('utf8').on('data', (d: string) => {
@@ -305,10 +314,13 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
       assert.equal((await requestStatus(session, PODS)).status, 200);
       assert.equal(upstream.last(PODS)?.['impersonate-user'], 'argocd-renamed');
       // The audit line is written once the exchange is over, possibly after the client saw the end.
-      await proxy.waitForLog(
-        (l) => l.audit === true && l.path === PODS && l.user === 'argocd-renamed',
-        'an audit line naming the new user',
-        start,
+      await until('an audit Event naming the new user', () =>
+        proxy.audit.some(
+          (e) =>
+            e.annotations['kube-svid-proxy/path'] === PODS &&
+            e.annotations['kube-svid-proxy/decision'] === 'allow' &&
+            e.impersonatedUser?.username === 'argocd-renamed',
+        ),
       );
     });
 

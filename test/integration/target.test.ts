@@ -3,21 +3,23 @@
  * the proxy. Against a STAND-IN for kube-apiserver that records the exact target bytes of every request it gets
  * (raw HTTP/1.1 parsed by hand, HTTP/2 `:path` as latin1), plus a decoy listener that no request may ever reach:
  * for arbitrary targets, the proxy either refuses with 400 and forwards nothing, or forwards exactly what the
- * client sent, with the audit line naming the path it judged. Both upstream modes: `https:` (HTTP/2 for ordinary
- * requests, HTTP/1.1 for upgrades) and `http:` (HTTP/1.1 throughout).
+ * client sent, with the audit Event naming the path it judged. The upstream is `https:`: HTTP/2 for ordinary
+ * requests, HTTP/1.1 for upgrades.
  */
 import assert from 'node:assert/strict';
 import http2 from 'node:http2';
-import net, { type AddressInfo } from 'node:net';
+import type net from 'node:net';
+import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import tls from 'node:tls';
 import fc from 'fast-check';
 import { type DevPki, makeDevPki } from '../../certs-dev/devpki.ts';
-import { createLogger, silentLogger } from '../../src/observability/logger.ts';
+import { silentLogger } from '../../src/observability/logger.ts';
+import type { AuditEvent } from '../../src/proxy/audit.ts';
 import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
-import { type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
+import { memoryAudit, type ProxyFiles, proxyConfigYaml, writeProxyFiles } from '../helpers/proxy-fixture.ts';
 import {
   ConnectionWitness,
   connectHttp2,
@@ -47,7 +49,7 @@ class StandIn {
   readonly server: net.Server;
   readonly #h2 = http2.createServer();
 
-  constructor(secure: { cert: string; key: string } | undefined) {
+  constructor(secure: { cert: string; key: string }) {
     this.#h2.on('stream', (stream, headers) => {
       const id = headers[TEST_ID];
       this.received.push({
@@ -82,14 +84,10 @@ class StandIn {
         );
       });
     };
-    if (secure === undefined) {
-      this.server = net.createServer(onHttp1);
-    } else {
-      this.server = tls.createServer({ ...secure, ALPNProtocols: ['h2', 'http/1.1'] }, (socket) => {
-        if (socket.alpnProtocol === 'h2') this.#h2.emit('connection', socket);
-        else onHttp1(socket);
-      });
-    }
+    this.server = tls.createServer({ ...secure, ALPNProtocols: ['h2', 'http/1.1'] }, (socket) => {
+      if (socket.alpnProtocol === 'h2') this.#h2.emit('connection', socket);
+      else onHttp1(socket);
+    });
   }
 
   async listen(): Promise<number> {
@@ -239,10 +237,10 @@ describe('the request target reaches the upstream exactly as judged', { timeout:
   let files: ProxyFiles;
   let decoy: ConnectionWitness;
   const modes: {
-    readonly name: 'https' | 'http';
+    readonly name: 'https';
     standIn: StandIn;
     proxy: RunningProxy;
-    audit: Record<string, unknown>[];
+    audit: AuditEvent[];
   }[] = [];
 
   before(async () => {
@@ -254,32 +252,24 @@ describe('the request target reaches the upstream exactly as judged', { timeout:
       upstreamCa: pki.spoke.rootPem,
     });
     decoy = await ConnectionWitness.listen();
-    for (const name of ['https', 'http'] as const) {
+    for (const name of ['https'] as const) {
       // The stand-in serves with the spoke SVID (IP SAN 127.0.0.1), trusted through the spoke root.
-      const standIn = new StandIn(
-        name === 'https'
-          ? { cert: pki.good.proxyServer.chainPem, key: pki.good.proxyServer.keyPem }
-          : undefined,
-      );
+      const standIn = new StandIn({ cert: pki.good.proxyServer.chainPem, key: pki.good.proxyServer.keyPem });
       const port = await standIn.listen();
-      const audit: Record<string, unknown>[] = [];
+      const audit = memoryAudit();
       const proxy = await startProxy(
         parseProxyConfig(
-          // upstream.caFile for https: only.
           proxyConfigYaml(files, { upstreamUrl: `${name}://127.0.0.1:${port}` }),
           join(files.dir, `proxy-${name}.yaml`),
         ),
         {
           logger: silentLogger(),
-          audit: createLogger({
-            level: 'info',
-            stream: { write: (line: string) => void audit.push(JSON.parse(line) as Record<string, unknown>) },
-          }),
+          audit: audit.sink,
           defaultMetrics: false,
           probeIntervalMs: 60_000,
         },
       );
-      modes.push({ name, standIn, proxy, audit });
+      modes.push({ name, standIn, proxy, audit: audit.events });
     }
   });
 
@@ -325,17 +315,14 @@ describe('the request target reaches the upstream exactly as judged', { timeout:
     return answer.status === 0 ? { ...answer, reset: 'closed without an answer' } : answer;
   }
 
-  /** Waits (bounded) for the audit line of the request just answered: it is written as the answer ends. */
-  async function auditSince(
-    audit: Record<string, unknown>[],
-    from: number,
-  ): Promise<Record<string, unknown>[]> {
+  /** Waits (bounded) for the audit Event of the request just answered: it is written as the answer ends. */
+  async function auditSince(audit: AuditEvent[], from: number): Promise<AuditEvent[]> {
     for (let i = 0; i < 200 && audit.length === from; i++) await new Promise((r) => setTimeout(r, 5));
     return audit.slice(from);
   }
 
   const WAYS: Way[] = ['HTTP/1.1', 'HTTP/1.1 Upgrade: websocket', 'HTTP/2'];
-  for (const modeName of ['https', 'http'] as const) {
+  for (const modeName of ['https'] as const) {
     for (const way of WAYS) {
       it(`over ${way} to an ${modeName}: upstream, a target is refused with 400 and nothing forwarded, or forwarded byte for byte`, async (t) => {
         const mode = modes.find((m) => m.name === modeName);
@@ -365,7 +352,9 @@ describe('the request target reaches the upstream exactly as judged', { timeout:
                   // The proxy's own 400 (Node's HTTP parser answers a bare 400 to what it cannot parse).
                   const lines = await auditSince(audit, auditFrom);
                   assert.equal(lines.length, 1, `one audit line for ${shown}: ${JSON.stringify(lines)}`);
-                  assert.equal((lines[0] as Record<string, unknown>).code, 'ERR_POLICY_BAD_REQUEST', shown);
+                  const event = lines[0] as AuditEvent;
+                  assert.equal(event.annotations['kube-svid-proxy/code'], 'ERR_POLICY_BAD_REQUEST', shown);
+                  assert.equal(event.annotations['kube-svid-proxy/decision'], 'bad-request', shown);
                 }
                 return;
               }
@@ -382,11 +371,11 @@ describe('the request target reaches the upstream exactly as judged', { timeout:
               );
               const lines = await auditSince(audit, auditFrom);
               assert.equal(lines.length, 1, `one audit line for ${shown}: ${JSON.stringify(lines)}`);
-              const line = lines[0] as Record<string, unknown>;
-              assert.equal(line.status, 200);
-              assert.equal(line.decision, 'allow');
+              const line = lines[0] as AuditEvent;
+              assert.equal(line.responseStatus.code, 200);
+              assert.equal(line.annotations['kube-svid-proxy/decision'], 'allow');
               assert.equal(
-                line.path,
+                line.annotations['kube-svid-proxy/path'],
                 goPath(target),
                 `the audit's judged path is the target's path (${shown})`,
               );

@@ -153,6 +153,17 @@ describe('parseProxyConfig: limits and timeouts', () => {
     assert.deepEqual(config.timeouts, DEFAULT_TIMEOUTS);
   });
 
+  it('writes audit Events to stdout by default, or to audit.file resolved against the config file', () => {
+    assert.deepEqual(parseProxyConfig(MIN, '/etc/ksp/proxy.yaml').audit, { file: '-' });
+    assert.deepEqual(parseProxyConfig(`${MIN}audit: { file: "-" }\n`, '/etc/ksp/proxy.yaml').audit, {
+      file: '-',
+    });
+    assert.deepEqual(parseProxyConfig(`${MIN}audit: { file: audit.jsonl }\n`, '/etc/ksp/proxy.yaml').audit, {
+      file: '/etc/ksp/audit.jsonl',
+    });
+    assert.throws(() => parseProxyConfig(`${MIN}audit: { path: x }\n`, '/etc/ksp/proxy.yaml'), /path/);
+  });
+
   it('accepts every limits key, and keeps the default of the keys not given', () => {
     const config = parseProxyConfig(
       `${MIN}limits:
@@ -289,15 +300,14 @@ describe('parseProxyConfig: upstream.url is an origin', () => {
   const url = (u: string): string => MIN.replace('https://127.0.0.1:6443', u);
 
   it('accepts scheme, host and port, with or without the trailing slash', () => {
-    for (const u of [
-      'https://127.0.0.1:6443',
-      'https://127.0.0.1:6443/',
-      'https://[::1]:6443',
-      'http://k:80',
-    ]) {
+    for (const u of ['https://127.0.0.1:6443', 'https://127.0.0.1:6443/', 'https://[::1]:6443']) {
       const config = parseProxyConfig(url(u), '/etc/ksp/proxy.yaml');
       assert.equal(config.upstream.kind, 'explicit');
     }
+  });
+
+  it('refuses an http:// url: the credential and the impersonation headers never travel in clear', () => {
+    refuses(url('http://k:80'), '4:8', /^upstream\.url "http:\/\/k:80": must be https:\/\//);
   });
 
   it('refuses a path, a query or a fragment at the url, naming what an origin is', () => {
