@@ -4,6 +4,7 @@
  */
 
 import { formatProblems, type YamlProblem } from '../config/yaml.ts';
+import { KspError } from '../spiffe/errors.ts';
 
 export const AgentErrorCode = {
   /** A selector string is not `type:value`, or its type is unknown. */
@@ -12,8 +13,6 @@ export const AgentErrorCode = {
   Entries: 'ERR_AGENT_ENTRIES',
   /** The agent configuration file is invalid. */
   Config: 'ERR_AGENT_CONFIG',
-  /** The proxy configuration file is invalid. */
-  ProxyConfig: 'ERR_PROXY_CONFIG',
   /** The calling process could not be identified (it exited, its PID was reused, /proc was unreadable). */
   Attestation: 'ERR_AGENT_ATTESTATION',
   /** The kubelet could not be asked, or did not know the caller's pod. */
@@ -38,13 +37,12 @@ export const AgentErrorCode = {
 
 export type AgentErrorCode = (typeof AgentErrorCode)[keyof typeof AgentErrorCode];
 
-export class AgentError extends Error {
-  readonly code: AgentErrorCode;
+export class AgentError extends KspError {
+  declare readonly code: AgentErrorCode;
 
   constructor(code: AgentErrorCode, message: string, options?: ErrorOptions) {
-    super(message, options);
+    super(code, message, options);
     this.name = 'AgentError';
-    this.code = code;
   }
 }
 

@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { isAgentError } from '../agent/errors.ts';
 import { ConfigReadError } from '../config/common.ts';
+import { isProxyError } from '../proxy/errors.ts';
 import {
   BundleSet,
   parseCertificates,
@@ -175,7 +176,7 @@ async function main(argv: string[]): Promise<number> {
       process.stderr.write(`kube-svid-proxy: ${e.message}\nRun 'kube-svid-proxy ${pointer}' for usage.\n`);
       return EXIT.usage;
     }
-    if (isAgentError(e) || e instanceof ConfigReadError) {
+    if (isAgentError(e) || isProxyError(e) || e instanceof ConfigReadError) {
       // Multi-line messages (file:line:col problems) start on their own line, so each line begins with the file.
       process.stderr.write(
         `kube-svid-proxy: ${e.code}:${e.message.includes('\n') ? '\n' : ' '}${e.message}\n`,

@@ -6,6 +6,7 @@ import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { Node, YAMLMap } from 'yaml';
 import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/logger.ts';
+import { KspError } from '../spiffe/errors.ts';
 import { TrustDomain } from '../spiffe/id.ts';
 import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
 
@@ -112,14 +113,12 @@ export function parseConfig<T>(
  * An unreadable configuration file, refused with the command's stable code (`ERR_AGENT_CONFIG`,
  * `ERR_PROXY_CONFIG`). Its own class, not the agent's, so config/ stays below the commands it serves.
  */
-export class ConfigReadError extends Error {
-  readonly code: string;
+export class ConfigReadError extends KspError {
   readonly file: string;
 
   constructor(code: string, file: string, message: string, options?: ErrorOptions) {
-    super(message, options);
+    super(code, message, options);
     this.name = 'ConfigReadError';
-    this.code = code;
     this.file = file;
   }
 }

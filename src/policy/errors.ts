@@ -4,7 +4,7 @@
  * kube-apiserver would understand it is a `RequestInfoError` (code `ERR_POLICY_BAD_REQUEST`).
  */
 import { formatProblems, type YamlProblem } from '../config/yaml.ts';
-import { SpiffeError } from '../spiffe/errors.ts';
+import { KspError, SpiffeError } from '../spiffe/errors.ts';
 
 export const PolicyErrorCode = {
   /** The policy file cannot be read, parsed or validated. */
@@ -18,14 +18,14 @@ export type PolicyErrorCode = (typeof PolicyErrorCode)[keyof typeof PolicyErrorC
  * A policy file refused as a whole. The message lists every problem, one a line, as `<file>:<line>:<col>:
  * <what>` (or, when the file could not be read, says why); `problems` holds the same for programs.
  */
-export class PolicyError extends Error {
-  readonly code: typeof PolicyErrorCode.Policy = PolicyErrorCode.Policy;
+export class PolicyError extends KspError {
+  declare readonly code: typeof PolicyErrorCode.Policy;
   readonly file: string;
   /** Empty when the file could not be read at all. */
   readonly problems: readonly YamlProblem[];
 
   constructor(file: string, problems: readonly YamlProblem[], message?: string, options?: ErrorOptions) {
-    super(message ?? formatProblems(file, problems), options);
+    super(PolicyErrorCode.Policy, message ?? formatProblems(file, problems), options);
     this.name = 'PolicyError';
     this.file = file;
     this.problems = problems;
@@ -33,11 +33,11 @@ export class PolicyError extends Error {
 }
 
 /** A request target that cannot be turned into a RequestInfo; the proxy answers 400. */
-export class RequestInfoError extends Error {
-  readonly code: typeof PolicyErrorCode.BadRequest = PolicyErrorCode.BadRequest;
+export class RequestInfoError extends KspError {
+  declare readonly code: typeof PolicyErrorCode.BadRequest;
 
   constructor(message: string) {
-    super(message);
+    super(PolicyErrorCode.BadRequest, message);
     this.name = 'RequestInfoError';
   }
 }

@@ -4,21 +4,11 @@ import type { BundleSet } from '../spiffe/bundle.ts';
 import { isSpiffeError } from '../spiffe/errors.ts';
 import type { SpiffeId } from '../spiffe/id.ts';
 import { verifyX509Svid } from '../spiffe/x509svid.ts';
-
-/** Refusals the TLS layer adds to the SPIFFE codes. */
-export const TlsAuthCode = {
-  /** The client presented no certificate. */
-  NoClientCertificate: 'ERR_TLS_NO_CLIENT_CERT',
-} as const;
+import { ProxyError, ProxyErrorCode } from './errors.ts';
 
 /** A refusal by the TLS layer itself (the SPIFFE checks throw SpiffeError). */
-export class TlsAuthError extends Error {
+export class TlsAuthError extends ProxyError {
   override readonly name = 'TlsAuthError';
-  readonly code: string;
-  constructor(code: string, message: string) {
-    super(message);
-    this.code = code;
-  }
 }
 
 /** A client that proved a SPIFFE ID, and until when that proof holds. */
@@ -62,7 +52,7 @@ export class Authenticator {
   authenticate(socket: TLSSocket, trust: TrustState, now = new Date()): PeerIdentity {
     const leaf = socket.getPeerX509Certificate();
     if (leaf === undefined) {
-      throw new TlsAuthError(TlsAuthCode.NoClientCertificate, 'the client presented no certificate');
+      throw new TlsAuthError(ProxyErrorCode.NoClientCertificate, 'the client presented no certificate');
     }
     const resumed = socket.isSessionReused();
     let intermediates: readonly X509Certificate[] = presentedIntermediates(leaf);
@@ -122,5 +112,5 @@ function presentedIntermediates(leaf: X509Certificate): X509Certificate[] {
 
 export function authFailureCode(err: unknown): string {
   if (isSpiffeError(err) || err instanceof TlsAuthError) return err.code;
-  return 'ERR_AUTHENTICATION';
+  return ProxyErrorCode.Authentication;
 }

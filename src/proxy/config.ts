@@ -1,5 +1,4 @@
 import type { Node, YAMLMap } from 'yaml';
-import { AgentErrorCode, FileProblemsError } from '../agent/errors.ts';
 import {
   type Field,
   fieldMap,
@@ -10,9 +9,10 @@ import {
   readTrustDomain,
   readTrustDomainFiles,
 } from '../config/common.ts';
-import type { YamlProblem, YamlReader } from '../config/yaml.ts';
+import type { YamlReader } from '../config/yaml.ts';
 import type { LogLevel } from '../observability/logger.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
+import { ProxyConfigError, ProxyErrorCode } from './errors.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS, type ProxyLimits, type ProxyTimeouts } from './limits.ts';
 
 export interface HostPort {
@@ -65,12 +65,7 @@ export const DEFAULT_LISTEN: HostPort = { host: '0.0.0.0', port: 8443 };
 export const DEFAULT_ADMIN: HostPort = { host: '127.0.0.1', port: 9443 };
 export const DEFAULT_MIN_SVID_REMAINING_SECONDS = 300;
 
-export class ProxyConfigError extends FileProblemsError {
-  constructor(file: string, problems: readonly YamlProblem[]) {
-    super(AgentErrorCode.ProxyConfig, file, problems);
-    this.name = 'ProxyConfigError';
-  }
-}
+export { ProxyConfigError };
 
 const TOP = [
   'trustDomain',
@@ -143,7 +138,7 @@ export function parseProxyConfig(text: string, file: string): ProxyConfig {
 }
 
 export async function loadProxyConfig(file: string): Promise<ProxyConfig> {
-  return parseProxyConfig(await readConfigFile(file, AgentErrorCode.ProxyConfig), file);
+  return parseProxyConfig(await readConfigFile(file, ProxyErrorCode.Config), file);
 }
 
 function readTop(

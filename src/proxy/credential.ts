@@ -10,10 +10,10 @@ import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { AgentError, AgentErrorCode } from '../agent/errors.ts';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
 import type { Logger } from '../observability/logger.ts';
 import type { UpstreamConfig } from './config.ts';
+import { ProxyError, ProxyErrorCode } from './errors.ts';
 
 /** What `Upstream` needs: where kube-apiserver is, how to trust it, and the proxy's credential. */
 export interface UpstreamCredential {
@@ -44,8 +44,8 @@ export interface LoadUpstreamOptions {
   readonly env?: NodeJS.ProcessEnv;
 }
 
-function fail(message: string, cause?: unknown): AgentError {
-  return new AgentError(AgentErrorCode.ProxyConfig, message, cause === undefined ? undefined : { cause });
+function fail(message: string, cause?: unknown): ProxyError {
+  return new ProxyError(ProxyErrorCode.Config, message, cause === undefined ? undefined : { cause });
 }
 
 /** Reads a file named by `key`, saying which key named it when it cannot be read. */

@@ -10,6 +10,7 @@ import http2 from 'node:http2';
 import https from 'node:https';
 import type { Duplex } from 'node:stream';
 import type { KubeIdentity } from '../policy/types.ts';
+import { ProxyError, ProxyErrorCode } from './errors.ts';
 
 /** Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction. */
 const HOP_BY_HOP = new Set([
@@ -125,13 +126,15 @@ export interface UpstreamOptions {
   readonly maxLongRunningSessions?: number;
 }
 
-export class UpstreamError extends Error {
+/** A failed forward: `ERR_PROXY_LIMIT` when a limit refused it (`limit` names the key), else `ERR_UPSTREAM`. */
+export class UpstreamError extends ProxyError {
   /** 502: kube-apiserver answered badly or the TLS/HTTP exchange failed; 503: unreachable or full; 504: no answer in time. */
   readonly status: 502 | 503 | 504;
   /** The configuration key of the limit that refused the request, when one did. */
   readonly limit: string | undefined;
   constructor(status: 502 | 503 | 504, message: string, options?: ErrorOptions & { limit?: string }) {
-    super(message, options);
+    super(options?.limit ? ProxyErrorCode.Limit : ProxyErrorCode.Upstream, message, options);
+    this.name = 'UpstreamError';
     this.status = status;
     this.limit = options?.limit;
   }

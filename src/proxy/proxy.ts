@@ -1,11 +1,11 @@
 import type { Logger } from 'pino';
 import { type AdminServer, createAdminServer, type ReadinessReport } from '../admin/server.ts';
-import { AgentError, AgentErrorCode } from '../agent/errors.ts';
 import { ProxyMetrics } from '../observability/metrics.ts';
 import { watchPolicy } from '../policy/watch.ts';
 import { type AuditSink, fileAuditSink } from './audit.ts';
 import { loadProxyConfig, type ProxyConfig } from './config.ts';
 import { loadUpstreamCredential, type UpstreamCredential } from './credential.ts';
+import { ProxyError, ProxyErrorCode } from './errors.ts';
 import { Upstream } from './forward.ts';
 import { ProxyServer } from './server.ts';
 import { type IdentitySource, StaticIdentitySource, WorkloadIdentitySource } from './source.ts';
@@ -60,7 +60,7 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
       try {
         audit = fileAuditSink(config.audit.file);
       } catch (err) {
-        throw new AgentError(AgentErrorCode.ProxyConfig, `audit.file: ${(err as Error).message}`, {
+        throw new ProxyError(ProxyErrorCode.Config, `audit.file: ${(err as Error).message}`, {
           cause: err,
         });
       }
@@ -79,7 +79,7 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
             });
     } catch (err) {
       const where = config.identity.kind === 'files' ? 'identity.files' : 'identity.workloadApi';
-      throw new AgentError(AgentErrorCode.ProxyConfig, `${where}: ${(err as Error).message}`, { cause: err });
+      throw new ProxyError(ProxyErrorCode.Config, `${where}: ${(err as Error).message}`, { cause: err });
     }
     closers.push(() => source.close());
     const own = source.svid().id;

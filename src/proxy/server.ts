@@ -36,6 +36,7 @@ import {
   stillValid,
   type TrustState,
 } from './authenticate.ts';
+import { ProxyErrorCode } from './errors.ts';
 import { type Upstream, UpstreamError } from './forward.ts';
 import {
   DEFAULT_LIMITS,
@@ -190,7 +191,7 @@ export class ProxyServer {
       });
     });
     this.server.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
-      const code = err.code ?? 'ERR_TLS_HANDSHAKE';
+      const code = err.code ?? ProxyErrorCode.TlsHandshake;
       // Nothing received at all: a TCP probe, a port scan or a load balancer check, not a failed client.
       if (rawSocket(socket)?.bytesRead === 0) {
         metrics.handshake('no_client_hello');
@@ -548,7 +549,7 @@ export class ProxyServer {
     try {
       info = requestInfo(method, url);
     } catch (err) {
-      const code = (err as { code?: string }).code ?? 'ERR_BAD_REQUEST';
+      const code = (err as { code?: string }).code ?? ProxyErrorCode.BadRequest;
       return {
         ok: false,
         entry,
@@ -705,7 +706,7 @@ export class ProxyServer {
       status,
       {
         ...allowed(entry, upgrade),
-        code: limit ? 'ERR_PROXY_LIMIT' : 'ERR_UPSTREAM',
+        code: limit ? ProxyErrorCode.Limit : ProxyErrorCode.Upstream,
         ...(limit ? { limit } : {}),
       },
       message,
@@ -720,7 +721,7 @@ export class ProxyServer {
       `kube-svid-proxy: ${entry.spiffeId} already has ${max} requests of this kind in flight (${limit}); ` +
       'retry later';
     sendStatus(res, 429, message, { 'retry-after': '1' });
-    this.#audit(entry, 429, { ...allowed(entry), code: 'ERR_PROXY_LIMIT', limit }, message);
+    this.#audit(entry, 429, { ...allowed(entry), code: ProxyErrorCode.Limit, limit }, message);
   }
 
   /** Refusals before a policy decision by an authenticated client are audited; 401s only at a limited rate. */
@@ -796,7 +797,7 @@ export class ProxyServer {
       this.#audit(
         admission.entry,
         429,
-        { ...allowed(admission.entry, upgrade), code: 'ERR_PROXY_LIMIT', limit: slot.limit },
+        { ...allowed(admission.entry, upgrade), code: ProxyErrorCode.Limit, limit: slot.limit },
         message,
       );
       return;

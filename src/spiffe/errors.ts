@@ -3,6 +3,24 @@
  * Logs, metrics and tests key on the code; the message is for people and may change.
  */
 
+/**
+ * The base of every error kube-svid-proxy throws on purpose (jose's `JOSEError`): one class, a stable `code`.
+ * Each component keeps its own table of codes and its own subclass; this layer is the lowest, so all can use it.
+ */
+export class KspError extends Error {
+  override name = 'KspError';
+  readonly code: string;
+
+  constructor(code: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.code = code;
+  }
+}
+
+export function isKspError(err: unknown, code?: string): err is KspError {
+  return err instanceof KspError && (code === undefined || err.code === code);
+}
+
 /** SPIFFE ID rules (SPIFFE-ID specification §2). */
 export const IdErrorCode = {
   Empty: 'ERR_ID_EMPTY',
@@ -95,13 +113,12 @@ export type JwtErrorCode = ValueOf<typeof JwtErrorCode>;
 export type AuthzErrorCode = ValueOf<typeof AuthzErrorCode>;
 export type SpiffeErrorCode = IdErrorCode | BundleErrorCode | X509ErrorCode | JwtErrorCode | AuthzErrorCode;
 
-export class SpiffeError extends Error {
+export class SpiffeError extends KspError {
   override readonly name = 'SpiffeError';
-  readonly code: SpiffeErrorCode;
+  declare readonly code: SpiffeErrorCode;
 
   constructor(code: SpiffeErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.code = code;
+    super(code, message, options);
   }
 }
 

@@ -3,6 +3,7 @@
  * like `SpiffeError` in the SPIFFE layer. Transport failures (gRPC status codes) stay `WorkloadApiError`s.
  * Logs, metrics and tests key on the code; the message is for people, names the SPIFFE ID and never holds keys.
  */
+import { KspError } from '../spiffe/errors.ts';
 
 export const WorkloadErrorCode = {
   /**
@@ -29,15 +30,14 @@ export const WorkloadErrorCode = {
 
 export type WorkloadErrorCode = (typeof WorkloadErrorCode)[keyof typeof WorkloadErrorCode];
 
-export class WorkloadError extends Error {
+export class WorkloadError extends KspError {
   override readonly name = 'WorkloadError';
-  readonly code: WorkloadErrorCode;
+  declare readonly code: WorkloadErrorCode;
   /** The SPIFFE ID concerned, when there is one. */
   readonly spiffeId: string | undefined;
 
   constructor(code: WorkloadErrorCode, message: string, options?: { cause?: unknown; spiffeId?: string }) {
-    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
-    this.code = code;
+    super(code, message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.spiffeId = options?.spiffeId;
   }
 }

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { join, resolve } from 'node:path';
 import { describe, it } from 'node:test';
-import { isAgentError } from '../../../src/agent/errors.ts';
 import { type ProxyConfigError, parseHostPort, parseProxyConfig } from '../../../src/proxy/config.ts';
+import { isProxyError } from '../../../src/proxy/errors.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS } from '../../../src/proxy/limits.ts';
 
 const repo = resolve(import.meta.dirname, '..', '..', '..');
@@ -14,7 +14,7 @@ function refuses(text: string, at: string, message: RegExp): void {
   assert.throws(
     () => parseProxyConfig(text, '/etc/ksp/proxy.yaml'),
     (err: unknown) => {
-      assert.ok(isAgentError(err, 'ERR_PROXY_CONFIG'));
+      assert.ok(isProxyError(err, 'ERR_PROXY_CONFIG'));
       const problems = (err as ProxyConfigError).problems;
       assert.ok(
         problems.some((p) => `${p.line}:${p.column}` === at && message.test(p.message)),

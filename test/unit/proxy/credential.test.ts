@@ -13,8 +13,8 @@ import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { stringify } from 'yaml';
 import { type DevPki, makeDevPki } from '../../../certs-dev/devpki.ts';
-import { isAgentError } from '../../../src/agent/errors.ts';
 import { loadUpstreamCredential, type UpstreamCredential } from '../../../src/proxy/credential.ts';
+import { isProxyError } from '../../../src/proxy/errors.ts';
 
 const b64 = (text: string): string => Buffer.from(text).toString('base64');
 
@@ -30,7 +30,7 @@ async function eventually(check: () => boolean, what: string, timeoutMs = 10_000
 /** Asserts an ERR_PROXY_CONFIG whose message matches every pattern. */
 async function refused(load: Promise<UpstreamCredential>, ...patterns: RegExp[]): Promise<void> {
   await assert.rejects(load, (err: unknown) => {
-    assert.ok(isAgentError(err, 'ERR_PROXY_CONFIG'), `expected ERR_PROXY_CONFIG, got ${String(err)}`);
+    assert.ok(isProxyError(err, 'ERR_PROXY_CONFIG'), `expected ERR_PROXY_CONFIG, got ${String(err)}`);
     for (const p of patterns) assert.match((err as Error).message, p);
     return true;
   });
