@@ -1,12 +1,19 @@
 import { parseArgs } from 'node:util';
 import { isLogLevel, LOG_LEVELS, type LogLevel } from '../observability/levels.ts';
 import type { Logger } from '../observability/logger.ts';
+import { KspError } from '../spiffe/errors.ts';
+import { CliErrorCode } from './errors.ts';
 
 /** Exit codes: 0 success, 1 refused or failed, 2 bad usage, 3 not built yet. */
 export const EXIT = { ok: 0, refused: 1, usage: 2, notBuilt: 3 } as const;
 
 /** Bad flags or arguments: printed with a pointer to `help`, exit 2. */
-export class UsageError extends Error {}
+export class UsageError extends KspError {
+  constructor(message: string) {
+    super(CliErrorCode.Usage, message);
+    this.name = 'UsageError';
+  }
+}
 
 /**
  * Writes to stdout. A reader that went away (`api fetch x509 | head`) is not a failure: the process ends quietly

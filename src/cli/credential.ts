@@ -12,10 +12,12 @@ import { parseArgs } from 'node:util';
 import { stringify } from 'yaml';
 import { DEFAULT_AGENT_SOCKET } from '../agent/config.ts';
 import { parseDuration } from '../config/duration.ts';
+import { KspError } from '../spiffe/errors.ts';
 import type { X509Svid } from '../spiffe/x509svid.ts';
 import { WorkloadApiError, WorkloadClient } from '../workload/client.ts';
 import { ENDPOINT_SOCKET_ENV, parseEndpointAddress } from '../workload/proto.ts';
 import { EXIT, err, out, UsageError } from './common.ts';
+import { CliErrorCode } from './errors.ts';
 
 export const EXEC_CREDENTIAL_V1 = 'client.authentication.k8s.io/v1';
 export const EXEC_CREDENTIAL_V1BETA1 = 'client.authentication.k8s.io/v1beta1';
@@ -24,7 +26,12 @@ export const EXEC_INFO_ENV = 'KUBERNETES_EXEC_INFO';
 type ExecCredentialVersion = typeof EXEC_CREDENTIAL_V1 | typeof EXEC_CREDENTIAL_V1BETA1;
 
 /** A refusal printed on stderr with exit 1 (never carrying key material). */
-class CredentialError extends Error {}
+class CredentialError extends KspError {
+  constructor(message: string) {
+    super(CliErrorCode.Credential, message);
+    this.name = 'CredentialError';
+  }
+}
 
 /** The Workload API address: the flag, else $SPIFFE_ENDPOINT_SOCKET, else the bundled agent's default. */
 function address(socket: string | undefined): string {

@@ -14,6 +14,26 @@ export const PolicyErrorCode = {
 } as const;
 export type PolicyErrorCode = (typeof PolicyErrorCode)[keyof typeof PolicyErrorCode];
 
+/** Why a decision refused a request (403); the decision carries the code, nothing is thrown. */
+export const PolicyDenyCode = {
+  /** No rule matches the SPIFFE ID (deny by default). */
+  NoRule: 'ERR_POLICY_NO_RULE',
+  /** A rule matched, but its request limits do not allow this request. */
+  RequestLimit: 'ERR_POLICY_REQUEST_LIMIT',
+  /**
+   * A rule matched, but the identity it maps to cannot be made for this ID (a trust-domain rule's template
+   * names a `{segment:N}` the ID lacks): deny rather than impersonate a partial or empty user.
+   */
+  Identity: 'ERR_POLICY_IDENTITY',
+  /**
+   * The client sent Impersonate-* headers of its own (nested impersonation), and its rule does not allow that
+   * identity: no `impersonate` key, a user or group it does not list, a uid or extra (never allowed), or headers
+   * kube-apiserver would not accept as one identity.
+   */
+  NestedImpersonation: 'ERR_POLICY_NESTED_IMPERSONATION',
+} as const;
+export type PolicyDenyCode = (typeof PolicyDenyCode)[keyof typeof PolicyDenyCode];
+
 /**
  * A policy file refused as a whole. The message lists every problem, one a line, as `<file>:<line>:<col>:
  * <what>` (or, when the file could not be read, says why); `problems` holds the same for programs.

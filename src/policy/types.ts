@@ -1,4 +1,5 @@
 import type { SpiffeId } from '../spiffe/id.ts';
+import { PolicyDenyCode } from './errors.ts';
 
 /** The Kubernetes identity a SPIFFE ID is mapped to, sent upstream as Impersonate-* headers. */
 export interface KubeIdentity {
@@ -47,24 +48,7 @@ export type Decision =
       readonly reason: string;
     };
 
-export const PolicyDenyCode = {
-  /** No rule matches the SPIFFE ID (deny by default). */
-  NoRule: 'ERR_POLICY_NO_RULE',
-  /** A rule matched, but its request limits do not allow this request. */
-  RequestLimit: 'ERR_POLICY_REQUEST_LIMIT',
-  /**
-   * A rule matched, but the identity it maps to cannot be made for this ID (a trust-domain rule's template
-   * names a `{segment:N}` the ID lacks): deny rather than impersonate a partial or empty user.
-   */
-  Identity: 'ERR_POLICY_IDENTITY',
-  /**
-   * The client sent Impersonate-* headers of its own (nested impersonation), and its rule does not allow that
-   * identity: no `impersonate` key, a user or group it does not list, a uid or extra (never allowed), or headers
-   * kube-apiserver would not accept as one identity.
-   */
-  NestedImpersonation: 'ERR_POLICY_NESTED_IMPERSONATION',
-} as const;
-export type PolicyDenyCode = (typeof PolicyDenyCode)[keyof typeof PolicyDenyCode];
+export { PolicyDenyCode };
 
 /** A decision that refused: what `decide` and `decideNested` answer when the request may not go through. */
 export type Denial = Extract<Decision, { readonly allowed: false }>;
