@@ -4,7 +4,7 @@
  * reaches it) in place of kube-apiserver, which the e2e suite of the proxy's part 2 provides for real.
  */
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { renameSync, writeFileSync } from 'node:fs';
 import type { IncomingHttpHeaders } from 'node:http';
 import http2 from 'node:http2';
 import https from 'node:https';
@@ -292,7 +292,7 @@ describe('the proxy front door', () => {
     const session = h2(pki.good.clientFlux);
     try {
       assert.equal((await get(session, '/api/v1/namespaces/default/pods')).status, 403);
-      writeFileSync(
+      replaceFile(
         policyFile,
         policyYaml(`  - name: flux
     match:
@@ -311,7 +311,7 @@ describe('the proxy front door', () => {
       assert.equal(session.closed || session.destroyed, false, 'no reconnect');
 
       // And back: the rule is removed, and the same connection is refused again.
-      writeFileSync(policyFile, policyYaml());
+      replaceFile(policyFile, policyYaml());
       for (let i = 0; i < 100 && status === 200; i++) {
         await new Promise((resolve) => setTimeout(resolve, 100));
         status = (await get(session, '/api/v1/namespaces/default/pods')).status;
@@ -326,7 +326,7 @@ describe('the proxy front door', () => {
     const session = h2(pki.good.clientArgocd);
     try {
       assert.equal((await get(session, '/api/v1/namespaces/default/pods')).status, 200);
-      writeFileSync(policyFile, `${policyYaml()}  - name: broken\n    match:\n      id: not-a-spiffe-id\n`);
+      replaceFile(policyFile, `${policyYaml()}  - name: broken\n    match:\n      id: not-a-spiffe-id\n`);
       for (let i = 0; i < 100 && !logged('policy file rejected'); i++) {
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
@@ -345,7 +345,7 @@ describe('the proxy front door', () => {
       assert.match(metrics, /ksp_policy_reload_errors_total [1-9]/);
       assert.match(metrics, /ksp_policy_last_reload_success 0/);
       // Reverting to the content in force ends the failure: the alert on last_reload_success clears.
-      writeFileSync(policyFile, policyYaml());
+      replaceFile(policyFile, policyYaml());
       for (let i = 0; i < 100 && !logged('policy file valid again'); i++) {
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
@@ -421,7 +421,7 @@ describe('the proxy front door', () => {
     assert.ok(count('policy reloaded') > reloads);
     // No request or handshake happened since: the reload itself swapped the context and voided the tickets.
     assert.equal(count('session ticket keys replaced'), replaced + 1);
-    writeFileSync(policyFile, policyYaml());
+    replaceFile(policyFile, policyYaml());
     for (let i = 0; i < 100 && count('policy reloaded') === reloads + 1; i++) {
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
@@ -464,3 +464,12 @@ describe('the proxy front door', () => {
     assert.match(metrics, /ksp_bundle_age_seconds\{trust_domain="hub.example.org"\}/);
   });
 });
+
+/**
+ * Replaces a file whole, as a ConfigMap update or an editor's save does (write aside, then rename): the watcher
+ * never reads it half-written, which would be a different broken edit from the one a test means.
+ */
+function replaceFile(file: string, text: string): void {
+  writeFileSync(`${file}.tmp`, text);
+  renameSync(`${file}.tmp`, file);
+}
