@@ -411,7 +411,7 @@ describe('the proxy front door', () => {
     const reloads = count('policy reloaded');
     const replaced = count('session ticket keys replaced');
     // Only a spoke rule left: hub.example.org is no longer a trust domain the proxy accepts.
-    writeFileSync(
+    replaceFile(
       policyFile,
       `rules:\n  - name: debugger\n    match:\n      id: spiffe://spoke.example.org/ns/ops/sa/debugger\n    identity:\n      user: debugger\n`,
     );
