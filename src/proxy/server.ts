@@ -1,11 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
-import http2, {
-  type Http2ServerRequest,
-  type Http2ServerResponse,
-  type ServerHttp2Session,
-} from 'node:http2';
-import type { AddressInfo, Socket } from 'node:net';
+import http2, { type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
@@ -36,6 +32,7 @@ import {
   stillValid,
   type TrustState,
 } from './authenticate.ts';
+import { ClientConnections, type ConnectionState } from './connections.ts';
 import { ProxyErrorCode } from './errors.ts';
 import { type Upstream, UpstreamError } from './forward.ts';
 import {
@@ -46,7 +43,7 @@ import {
   type ProxyTimeouts,
   RateLimitedLog,
 } from './limits.ts';
-import { mayImpersonate, type SarResult } from './sar.ts';
+import { mayImpersonate } from './sar.ts';
 import type { IdentitySource } from './source.ts';
 import { kubeStatus, sendStatus, statusReason } from './status.ts';
 import { type PolicyHolder, ServingTrust } from './trust.ts';
@@ -67,40 +64,12 @@ export interface ProxyServerOptions {
   readonly timeouts?: Partial<ProxyTimeouts>;
 }
 
-interface ConnectionState {
-  readonly socket: TLSSocket;
-  /** The HTTP/2 session on this connection (undefined for HTTP/1.1). */
-  session: ServerHttp2Session | undefined;
-  /** Requests in flight on this connection. */
-  active: number;
-  /** The connection became a raw tunnel (exec, attach, port-forward): no idle timeout, no more requests. */
-  tunnel: boolean;
-  /** Closes the connection when nothing happens on it for a while (idle, or unauthenticated). */
-  timer: NodeJS.Timeout | undefined;
-  /** A 401 went out: the connection is closing, later requests on it are dropped without an answer. */
-  closing: boolean;
-  identity: PeerIdentity | undefined;
-  /** Why this connection's client was refused, for the trust generation it was checked against. */
-  refused: { code: string; message: string; generation: number } | undefined;
-  /** SubjectAccessReview answers for nested impersonation, briefly reused. */
-  reviews: Map<string, { result: SarResult; until: number }>;
-  /** Decisions of this connection, for one policy generation. */
-  decisions: Map<string, Decision>;
-  decisionsGeneration: number;
-}
-
-const kConnection = Symbol('kube-svid-proxy.connection');
-const kSession = Symbol('kube-svid-proxy.session');
 const DECISION_CACHE_PER_CONNECTION = 64;
 /** How long a SubjectAccessReview's answer is reused on one connection. */
 const REVIEW_CACHE_MS = 10_000;
 
 type Request = IncomingMessage | Http2ServerRequest;
 type Response = ServerResponse | Http2ServerResponse;
-type StatefulSocket = TLSSocket & { [kConnection]?: ConnectionState; [kSession]?: ServerHttp2Session };
-
-/** How long a connection told to close (GOAWAY, Connection: close) gets to finish before it is destroyed. */
-const CLOSE_GRACE_MS = 2_000;
 
 /**
  * The SPIFFE mTLS front door: an HTTP/2 (and HTTP/1.1) TLS listener whose certificate and trust bundles come
@@ -118,20 +87,14 @@ export class ProxyServer {
   readonly #authenticator = new Authenticator();
   /** What clients are verified against and what new handshakes present. */
   readonly #serving: ServingTrust;
-  /** When each accepted TCP connection started its TLS handshake. */
-  readonly #handshakeStarts = new WeakMap<Socket, number>();
-  /** TCP connections whose TLS handshake finished. */
-  readonly #handshakeDone = new WeakSet<Socket>();
-  /** Every accepted TCP connection, until it closes (shutdown destroys what is left). */
-  readonly #sockets = new Set<Socket>();
-  readonly #connections = new Set<ConnectionState>();
   readonly #limits: ProxyLimits;
   readonly #timeouts: ProxyTimeouts;
   readonly #counters: IdentityCounters;
   readonly #quiet: RateLimitedLog;
   /** The metrics given, or a registry nobody scrapes: the request path never asks whether metrics exist. */
   readonly #metrics: ProxyMetrics;
-  #draining = false;
+  /** The client connections: open, in flight, idle clocks, closes. */
+  readonly #connections: ClientConnections;
   #closed = false;
 
   constructor(options: ProxyServerOptions) {
@@ -158,6 +121,11 @@ export class ProxyServer {
       settings: { maxConcurrentStreams: this.#limits.maxStreamsPerConnection },
     });
     this.server.maxConnections = this.#limits.maxConnections;
+    this.#connections = new ClientConnections(this.server, {
+      metrics: this.#metrics,
+      logger: options.logger,
+      timeouts: this.#timeouts,
+    });
     const metrics = this.#metrics;
     this.server.on('drop', (data?: { remoteAddress?: string }) => {
       metrics.limitRefused('limits.maxConnections');
@@ -168,32 +136,11 @@ export class ProxyServer {
         'connection refused: the proxy holds limits.maxConnections connections already',
       );
     });
-    this.server.on('connection', (socket: Socket) => {
-      // Small writes (headers, then body; watch events) must not wait for the peer's delayed ACK (Nagle): on
-      // HTTP/1.1 that cost about 40 ms per request.
-      socket.setNoDelay(true);
-      this.#sockets.add(socket);
-      this.#handshakeStarts.set(socket, performance.now());
-      socket.once('close', () => this.#sockets.delete(socket));
-    });
     this.server.on('secureConnection', (socket: TLSSocket) => this.#onSecureConnection(socket));
-    this.server.on('session', (session: ServerHttp2Session) => {
-      // 'session' comes before our 'secureConnection'; session.socket is a guard proxy that forwards property
-      // writes to the TLS socket, so the session is left there for #register.
-      const socket = session.socket as StatefulSocket;
-      socket[kSession] = session;
-      // Every stream counts while it lives, answered or reset before its request was read.
-      session.on('stream', (stream: http2.ServerHttp2Stream) => {
-        const state = socket[kConnection];
-        if (state === undefined) return;
-        this.#begin(state);
-        stream.once('close', () => this.#end(state));
-      });
-    });
     this.server.on('tlsClientError', (err: Error & { code?: string }, socket: TLSSocket) => {
       const code = err.code ?? ProxyErrorCode.TlsHandshake;
       // Nothing received at all: a TCP probe, a port scan or a load balancer check, not a failed client.
-      if (rawSocket(socket)?.bytesRead === 0) {
+      if (this.#connections.silent(socket)) {
         metrics.handshake('no_client_hello');
         if (code === 'ERR_TLS_HANDSHAKE_TIMEOUT') metrics.connectionClosedByProxy('handshake_timeout');
         this.#log.debug({ peer: socket.remoteAddress, code }, 'connection closed before a ClientHello');
@@ -239,7 +186,11 @@ export class ProxyServer {
     inFlight: { ordinary: number; longRunning: number };
     draining: boolean;
   } {
-    return { connections: this.#sockets.size, inFlight: this.#counters.inFlight(), draining: this.#draining };
+    return {
+      connections: this.#connections.count,
+      inFlight: this.#counters.inFlight(),
+      draining: this.#connections.draining,
+    };
   }
 
   /** Requests in flight for one SPIFFE ID (tests, diagnostics). */
@@ -253,77 +204,6 @@ export class ProxyServer {
    */
   policyChanged(): void {
     this.#serving.refresh();
-  }
-
-  /** The connection's state; every TLS connection has one from its 'secureConnection' on. */
-  #state(socket: StatefulSocket): ConnectionState {
-    const state = socket[kConnection];
-    if (state === undefined) throw new Error('kube-svid-proxy: connection state missing');
-    return state;
-  }
-
-  /** Creates a connection's state (on the TLS socket itself, never on an HTTP/2 guard proxy). */
-  #register(socket: StatefulSocket): ConnectionState {
-    const state: ConnectionState = {
-      socket,
-      session: socket[kSession],
-      active: 0,
-      tunnel: false,
-      timer: undefined,
-      closing: false,
-      identity: undefined,
-      refused: undefined,
-      reviews: new Map(),
-      decisions: new Map(),
-      decisionsGeneration: -1,
-    };
-    socket[kConnection] = state;
-    this.#connections.add(state);
-    socket.once('close', () => {
-      if (state.timer) clearTimeout(state.timer);
-      this.#connections.delete(state);
-    });
-    return state;
-  }
-
-  /** A request started on the connection: it is not idle. */
-  #begin(state: ConnectionState): void {
-    state.active++;
-    if (state.timer !== undefined && state.refused === undefined) {
-      clearTimeout(state.timer);
-      state.timer = undefined;
-    }
-  }
-
-  /** A request ended: once none is left, the idle clock runs (or, when draining, the connection closes). */
-  #end(state: ConnectionState): void {
-    state.active = Math.max(0, state.active - 1);
-    if (state.active > 0 || state.tunnel) return;
-    if (this.#draining) {
-      this.#closeConnection(state, 'shutdown');
-      return;
-    }
-    this.#arm(state, this.#timeouts.idleMs, 'idle');
-  }
-
-  #arm(state: ConnectionState, ms: number, reason: 'idle' | 'unauthenticated'): void {
-    if (state.timer) clearTimeout(state.timer);
-    state.timer = setTimeout(() => {
-      state.timer = undefined;
-      if (reason === 'idle' && (state.active > 0 || state.tunnel)) return;
-      this.#log.debug({ peer: state.socket.remoteAddress, reason }, 'closing connection');
-      this.#closeConnection(state, reason);
-    }, ms);
-    state.timer.unref();
-  }
-
-  /** GOAWAY (HTTP/2) or end (HTTP/1.1), then destroy whatever has not closed after a short grace. */
-  #closeConnection(state: ConnectionState, reason: string): void {
-    if (state.socket.destroyed) return;
-    this.#metrics.connectionClosedByProxy(reason);
-    if (state.session !== undefined && !state.session.closed) state.session.close();
-    else if (state.active === 0) state.socket.end();
-    setTimeout(() => state.socket.destroy(), CLOSE_GRACE_MS);
   }
 
   /** The bundles clients are verified against: ours and those of the trust domains the policy names. */
@@ -350,27 +230,18 @@ export class ProxyServer {
    */
   async drain(deadlineMs: number = this.#timeouts.shutdownDrainMs): Promise<void> {
     if (this.#closed) return;
-    this.#draining = true;
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
     const inFlight = this.#counters.inFlight();
     this.#log.info(
       {
-        connections: this.#sockets.size,
+        connections: this.#connections.count,
         requests: inFlight.ordinary,
         longRunning: inFlight.longRunning,
         deadlineSeconds: deadlineMs / 1000,
       },
       'draining: no new connections; GOAWAY to HTTP/2 clients, idle HTTP/1.1 connections closed',
     );
-    for (const state of this.#connections) {
-      if (state.session !== undefined) {
-        if (!state.session.closed) state.session.close();
-      } else if (state.active === 0 && !state.tunnel) {
-        state.socket.end();
-      }
-    }
-    // Connections still in their TLS handshake get nothing more.
-    for (const raw of this.#sockets) if (!this.#handshakeDone.has(raw)) raw.destroy();
+    this.#connections.startDrain();
     let timer: NodeJS.Timeout | undefined;
     const expired = await Promise.race([
       closed.then(() => false),
@@ -379,10 +250,10 @@ export class ProxyServer {
       }),
     ]);
     clearTimeout(timer);
-    if (expired && this.#sockets.size > 0) {
+    if (expired && this.#connections.count > 0) {
       const left = this.#counters.inFlight();
       this.#log.warn(
-        { connections: this.#sockets.size, requests: left.ordinary, longRunning: left.longRunning },
+        { connections: this.#connections.count, requests: left.ordinary, longRunning: left.longRunning },
         'drain deadline reached (timeouts.shutdownDrain): closing the connections left',
       );
     } else {
@@ -394,11 +265,7 @@ export class ProxyServer {
   /** Stops at once: every connection is destroyed. */
   async close(): Promise<void> {
     this.#closed = true;
-    this.#draining = true;
-    for (const socket of this.#sockets) {
-      this.#metrics.connectionClosedByProxy('shutdown');
-      socket.destroy();
-    }
+    this.#connections.destroyAll();
     if (!this.server.listening) return;
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
@@ -408,13 +275,9 @@ export class ProxyServer {
     this.#serving.identityChanged();
   }
 
-  #onSecureConnection(socket: StatefulSocket): void {
-    const raw = rawSocket(socket);
-    if (raw !== undefined) this.#handshakeDone.add(raw);
-    const started = raw === undefined ? undefined : this.#handshakeStarts.get(raw);
-    const seconds = started === undefined ? 0 : (performance.now() - started) / 1000;
+  #onSecureConnection(socket: TLSSocket): void {
+    const { state, handshakeSeconds: seconds } = this.#connections.register(socket);
     const metrics = this.#metrics;
-    const state = this.#register(socket);
     metrics.connectionOpened();
     socket.once('close', () => metrics.connectionClosed());
     if (this.#serving.withoutSvid !== undefined) {
@@ -431,7 +294,7 @@ export class ProxyServer {
     try {
       state.identity = this.#authenticator.authenticate(socket, this.trust);
       metrics.handshake('ok', seconds);
-      if (state.active === 0) this.#arm(state, this.#timeouts.idleMs, 'idle');
+      if (state.active === 0) this.#connections.arm(state, this.#timeouts.idleMs, 'idle');
       this.#log.debug(
         {
           spiffeId: state.identity.id.toString(),
@@ -452,7 +315,7 @@ export class ProxyServer {
    * to send one request and read why; then it goes.
    */
   #refuseAuthentication(
-    socket: StatefulSocket,
+    socket: TLSSocket,
     state: ConnectionState,
     err: unknown,
   ): { code: string; message: string } {
@@ -460,7 +323,7 @@ export class ProxyServer {
     state.identity = undefined;
     state.refused = { code, message: (err as Error).message, generation: this.trust.generation };
     this.#metrics.authFailure(code);
-    this.#arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
+    this.#connections.arm(state, this.#timeouts.unauthenticatedMs, 'unauthenticated');
     this.#quiet.warn(
       `auth:${code}`,
       {
@@ -476,7 +339,7 @@ export class ProxyServer {
 
   /** The connection's identity for this request, or why it is refused (counted and logged once per cause). */
   #authenticated(
-    socket: StatefulSocket,
+    socket: TLSSocket,
     state: ConnectionState,
   ): PeerIdentity | { code: string; message: string } {
     const trust = this.trust;
@@ -515,7 +378,7 @@ export class ProxyServer {
    * impersonation headers, policy. Returns what to forward, or the refusal to answer.
    */
   async #admit(
-    socket: StatefulSocket,
+    socket: TLSSocket,
     method: string,
     url: string,
     headers: IncomingHttpHeaders,
@@ -532,7 +395,7 @@ export class ProxyServer {
     };
     // Authentication first: a client without a valid SVID gets its one 401 and the connection closes, whatever
     // its request target (a bad target must not buy an unauthenticated client an audit line per request).
-    const state = this.#state(socket);
+    const state = this.#connections.get(socket);
     const identity = this.#authenticated(socket, state);
     if (!('id' in identity)) {
       return {
@@ -639,12 +502,12 @@ export class ProxyServer {
   }
 
   async #onRequest(req: Request, res: Response): Promise<void> {
-    const socket = req.socket as StatefulSocket;
-    const state = this.#state(socket);
+    const socket = req.socket as TLSSocket;
+    const state = this.#connections.get(socket);
     // HTTP/2 streams are counted from 'stream' to their 'close'; HTTP/1.1 requests here.
     if (state.session === undefined) {
-      this.#begin(state);
-      res.once('close', () => this.#end(state));
+      this.#connections.begin(state);
+      res.once('close', () => this.#connections.end(state));
     }
     if (state.closing) {
       // The 401 went out and the connection is closing: later requests get no answer and no log line.
@@ -653,10 +516,10 @@ export class ProxyServer {
       else socket.destroy();
       return;
     }
-    if (this.#draining && state.session === undefined) res.setHeader('connection', 'close');
+    if (this.#connections.draining && state.session === undefined) res.setHeader('connection', 'close');
     const admission = await this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
     if (!admission.ok) {
-      if (admission.close) this.#closeAfter(state, res);
+      if (admission.close) this.#connections.closeAfterAnswer(state, res);
       sendStatus(res, admission.status, admission.message);
       this.#auditRefusal(admission);
       return;
@@ -749,31 +612,18 @@ export class ProxyServer {
     );
   }
 
-  /** After a refused authentication, end the connection once the answer is out. */
-  #closeAfter(state: ConnectionState, res: Response): void {
-    state.closing = true;
-    if (state.session === undefined) (res as ServerResponse).setHeader?.('connection', 'close');
-    res.once('finish', () => {
-      this.#metrics.connectionClosedByProxy('unauthenticated');
-      // At 'finish' an HTTP/2 stream has left its session already: close the session the connection holds.
-      if (state.session !== undefined) state.session.close();
-      else state.socket.end();
-      setTimeout(() => state.socket.destroy(), CLOSE_GRACE_MS);
-    });
-  }
-
   /** HTTP/1.1 `Upgrade` requests (exec, attach, port-forward over SPDY or WebSocket): same checks, raw tunnel. */
   async #onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     const upgrade = req.headers.upgrade;
-    const state = this.#state(req.socket as StatefulSocket);
-    this.#begin(state);
-    socket.once('close', () => this.#end(state));
+    const state = this.#connections.get(req.socket as TLSSocket);
+    this.#connections.begin(state);
+    socket.once('close', () => this.#connections.end(state));
     if (state.closing) {
       socket.destroy();
       return;
     }
     const admission = await this.#admit(
-      req.socket as StatefulSocket,
+      req.socket as TLSSocket,
       req.method ?? 'GET',
       req.url ?? '/',
       req.headers,
@@ -804,8 +654,7 @@ export class ProxyServer {
     }
     socket.once('close', slot.release);
     // From here the connection carries one tunnel or one relayed refusal, then ends: never idle-closed.
-    state.tunnel = true;
-    if (state.timer) clearTimeout(state.timer);
+    this.#connections.tunnel(state);
     try {
       const status = await this.#options.upstream.upgrade(
         req,
@@ -934,9 +783,4 @@ function writeRawStatus(
     `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/json\r\n${extra}` +
       `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
   );
-}
-
-/** The TCP socket under a server-side TLS socket (node:tls keeps it as `_parent`). */
-function rawSocket(socket: TLSSocket): Socket | undefined {
-  return (socket as TLSSocket & { _parent?: Socket })._parent ?? undefined;
 }
