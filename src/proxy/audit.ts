@@ -1,5 +1,6 @@
 import { type DestinationStream, pino } from 'pino';
 import type { KubeIdentity, RequestInfo } from '../policy/types.ts';
+import { statusReason } from './status.ts';
 
 /** What the policy made of a request: allowed, refused by it, refused before it (bad target), or no valid SVID. */
 export type AuditDecision = 'allow' | 'deny' | 'unauthenticated' | 'bad-request';
@@ -135,5 +136,87 @@ export function userInfo(identity: KubeIdentity): AuditUserInfo {
     ...(identity.uid ? { uid: identity.uid } : {}),
     ...(identity.groups.length > 0 ? { groups: identity.groups } : {}),
     ...(Object.keys(identity.extra).length > 0 ? { extra: identity.extra } : {}),
+  };
+}
+
+/** What the request path learnt of a request so far, for its audit Event. */
+export interface AuditDraft {
+  readonly auditID: string;
+  /** performance.now() at the start, for the duration metric. */
+  readonly started: number;
+  /** Epoch milliseconds at the start. */
+  readonly received: number;
+  readonly requestURI: string;
+  /** The lower-case method until the target is read, then the RequestInfo verb. */
+  verb: string;
+  readonly peer: string | undefined;
+  readonly userAgent?: string;
+  spiffeId?: string;
+  info?: RequestInfo;
+  rule?: string;
+  /** The identity kube-apiserver is asked to act as. */
+  impersonated?: KubeIdentity;
+  /** Nested impersonation: the rule's own identity. */
+  mappedUser?: string;
+}
+
+/** How a request ended, for the proxy's annotations. */
+export interface AuditOutcome {
+  readonly decision: AuditDecision;
+  readonly rule?: string;
+  readonly code?: string;
+  readonly reason?: string;
+  readonly limit?: string;
+  readonly upgrade?: string;
+}
+
+/** The outcome of a request the policy allowed. */
+export function allowed(entry: AuditDraft, upgrade?: string): AuditOutcome {
+  return { decision: 'allow', ...(entry.rule ? { rule: entry.rule } : {}), ...(upgrade ? { upgrade } : {}) };
+}
+
+/** The `audit.k8s.io/v1` Event of a finished request; `message` for an answer the proxy wrote itself. */
+export function auditEvent(
+  entry: AuditDraft,
+  code: number,
+  outcome: AuditOutcome,
+  message?: string,
+): AuditEvent {
+  const { info } = entry;
+  const ref = info && objectRef(info);
+  const rule = outcome.rule ?? entry.rule;
+  const annotations: AuditEvent['annotations'] = {
+    ...(entry.spiffeId ? { 'kube-svid-proxy/spiffe-id': entry.spiffeId } : {}),
+    'kube-svid-proxy/decision': outcome.decision,
+    ...(rule ? { 'kube-svid-proxy/rule': rule } : {}),
+    ...(info ? { 'kube-svid-proxy/path': info.path } : {}),
+    ...(outcome.code ? { 'kube-svid-proxy/code': outcome.code } : {}),
+    ...(outcome.reason ? { 'kube-svid-proxy/reason': outcome.reason } : {}),
+    ...(outcome.limit ? { 'kube-svid-proxy/limit': outcome.limit } : {}),
+    ...(outcome.upgrade ? { 'kube-svid-proxy/upgrade': outcome.upgrade } : {}),
+    ...(entry.mappedUser && outcome.decision === 'allow'
+      ? { 'kube-svid-proxy/mapped-user': entry.mappedUser }
+      : {}),
+  };
+  return {
+    kind: 'Event',
+    apiVersion: 'audit.k8s.io/v1',
+    level: 'Metadata',
+    auditID: entry.auditID,
+    stage: 'ResponseComplete',
+    requestURI: entry.requestURI,
+    verb: entry.verb,
+    user: { username: entry.spiffeId ?? 'system:anonymous' },
+    ...(entry.impersonated && outcome.decision === 'allow'
+      ? { impersonatedUser: userInfo(entry.impersonated) }
+      : {}),
+    ...(entry.peer !== undefined ? { sourceIPs: [entry.peer] } : {}),
+    ...(entry.userAgent !== undefined ? { userAgent: entry.userAgent } : {}),
+    ...(ref ? { objectRef: ref } : {}),
+    responseStatus:
+      message === undefined ? { code } : { code, status: 'Failure', reason: statusReason(code), message },
+    requestReceivedTimestamp: rfc3339Micro(entry.received),
+    stageTimestamp: rfc3339Micro(nowMs()),
+    annotations,
   };
 }

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { type IncomingHttpHeaders, type IncomingMessage, type ServerResponse, STATUS_CODES } from 'node:http';
+import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import http2, { type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -16,15 +16,7 @@ import {
   type RequestInfo,
 } from '../policy/types.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
-import {
-  type AuditDecision,
-  type AuditEvent,
-  type AuditSink,
-  nowMs,
-  objectRef,
-  rfc3339Micro,
-  userInfo,
-} from './audit.ts';
+import { type AuditDraft, type AuditOutcome, type AuditSink, allowed, auditEvent, nowMs } from './audit.ts';
 import {
   Authenticator,
   authFailureCode,
@@ -45,7 +37,7 @@ import {
 } from './limits.ts';
 import { mayImpersonate } from './sar.ts';
 import type { IdentitySource } from './source.ts';
-import { kubeStatus, sendStatus, statusReason } from './status.ts';
+import { sendStatus, writeRawStatus } from './status.ts';
 import { type PolicyHolder, ServingTrust } from './trust.ts';
 
 export interface ProxyServerOptions {
@@ -683,83 +675,6 @@ type Admission =
       close?: boolean;
     };
 
-/** What the request path learnt of a request so far, for its audit Event. */
-interface AuditDraft {
-  readonly auditID: string;
-  /** performance.now() at the start, for the duration metric. */
-  readonly started: number;
-  /** Epoch milliseconds at the start. */
-  readonly received: number;
-  readonly requestURI: string;
-  /** The lower-case method until the target is read, then the RequestInfo verb. */
-  verb: string;
-  readonly peer: string | undefined;
-  readonly userAgent?: string;
-  spiffeId?: string;
-  info?: RequestInfo;
-  rule?: string;
-  /** The identity kube-apiserver is asked to act as. */
-  impersonated?: KubeIdentity;
-  /** Nested impersonation: the rule's own identity. */
-  mappedUser?: string;
-}
-
-/** How a request ended, for the proxy's annotations. */
-interface AuditOutcome {
-  readonly decision: AuditDecision;
-  readonly rule?: string;
-  readonly code?: string;
-  readonly reason?: string;
-  readonly limit?: string;
-  readonly upgrade?: string;
-}
-
-/** The outcome of a request the policy allowed. */
-function allowed(entry: AuditDraft, upgrade?: string): AuditOutcome {
-  return { decision: 'allow', ...(entry.rule ? { rule: entry.rule } : {}), ...(upgrade ? { upgrade } : {}) };
-}
-
-/** The `audit.k8s.io/v1` Event of a finished request; `message` for an answer the proxy wrote itself. */
-function auditEvent(entry: AuditDraft, code: number, outcome: AuditOutcome, message?: string): AuditEvent {
-  const { info } = entry;
-  const ref = info && objectRef(info);
-  const rule = outcome.rule ?? entry.rule;
-  const annotations: AuditEvent['annotations'] = {
-    ...(entry.spiffeId ? { 'kube-svid-proxy/spiffe-id': entry.spiffeId } : {}),
-    'kube-svid-proxy/decision': outcome.decision,
-    ...(rule ? { 'kube-svid-proxy/rule': rule } : {}),
-    ...(info ? { 'kube-svid-proxy/path': info.path } : {}),
-    ...(outcome.code ? { 'kube-svid-proxy/code': outcome.code } : {}),
-    ...(outcome.reason ? { 'kube-svid-proxy/reason': outcome.reason } : {}),
-    ...(outcome.limit ? { 'kube-svid-proxy/limit': outcome.limit } : {}),
-    ...(outcome.upgrade ? { 'kube-svid-proxy/upgrade': outcome.upgrade } : {}),
-    ...(entry.mappedUser && outcome.decision === 'allow'
-      ? { 'kube-svid-proxy/mapped-user': entry.mappedUser }
-      : {}),
-  };
-  return {
-    kind: 'Event',
-    apiVersion: 'audit.k8s.io/v1',
-    level: 'Metadata',
-    auditID: entry.auditID,
-    stage: 'ResponseComplete',
-    requestURI: entry.requestURI,
-    verb: entry.verb,
-    user: { username: entry.spiffeId ?? 'system:anonymous' },
-    ...(entry.impersonated && outcome.decision === 'allow'
-      ? { impersonatedUser: userInfo(entry.impersonated) }
-      : {}),
-    ...(entry.peer !== undefined ? { sourceIPs: [entry.peer] } : {}),
-    ...(entry.userAgent !== undefined ? { userAgent: entry.userAgent } : {}),
-    ...(ref ? { objectRef: ref } : {}),
-    responseStatus:
-      message === undefined ? { code } : { code, status: 'Failure', reason: statusReason(code), message },
-    requestReceivedTimestamp: rfc3339Micro(entry.received),
-    stageTimestamp: rfc3339Micro(nowMs()),
-    annotations,
-  };
-}
-
 /**
  * Requests kube-apiserver itself treats as long-running (its LongRunningRequestCheck: the verbs watch and proxy,
  * the subresources attach, exec, log, portforward and proxy): no 70 s limit, and the long-running pool.
@@ -767,20 +682,4 @@ function auditEvent(entry: AuditDraft, code: number, outcome: AuditOutcome, mess
 function isLongRunning(info: RequestInfo): boolean {
   if (info.verb === 'watch' || info.verb === 'proxy') return true;
   return ['attach', 'exec', 'log', 'portforward', 'proxy'].includes(info.subresource);
-}
-
-/** A Kubernetes Status as a whole HTTP/1.1 response on a raw socket (the upgrade path), then close. */
-function writeRawStatus(
-  socket: Duplex,
-  status: number,
-  message: string,
-  headers: Record<string, string> = {},
-): void {
-  const body = kubeStatus(status, message);
-  let extra = '';
-  for (const [name, value] of Object.entries(headers)) extra += `${name}: ${value}\r\n`;
-  socket.end(
-    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/json\r\n${extra}` +
-      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
-  );
 }

@@ -1,5 +1,6 @@
-import type { ServerResponse } from 'node:http';
+import { type ServerResponse, STATUS_CODES } from 'node:http';
 import type { Http2ServerResponse } from 'node:http2';
+import type { Duplex } from 'node:stream';
 
 /** kube-apiserver's StatusReason for each status the proxy itself produces. */
 const REASONS: Readonly<Record<number, string>> = {
@@ -52,4 +53,20 @@ export function sendStatus(
   res.setHeader('cache-control', 'no-store');
   for (const [name, value] of Object.entries(headers)) res.setHeader(name, value);
   res.end(body);
+}
+
+/** A Kubernetes Status as a whole HTTP/1.1 response on a raw socket (the upgrade path), then close. */
+export function writeRawStatus(
+  socket: Duplex,
+  status: number,
+  message: string,
+  headers: Record<string, string> = {},
+): void {
+  const body = kubeStatus(status, message);
+  let extra = '';
+  for (const [name, value] of Object.entries(headers)) extra += `${name}: ${value}\r\n`;
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\nContent-Type: application/json\r\n${extra}` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
 }
