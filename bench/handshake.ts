@@ -633,7 +633,7 @@ async function main(): Promise<void> {
           '      spoke.example.org: spoke.json\n' +
           '      hub.example.org: hub.json\n' +
           // Nothing listens there: the handshake bench forwards nothing, and a failed probe is harmless.
-          `upstream:\n  url: http://127.0.0.1:${upstreamPort}\n`,
+          `upstream:\n  url: https://127.0.0.1:${upstreamPort}\n`,
       ),
     ]);
     if (profileDir !== undefined) await mkdir(profileDir, { recursive: true });
