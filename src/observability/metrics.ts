@@ -167,42 +167,45 @@ export class ProxyMetrics {
       labelNames: ['reason'],
       registers,
     });
-    const inFlight: Gauge<'kind'> = new Gauge({
-      name: 'ksp_requests_in_flight',
-      help: 'Requests being forwarded now, by kind (ordinary or long_running).',
-      labelNames: ['kind'],
-      registers,
-      collect: () => {
-        const u = safely(this.#usage, undefined);
-        if (u === undefined) return;
-        inFlight.set({ kind: 'ordinary' }, u.inFlight.ordinary);
-        inFlight.set({ kind: 'long_running' }, u.inFlight.longRunning);
-      },
-    });
-    const sessions: Gauge<'pool'> = new Gauge({
-      name: 'ksp_upstream_sessions',
-      help: 'HTTP/2 sessions open to kube-apiserver, by pool (ordinary or long_running).',
-      labelNames: ['pool'],
-      registers,
-      collect: () => {
-        const u = safely(this.#usage, undefined);
-        if (u === undefined) return;
-        sessions.set({ pool: 'ordinary' }, u.upstream.ordinary.sessions);
-        sessions.set({ pool: 'long_running' }, u.upstream.longRunning.sessions);
-      },
-    });
-    const streams: Gauge<'pool'> = new Gauge({
-      name: 'ksp_upstream_streams',
-      help: 'Streams in use on the HTTP/2 sessions to kube-apiserver, by pool.',
-      labelNames: ['pool'],
-      registers,
-      collect: () => {
-        const u = safely(this.#usage, undefined);
-        if (u === undefined) return;
-        streams.set({ pool: 'ordinary' }, u.upstream.ordinary.streams);
-        streams.set({ pool: 'long_running' }, u.upstream.longRunning.streams);
-      },
-    });
+    // Gauges read at scrape time from the usage getter, one value per label.
+    const usageGauge = <L extends string>(
+      name: string,
+      help: string,
+      label: L,
+      values: (u: NonNullable<ReturnType<UsageGetter>>) => Record<string, number>,
+    ): void => {
+      const gauge: Gauge<L> = new Gauge({
+        name,
+        help,
+        labelNames: [label],
+        registers,
+        collect: () => {
+          const u = safely(this.#usage, undefined);
+          if (u === undefined) return;
+          for (const [value, n] of Object.entries(values(u))) {
+            gauge.set({ [label]: value } as Partial<Record<L, string>>, n);
+          }
+        },
+      });
+    };
+    usageGauge(
+      'ksp_requests_in_flight',
+      'Requests being forwarded now, by kind (ordinary or long_running).',
+      'kind',
+      (u) => ({ ordinary: u.inFlight.ordinary, long_running: u.inFlight.longRunning }),
+    );
+    usageGauge(
+      'ksp_upstream_sessions',
+      'HTTP/2 sessions open to kube-apiserver, by pool (ordinary or long_running).',
+      'pool',
+      (u) => ({ ordinary: u.upstream.ordinary.sessions, long_running: u.upstream.longRunning.sessions }),
+    );
+    usageGauge(
+      'ksp_upstream_streams',
+      'Streams in use on the HTTP/2 sessions to kube-apiserver, by pool.',
+      'pool',
+      (u) => ({ ordinary: u.upstream.ordinary.streams, long_running: u.upstream.longRunning.streams }),
+    );
 
     if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'ksp_' });
   }

@@ -518,7 +518,8 @@ export class ProxyServer {
     }
     const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', admission.longRunning);
     if ('limit' in slot) {
-      this.#refuseLimit(res, admission.entry, slot.limit, slot.max);
+      const refusal = this.#refuseLimit(admission.entry, slot.limit, slot.max);
+      sendStatus(res, refusal.status, refusal.message, refusal.headers);
       return;
     }
     res.once('close', slot.release);
@@ -570,13 +571,18 @@ export class ProxyServer {
   }
 
   /** A request over a per-identity limit: 429 with Retry-After, counted, audited with the limit's key. */
-  #refuseLimit(res: Response, entry: AuditDraft, limit: string, max: number): void {
+  #refuseLimit(
+    entry: AuditDraft,
+    limit: string,
+    max: number,
+    upgrade?: string,
+  ): { status: 429; message: string; headers: Record<string, string> } {
     this.#metrics.limitRefused(limit);
     const message =
       `kube-svid-proxy: ${entry.spiffeId} already has ${max} requests of this kind in flight (${limit}); ` +
       'retry later';
-    sendStatus(res, 429, message, { 'retry-after': '1' });
-    this.#audit(entry, 429, { ...allowed(entry), code: ProxyErrorCode.Limit, limit }, message);
+    this.#audit(entry, 429, { ...allowed(entry, upgrade), code: ProxyErrorCode.Limit, limit }, message);
+    return { status: 429, message, headers: { 'retry-after': '1' } };
   }
 
   /** Refusals before a policy decision by an authenticated client are audited; 401s only at a limited rate. */
@@ -631,17 +637,8 @@ export class ProxyServer {
     }
     const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', true);
     if ('limit' in slot) {
-      this.#metrics.limitRefused(slot.limit);
-      const message =
-        `kube-svid-proxy: ${admission.entry.spiffeId} already has ${slot.max} requests of this kind in flight ` +
-        `(${slot.limit}); retry later`;
-      writeRawStatus(socket, 429, message, { 'Retry-After': '1' });
-      this.#audit(
-        admission.entry,
-        429,
-        { ...allowed(admission.entry, upgrade), code: ProxyErrorCode.Limit, limit: slot.limit },
-        message,
-      );
+      const refusal = this.#refuseLimit(admission.entry, slot.limit, slot.max, upgrade);
+      writeRawStatus(socket, refusal.status, refusal.message, refusal.headers);
       return;
     }
     socket.once('close', slot.release);
