@@ -190,17 +190,14 @@ class SessionPool {
 
   /** Sessions open now and streams in use, for metrics and readiness. */
   usage(): { sessions: number; streams: number; capacity: number } {
+    const live = this.#live();
     let streams = 0;
-    let capacity = 0;
-    for (const p of this.#live()) {
+    let capacity = (this.max - live.length) * DEFAULT_STREAMS_PER_SESSION;
+    for (const p of live) {
       streams += p.active;
       capacity += limitOf(p);
     }
-    return {
-      sessions: this.#live().length,
-      streams,
-      capacity: capacity + (this.max - this.#live().length) * DEFAULT_STREAMS_PER_SESSION,
-    };
+    return { sessions: live.length, streams, capacity };
   }
 
   #live(): PooledSession[] {
@@ -246,8 +243,9 @@ function originRequest(url: URL, target: string): RequestOptions {
     protocol: url.protocol,
     hostname: host,
     port: url.port === '' ? 443 : Number(url.port),
-    // Never `new URL(target, base)`: WHATWG parsing reads "\\" as "/" and resolves dot segments, which once sent
-    // the proxy's credential to a host the client named. The target goes byte for byte as the policy judged it.
+    // The target is never parsed or resolved against the origin (WHATWG URL parsing reads "\\" as "/" and resolves
+    // dot segments, which once sent the proxy's credential to a host the client named): it goes byte for byte, as
+    // the policy judged it.
     path: target,
     // The configured origin, not the client's Host.
     setHost: true,
