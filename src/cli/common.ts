@@ -58,14 +58,19 @@ export function serviceFlags(
   if (level !== undefined && !isLogLevel(level)) {
     throw new UsageError(`--log-level must be one of ${LOG_LEVELS.join(', ')}`);
   }
-  // From here on SIGHUP means "reload", never Node's default "exit": ignored until the service is up.
-  if (!process.listeners('SIGHUP').includes(ignoreHupWhileStarting))
-    process.on('SIGHUP', ignoreHupWhileStarting);
   return { config: values.config, ...(level === undefined ? {} : { level }) };
 }
 
-function ignoreHupWhileStarting(): void {
-  process.stderr.write('SIGHUP while starting: ignored (nothing is loaded yet)\n');
+/**
+ * For a service, SIGHUP means "reload", never Node's default "exit": call this before loading anything, and
+ * the signal is ignored until runUntilSignal takes it over (and again once the service is stopping).
+ */
+export function holdSighup(): void {
+  if (!process.listeners('SIGHUP').includes(ignoreHup)) process.on('SIGHUP', ignoreHup);
+}
+
+function ignoreHup(): void {
+  process.stderr.write('SIGHUP while starting or stopping: ignored\n');
 }
 
 /** What a long-running command does on signals. */
@@ -98,7 +103,7 @@ export async function runUntilSignal(
     );
   };
   process.on('SIGHUP', onHup);
-  process.off('SIGHUP', ignoreHupWhileStarting);
+  process.off('SIGHUP', ignoreHup);
   const signal = await new Promise<NodeJS.Signals>((resolve) => {
     const onSignal = (s: NodeJS.Signals): void => {
       process.off('SIGINT', onSignal);
@@ -111,7 +116,7 @@ export async function runUntilSignal(
   logger.info({ signal }, `${what}: stopping`);
   // A reload has nothing to do on a service that is stopping.
   process.off('SIGHUP', onHup);
-  process.on('SIGHUP', ignoreHupWhileStarting);
+  holdSighup();
   const force = (s: NodeJS.Signals): void => {
     logger.warn({ signal: s }, `${what}: second signal while stopping; exiting now`);
     process.exit(EXIT.refused);

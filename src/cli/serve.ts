@@ -1,11 +1,12 @@
 import { createLogger } from '../observability/logger.ts';
 import { loadProxyConfig } from '../proxy/config.ts';
 import { startProxy } from '../proxy/proxy.ts';
-import { runUntilSignal, serviceFlags } from './common.ts';
+import { holdSighup, runUntilSignal, serviceFlags } from './common.ts';
 
 /** Runs the proxy until SIGINT or SIGTERM (drained, then stopped); SIGHUP re-reads its files. */
 export async function serveCommand(args: string[]): Promise<number> {
   const flags = serviceFlags('serve', args, 'proxy.yaml');
+  holdSighup();
   const config = await loadProxyConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy' });
   const proxy = await startProxy(config, { logger, configFile: flags.config });
