@@ -101,6 +101,8 @@ export async function startLocalStack(
       trustDomain: TrustDomain.parse(LOCAL_TRUST_DOMAIN),
       socketPath,
       entriesFile: entries,
+      // Kept between runs, as in production: the second `npm start` resumes the same CA.
+      stateDir: join(dir, 'agent-state'),
       logger: log.child({ component: 'agent' }),
     });
     closers.push(() => agent.close());

@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { compareStrings } from '../config/compare.ts';
+import { StateDir } from '../config/statedir.ts';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
 import type { LogLevel } from '../observability/levels.ts';
 import { BundleSet, SpiffeBundle } from '../spiffe/bundle.ts';
@@ -25,6 +26,11 @@ export interface AgentOptions {
   /** Permissions of the socket file (default 0o777). */
   readonly socketMode?: number;
   readonly entriesFile: string;
+  /**
+   * Where the CA keys, CA chain, JWT keys and federated bundles are kept (0700, files 0600). Without it (library
+   * use, tests) they live in memory only and a restart starts a new CA; agent.yaml always has one.
+   */
+  readonly stateDir?: string;
   readonly ca?: {
     readonly keyType?: KeyType;
     readonly ttlSeconds?: number;
@@ -59,6 +65,7 @@ const RESTART_ONLY: readonly (readonly [keyof AgentSettings, string])[] = [
   ['socketPath', 'socketPath'],
   ['socketMode', 'socketMode'],
   ['entriesFile', 'entriesFile'],
+  ['stateDir', 'stateDir'],
   ['watchPollMs', 'watchPollInterval'],
   ['ca', 'ca'],
   ['svid', 'svid'],
@@ -126,8 +133,10 @@ export class WorkloadAgent implements WorkloadApiBackend {
     const log = options.logger;
     assertPeerCredAvailable();
     const upstream = options.ca?.upstream ? await loadUpstreamAuthority(options.ca.upstream) : undefined;
+    const stateDir = options.stateDir === undefined ? undefined : await StateDir.open(options.stateDir);
     const ca = await LocalCa.create({
       trustDomain: options.trustDomain,
+      ...(stateDir ? { stateDir } : {}),
       ...(options.ca?.keyType ? { keyType: options.ca.keyType } : {}),
       ...(options.ca?.ttlSeconds ? { caTtlSeconds: options.ca.ttlSeconds } : {}),
       ...(upstream ? { upstream } : {}),
@@ -145,10 +154,18 @@ export class WorkloadAgent implements WorkloadApiBackend {
         socket: options.socketPath,
         entries: agent.#entries.current.entries.length,
         ca: upstream ? 'upstream (disk)' : 'self-signed',
+        caState: stateDir
+          ? `${ca.origin === 'resumed' ? 'resumed from' : 'new, kept in'} ${stateDir.path}`
+          : 'memory only',
+        caGeneration: ca.active.generation,
         caNotAfter: ca.active.notAfter.toISOString(),
+        bundleSequence: ca.bundle.sequence?.toString(),
       },
       'agent started',
     );
+    if (!stateDir) {
+      log.warn('no stateDir: the CA lives in memory only, and a restart will start a new, unrelated CA');
+    }
     return agent;
   }
 
@@ -165,6 +182,12 @@ export class WorkloadAgent implements WorkloadApiBackend {
         'trust bundle changed',
       );
       this.#changed();
+    });
+    ca.on('persistError', (err) => {
+      log.error(
+        { err: { code: (err as AgentError).code, message: err.message } },
+        'CA state could not be written; the CA goes on in memory, but a restart now would lose this change',
+      );
     });
     ca.on('activated', (slot) => {
       log.info(

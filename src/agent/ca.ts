@@ -1,10 +1,12 @@
-import { KeyObject, type webcrypto, X509Certificate } from 'node:crypto';
+import { KeyObject, randomBytes, type webcrypto, X509Certificate } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { readFile } from 'node:fs/promises';
+import type { StateDir } from '../config/statedir.ts';
 import { type JwtAuthority, SpiffeBundle } from '../spiffe/bundle.ts';
 import type { SpiffeId, TrustDomain } from '../spiffe/id.ts';
 import type { JwtSigner } from '../spiffe/jwtsvid.ts';
 import { parseCertificates, parsePrivateKey } from '../spiffe/x509svid.ts';
+import { CA_STATE_FILE, decodeCaState, encodeCaState } from './ca-state.ts';
 import { AgentError, AgentErrorCode } from './errors.ts';
 import {
   generateKeyPair,
@@ -24,7 +26,10 @@ import {
  *   - at half the active CA's life the next CA is prepared and published in the bundle, but signs nothing;
  *   - at five sixths of its life the next CA becomes active;
  *   - a retired CA stays in the bundle until it expires, and every SVID it signed expires no later than it.
- * Keys live in memory only. With an upstream (SPIRE's "disk" UpstreamAuthority), each slot is an intermediate
+ * With a state directory, every CA generation (keys, certificates, JWT key) and the bundle's sequence number are
+ * written to `ca.json` there before anyone is told about them, and `create` resumes from that file: the same CA,
+ * the same bundle, the rotation schedule where it was. Without one, keys live in memory only and a restart
+ * starts a new, unrelated CA (its name still differs, by a random suffix). With an upstream (SPIRE's "disk" UpstreamAuthority), each slot is an intermediate
  * signed by the organisation's CA and the bundle holds the organisation's roots. A replaced upstream (its files
  * re-read on SIGHUP) signs from the next slot on; its roots are published at once, and the old roots stay while
  * a slot that chains to them lives.
@@ -49,6 +54,8 @@ export interface LocalCaOptions {
   readonly now?: () => Date;
   /** Subject organisation of the CA certificates. */
   readonly organization?: string;
+  /** Where the CA keeps its state (`ca.json`); without it, keys live in memory only. */
+  readonly stateDir?: StateDir;
 }
 
 export const DEFAULT_CA_TTL_SECONDS = 24 * 3600;
@@ -78,6 +85,8 @@ export interface CaSlot {
   readonly peculiarCert: x509.X509Certificate;
   /** @internal */
   readonly jwtPrivateKey: KeyObject;
+  /** @internal The CA's signing key as a KeyObject: what the state file stores. */
+  readonly privateKey: KeyObject;
 }
 
 export interface SignX509SvidRequest {
@@ -101,6 +110,11 @@ export interface LocalCaEvents {
   bundle: [SpiffeBundle];
   /** A prepared CA became the active one. */
   activated: [CaSlot];
+  /**
+   * Writing the state file failed. The CA goes on in memory (refusing to sign would stop every workload), but a
+   * restart before the next successful write loses what changed since.
+   */
+  persistError: [Error];
 }
 
 export class LocalCa extends EventEmitter<LocalCaEvents> {
@@ -118,6 +132,10 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
   #timer: NodeJS.Timeout | undefined;
   #closed = false;
   #ticking: Promise<void> = Promise.resolve();
+  readonly #stateDir: StateDir | undefined;
+  #persisting: Promise<void> = Promise.resolve();
+  /** How the CA came to be: minted now, or resumed from the state directory. */
+  #origin: 'new' | 'resumed' = 'new';
 
   private constructor(options: LocalCaOptions) {
     super();
@@ -129,14 +147,46 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
     this.#upstream = options.upstream;
     this.#now = options.now ?? (() => new Date());
     this.#organization = options.organization ?? 'kube-svid-proxy';
+    this.#stateDir = options.stateDir;
   }
 
-  /** Creates the first CA slot and publishes the bundle. Call `start()` to begin rotating. */
+  /**
+   * Resumes the CA from the state directory when it holds one, else mints the first CA slot; publishes the
+   * bundle either way. A state file that cannot be used (corrupt, another trust domain, a key that does not
+   * match its certificate) is refused, never replaced: replacing it would silently invalidate every SVID and
+   * every copy of the bundle held elsewhere. Call `start()` to begin rotating.
+   */
   static async create(options: LocalCaOptions): Promise<LocalCa> {
     const ca = new LocalCa(options);
-    ca.#active = await ca.#mintSlot(1);
-    ca.#republish();
+    const stored = await ca.#load();
+    if (stored === undefined) {
+      ca.#active = await ca.#mintSlot(1);
+      ca.#publishAs(1n);
+    } else {
+      ca.#origin = 'resumed';
+      ca.#active = stored.active;
+      ca.#next = stored.next;
+      ca.#retired = [...stored.retired];
+      ca.#sequence = stored.sequence;
+      // Catch up with the schedule: the agent may have been down through a preparation, an activation or an
+      // expiry. Republishing bumps the sequence only when something changed.
+      await ca.#tick();
+      if (ca.#bundle === undefined) ca.#publishAs(ca.#sequence);
+    }
+    await ca.#persisting;
+    // Before anyone is handed an SVID: a CA that cannot be kept would be replaced at the next restart.
+    await ca.#writeState();
     return ca;
+  }
+
+  /** `resumed` when the CA was read back from the state directory, `new` when it was minted by this process. */
+  get origin(): 'new' | 'resumed' {
+    return this.#origin;
+  }
+
+  /** Resolves once the state written so far is on disk (tests; shutdown). */
+  flushed(): Promise<void> {
+    return this.#persisting;
   }
 
   get active(): CaSlot {
@@ -318,14 +368,61 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
   }
 
   #republish(): void {
+    this.#publishAs(this.#sequence + 1n);
+    this.#persisting = this.#persisting.then(() => this.#persist());
+    this.emit('bundle', this.#bundle);
+  }
+
+  #publishAs(sequence: bigint): void {
     const slots = this.#slots();
-    this.#sequence += 1n;
+    this.#sequence = sequence;
     this.#bundle = new SpiffeBundle(this.trustDomain, {
       x509Authorities: this.#authorities(),
       jwtAuthorities: slots.map((slot) => slot.jwtAuthority),
-      sequence: this.#sequence,
+      sequence,
     });
-    this.emit('bundle', this.#bundle);
+  }
+
+  /** Writes the current slots and sequence to the state directory; failures are reported, never thrown. */
+  async #persist(): Promise<void> {
+    try {
+      await this.#writeState();
+    } catch (err) {
+      this.emit('persistError', err as Error);
+    }
+  }
+
+  async #writeState(): Promise<void> {
+    const dir = this.#stateDir;
+    if (dir === undefined) return;
+    await dir.write(
+      CA_STATE_FILE,
+      encodeCaState({
+        trustDomain: this.trustDomain,
+        sequence: this.#sequence,
+        active: this.#active,
+        ...(this.#next ? { next: this.#next } : {}),
+        retired: this.#retired,
+      }),
+    );
+  }
+
+  async #load(): Promise<Awaited<ReturnType<typeof decodeCaState>> | undefined> {
+    const dir = this.#stateDir;
+    if (dir === undefined) return undefined;
+    const data = await dir.read(CA_STATE_FILE);
+    if (data === undefined) return undefined;
+    const file = `${dir.path}/${CA_STATE_FILE}`;
+    try {
+      return decodeCaState(data.toString('utf8'), this.trustDomain);
+    } catch (err) {
+      throw new AgentError(
+        AgentErrorCode.Ca,
+        `${file}: ${(err as Error).message}. The agent will not replace it: a new CA would invalidate every SVID ` +
+          'and every copy of the bundle issued so far. Fix or restore the file, or move it aside on purpose to start a new CA',
+        { cause: err },
+      );
+    }
   }
 
   async #mintSlot(generation: number): Promise<CaSlot> {
@@ -336,7 +433,9 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
     const keys = await generateKeyPair(this.keyType);
     const jwtKeys = await generateKeyPair(this.keyType);
     const trustDomainId = this.trustDomain.idString;
-    const subject = `O=${this.#organization}, CN=${this.trustDomain.name} CA ${generation}`;
+    // The generation continues across restarts (state directory); the random suffix tells apart two CAs that
+    // share a generation (two agents without state, or a state directory deliberately started afresh).
+    const subject = `O=${this.#organization}, CN=${this.trustDomain.name} CA ${generation} ${randomBytes(4).toString('hex')}`;
     const extensions = [
       new x509.BasicConstraintsExtension(true, upstream ? 0 : undefined, true),
       new x509.KeyUsagesExtension(x509.KeyUsageFlags.keyCertSign | x509.KeyUsageFlags.cRLSign, true),
@@ -399,6 +498,7 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
       signingKey: keys.privateKey,
       peculiarCert: cert,
       jwtPrivateKey: KeyObject.from(jwtKeys.privateKey),
+      privateKey: KeyObject.from(keys.privateKey),
     };
   }
 }

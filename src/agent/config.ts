@@ -20,6 +20,8 @@ import { DEFAULT_X509_SVID_TTL_SECONDS } from './issuer.ts';
 import { isKeyType, KEY_TYPES, type KeyType } from './keys.ts';
 
 export const DEFAULT_AGENT_SOCKET = '/run/kube-svid-proxy/agent.sock';
+/** Where the agent keeps its CA and federated bundles unless `stateDir` says otherwise. */
+export const DEFAULT_STATE_DIR = '/var/lib/kube-svid-proxy/agent';
 
 /** AgentOptions without the logger, plus the log level. */
 export type AgentConfig = Omit<AgentOptions, 'logger'> & { readonly logLevel: LogLevel };
@@ -36,6 +38,7 @@ const TOP = [
   'socketPath',
   'socketMode',
   'entriesFile',
+  'stateDir',
   'watchPollInterval',
   'logLevel',
   'ca',
@@ -102,6 +105,7 @@ function readTop(
   if (entriesField === undefined) r.report(r.offsetOf(root, 0), 'missing required key "entriesFile"');
   const entriesFile = path(str(entriesField, 'entriesFile'));
   const socketPath = path(str(f.get('socketPath'), 'socketPath')) ?? DEFAULT_AGENT_SOCKET;
+  const stateDir = path(str(f.get('stateDir'), 'stateDir (a directory path)')) ?? DEFAULT_STATE_DIR;
 
   let socketMode: number | undefined;
   const modeField = f.get('socketMode');
@@ -282,6 +286,7 @@ function readTop(
     socketPath,
     ...(socketMode !== undefined ? { socketMode } : {}),
     entriesFile,
+    stateDir,
     ...(watchPollMs !== undefined ? { watchPollMs } : {}),
     logLevel,
     ca,

@@ -30,6 +30,7 @@ function config(extra = ''): string {
   return [
     'trustDomain: example.org',
     'entriesFile: conf/entries.yaml',
+    'stateDir: state',
     'socketPath: sock/agent.sock',
     'watchPollInterval: 24h',
     'logLevel: info',
@@ -140,7 +141,7 @@ describe('kube-svid-proxy agent: SIGHUP and SIGTERM', () => {
     );
     const err = logs[refused]?.err as { code?: string; message?: string } | undefined;
     assert.equal(err?.code, 'ERR_AGENT_CONFIG');
-    assert.match(err?.message ?? '', /:6:1: unknown key "bogus"/);
+    assert.match(err?.message ?? '', /:7:1: unknown key "bogus"/);
     assert.deepEqual(await fetchIds(), ['spiffe://example.org/after']);
   });
 

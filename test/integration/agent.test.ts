@@ -18,7 +18,7 @@ import {
 } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
@@ -178,6 +178,41 @@ describe('Workload API security header and caller identity', () => {
       assert.deepEqual(await runAs(4003), { error: 'PERMISSION_DENIED' });
     } finally {
       await multi.close();
+    }
+  });
+});
+
+describe('durable trust: the state directory', () => {
+  it('restarted on the same stateDir, the agent serves the same bundle and what it served before still verifies', async () => {
+    const state = join(mkdtempSync(join(tmpdir(), 'ksp-state-')), 'agent');
+    const entries = `entries:\n${entryFor(uid, 'durable')}`;
+    const first = await startTestAgent(entries, { stateDir: state });
+    let before: X509Context;
+    const s1 = await X509Source.create({ address: first.address });
+    try {
+      before = s1.context;
+    } finally {
+      s1.close();
+      await first.close();
+    }
+    const second = await startTestAgent(entries, { stateDir: state });
+    const s2 = await X509Source.create({ address: second.address });
+    try {
+      const now = s2.context;
+      const own = (ctx: X509Context) => ctx.bundles.getX509Bundle(TrustDomain.parse(TRUST_DOMAIN));
+      assert.deepEqual(
+        own(now)?.authorities.map((c) => c.fingerprint256),
+        own(before)?.authorities.map((c) => c.fingerprint256),
+        'the same CA after the restart',
+      );
+      // The SVID handed out by the first process verifies against the bundle the second one serves.
+      const id = verifyX509Svid(before.svids[0]?.certificates ?? [], now.bundles).id;
+      assert.equal(id.toString(), `spiffe://${TRUST_DOMAIN}/durable`);
+      assert.equal(second.agent.ca.origin, 'resumed');
+    } finally {
+      s2.close();
+      await second.close();
+      rmSync(dirname(state), { recursive: true, force: true });
     }
   });
 });

@@ -5,6 +5,7 @@ import {
   type AgentConfig,
   ConfigError,
   DEFAULT_AGENT_SOCKET,
+  DEFAULT_STATE_DIR,
   loadAgentConfig,
   parseAgentConfig,
 } from '../../../src/agent/config.ts';
@@ -66,6 +67,8 @@ describe('agent configuration', () => {
       assert.equal(config.trustDomain.name, 'spoke.example.org');
       assert.equal(config.socketPath, DEFAULT_AGENT_SOCKET);
       assert.equal(DEFAULT_AGENT_SOCKET, '/run/kube-svid-proxy/agent.sock');
+      assert.equal(config.stateDir, DEFAULT_STATE_DIR);
+      assert.equal(DEFAULT_STATE_DIR, '/var/lib/kube-svid-proxy/agent');
       assert.equal(config.socketMode, undefined);
       assert.equal(config.watchPollMs, undefined);
       assert.equal(config.logLevel, 'info');

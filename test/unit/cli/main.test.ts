@@ -151,7 +151,10 @@ describe('kube-svid-proxy agent: refusals before it starts', () => {
   it('needs --config, refuses a missing or invalid config, and an unknown --log-level', async () => {
     const good = join(dir, 'good.yaml');
     writeFileSync(join(dir, 'entries.yaml'), 'entries: []\n');
-    writeFileSync(good, 'trustDomain: example.org\nentriesFile: entries.yaml\nsocketPath: s/agent.sock\n');
+    writeFileSync(
+      good,
+      'trustDomain: example.org\nentriesFile: entries.yaml\nstateDir: state\nsocketPath: s/agent.sock\n',
+    );
     const bad = join(dir, 'bad.yaml');
     writeFileSync(bad, 'trustDomain: example.org\nentriesFile: entries.yaml\nbogus: 1\nlogLevel: loud\n');
     const missing = join(dir, 'missing.yaml');
@@ -211,7 +214,7 @@ describe('kube-svid-proxy agent and api: a real agent in a child process', () =>
     const config = join(dir, 'agent.yaml');
     writeFileSync(
       config,
-      'trustDomain: example.org\nentriesFile: entries.yaml\nsocketPath: sock/agent.sock\nlogLevel: info\n',
+      'trustDomain: example.org\nentriesFile: entries.yaml\nstateDir: state\nsocketPath: sock/agent.sock\nlogLevel: info\n',
     );
     const child = spawn(process.execPath, [main, 'agent', '--config', config], {
       env: cleanEnv(),
