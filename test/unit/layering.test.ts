@@ -78,6 +78,7 @@ const LAYERS = [
   'admin',
   'config',
   'workload',
+  'federation',
   'agent',
   'policy',
   'proxy',
