@@ -12,7 +12,12 @@
 import { STATUS_CODES } from 'node:http';
 import { type FastifyInstance, fastify, LogController } from 'fastify';
 import type { Logger } from '../observability/logger.ts';
-import type { ProxyMetrics } from '../observability/metrics.ts';
+
+/** Whatever renders Prometheus text: the proxy's metrics or the agent's. */
+export interface MetricsSource {
+  readonly contentType: string;
+  metrics(): Promise<string>;
+}
 
 /** One readiness condition, e.g. "svid": ok, "valid for another 41m". */
 export interface ReadinessCheck {
@@ -29,7 +34,7 @@ export interface ReadinessReport {
 }
 
 export interface AdminServerOptions {
-  metrics: ProxyMetrics;
+  metrics: MetricsSource;
   /** Called on every GET /readyz. If it throws, /readyz answers 503 with a single failed "readiness" check. */
   readiness: () => ReadinessReport | Promise<ReadinessReport>;
   logger: Logger;

@@ -1,8 +1,16 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
+import {
+  type AdminServer,
+  createAdminServer,
+  type ReadinessCheck,
+  type ReadinessReport,
+} from '../admin/server.ts';
+import type { HostPort } from '../config/common.ts';
 import { compareStrings } from '../config/compare.ts';
 import { StateDir } from '../config/statedir.ts';
 import { type WatchedFile, watchFile } from '../config/watch.ts';
+import { AgentMetrics } from '../observability/agent-metrics.ts';
 import type { LogLevel } from '../observability/levels.ts';
 import { BundleSet, SpiffeBundle } from '../spiffe/bundle.ts';
 import { type SpiffeId, TrustDomain } from '../spiffe/id.ts';
@@ -11,8 +19,10 @@ import { K8sAttestor, type K8sAttestorOptions } from './attestors/k8s.ts';
 import type { WorkloadAttestor } from './attestors/types.ts';
 import { UnixAttestor, type UnixAttestorOptions } from './attestors/unix.ts';
 import { LocalCa, loadUpstreamAuthority, type UpstreamAuthority, type UpstreamFiles } from './ca.ts';
+import type { BundleEndpointSettings, RelationshipSettings } from './config-federation.ts';
 import { type EntriesWatcher, type EntrySet, type RegistrationEntry, watchEntries } from './entries.ts';
 import { AgentError, AgentErrorCode } from './errors.ts';
+import { AgentFederation } from './federation.ts';
 import { type IssuedX509Svid, SvidIssuer } from './issuer.ts';
 import type { KeyType } from './keys.ts';
 import type { PeerCredentials } from './peercred.ts';
@@ -51,6 +61,13 @@ export interface AgentOptions {
   };
   /** Federated trust domains: bundle files (SPIFFE bundle JSON), watched for changes. */
   readonly federatedBundles?: ReadonlyMap<string, string>;
+  /** The bundle endpoint we serve, and the peers' endpoints we fetch (`federation` in agent.yaml). */
+  readonly federation?: {
+    readonly bundleEndpoint?: BundleEndpointSettings;
+    readonly relationships: readonly RelationshipSettings[];
+  };
+  /** The admin listener (/healthz, /readyz, /metrics); off when absent. */
+  readonly admin?: HostPort;
   /** Re-read poll interval for watched files (default 5 s). */
   readonly watchPollMs?: number;
   readonly logger: Logger;
@@ -69,6 +86,8 @@ const RESTART_ONLY: readonly (readonly [keyof AgentSettings, string])[] = [
   ['watchPollMs', 'watchPollInterval'],
   ['ca', 'ca'],
   ['svid', 'svid'],
+  ['federation', 'federation.bundleEndpoint / federation.trustDomains'],
+  ['admin', 'admin'],
 ];
 
 /** Federated bundle files the agent follows, by trust domain name. */
@@ -91,7 +110,13 @@ export class WorkloadAgent implements WorkloadApiBackend {
   readonly ca: LocalCa;
   readonly issuer: SvidIssuer;
   readonly server: WorkloadApiServer;
+  readonly metrics: AgentMetrics;
   readonly #log: Logger;
+  readonly #stateDir: StateDir | undefined;
+  /** The bundle endpoint's own SVID (https_spiffe), minted and rotated like a workload's. */
+  readonly #endpointEntry: RegistrationEntry | undefined;
+  #federation: AgentFederation | undefined;
+  #admin: AdminServer | undefined;
   readonly #events = new EventEmitter<AgentEvents>();
   readonly #federated = new Map<string, SpiffeBundle>();
   readonly #federatedFiles = new Map<string, FederatedFile>();
@@ -104,8 +129,27 @@ export class WorkloadAgent implements WorkloadApiBackend {
   #reloading: Promise<void> = Promise.resolve();
   #closed = false;
 
-  private constructor(options: AgentOptions, ca: LocalCa) {
+  private constructor(options: AgentOptions, ca: LocalCa, stateDir: StateDir | undefined) {
     this.trustDomain = options.trustDomain;
+    this.#stateDir = stateDir;
+    this.metrics = new AgentMetrics({ defaultMetrics: options.admin !== undefined });
+    this.metrics.readCa(() => ({
+      generation: this.ca.active.generation,
+      notAfter: this.ca.active.notAfter,
+      ...(this.ca.bundle.sequence !== undefined ? { sequence: this.ca.bundle.sequence } : {}),
+    }));
+    const endpointTls = options.federation?.bundleEndpoint?.tls;
+    this.#endpointEntry =
+      endpointTls?.profile === 'https_spiffe'
+        ? {
+            key: 'internal:bundle-endpoint',
+            spiffeId: endpointTls.spiffeId,
+            selectors: [],
+            dnsNames: [],
+            federatesWith: [],
+            line: 0,
+          }
+        : undefined;
     this.#log = options.logger;
     const { logger: _, ...settings } = options;
     this.#settings = settings;
@@ -141,7 +185,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
       ...(options.ca?.ttlSeconds ? { caTtlSeconds: options.ca.ttlSeconds } : {}),
       ...(upstream ? { upstream } : {}),
     });
-    const agent = new WorkloadAgent(options, ca);
+    const agent = new WorkloadAgent(options, ca, stateDir);
     try {
       await agent.#init(options);
     } catch (err) {
@@ -196,6 +240,14 @@ export class WorkloadAgent implements WorkloadApiBackend {
       );
     });
     this.issuer.on('rotated', (issued) => {
+      if (issued.entryKey === this.#endpointEntry?.key) {
+        this.#federation?.setEndpointIdentity(issued.svid);
+        log.info(
+          { spiffeId: issued.id.toString(), notAfter: issued.notAfter.toISOString() },
+          'bundle endpoint SVID rotated',
+        );
+        return;
+      }
       log.info(
         { spiffeId: issued.id.toString(), notAfter: issued.notAfter.toISOString() },
         'X509-SVID rotated',
@@ -210,7 +262,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
       trustDomain: options.trustDomain,
       pollIntervalMs,
       onChange: (set, previous) => {
-        this.issuer.retain(set.entries);
+        this.issuer.retain(this.#endpointEntry ? [...set.entries, this.#endpointEntry] : set.entries);
         log.info(
           { file: options.entriesFile, entries: set.entries.length, before: previous.entries.length },
           'registration entries reloaded',
@@ -229,8 +281,94 @@ export class WorkloadAgent implements WorkloadApiBackend {
       this.#federatedFiles.set(name, { file, watcher });
       this.#federated.set(name, watcher.current);
     }
+    const federation = options.federation;
+    if (federation || this.#stateDir) {
+      const endpointEntry = this.#endpointEntry;
+      this.#federation = await AgentFederation.start({
+        trustDomain: this.trustDomain,
+        relationships: federation?.relationships ?? [],
+        ...(federation?.bundleEndpoint ? { bundleEndpoint: federation.bundleEndpoint } : {}),
+        staticTrustDomains: new Set(this.#federatedFiles.keys()),
+        ...(this.#stateDir ? { stateDir: this.#stateDir } : {}),
+        ownBundle: () => this.ca.bundle,
+        ...(endpointEntry
+          ? { endpointIdentity: async () => (await this.issuer.x509For(endpointEntry)).svid }
+          : {}),
+        onBundle: (bundle) => this.setFederatedBundle(bundle),
+        metrics: this.metrics,
+        logger: log.child({ component: 'federation' }),
+      });
+    }
     ca.start();
     await this.server.listen();
+    if (options.admin) {
+      this.#admin = await createAdminServer({
+        metrics: this.metrics,
+        readiness: () => this.readiness(),
+        logger: log.child({ component: 'admin' }),
+        host: options.admin.host,
+        port: options.admin.port,
+      });
+    }
+  }
+
+  /** The admin listener's address, when one is configured. */
+  get adminAddress(): { host: string; port: number } | undefined {
+    return this.#admin?.address;
+  }
+
+  /** The federation side: relationships, set bundles, the bundle endpoint (undefined without any). */
+  get federation(): AgentFederation | undefined {
+    return this.#federation;
+  }
+
+  /**
+   * /readyz: ready while the CA that signs is valid. Each federated trust domain adds a check that fails only
+   * while no bundle of it is held; a dark endpoint is reported in the detail (age, last error) but does not make
+   * the agent unready, since the last good bundle still serves and restarting the agent would not help.
+   */
+  readiness(): ReadinessReport {
+    const now = Date.now();
+    const active = this.ca.active;
+    const checks: ReadinessCheck[] = [
+      {
+        name: 'ca',
+        ok: active.notAfter.getTime() > now,
+        detail: `generation ${active.generation} (${this.ca.origin === 'resumed' ? 'resumed from the state directory' : 'minted by this process'}), valid until ${active.notAfter.toISOString()}, bundle sequence ${this.ca.bundle.sequence ?? 'none'}`,
+      },
+    ];
+    for (const td of this.#federation?.list() ?? []) {
+      if (td.kind === 'set') {
+        checks.push({
+          name: `federation:${td.trustDomain}`,
+          ok: true,
+          detail: `bundle set by an operator at ${td.stored?.fetchedAt.toISOString()}; no endpoint is polled`,
+        });
+        continue;
+      }
+      const s = td.status;
+      if (s === undefined) continue;
+      const parts: string[] = [];
+      if (s.bundle) {
+        parts.push(`bundle from ${s.source ?? 'unknown'}, sequence ${s.bundle.sequence ?? 'none'}`);
+      } else parts.push('no bundle held');
+      parts.push(
+        s.lastSuccess
+          ? `age ${Math.round((now - s.lastSuccess.getTime()) / 1000)}s (last success ${s.lastSuccess.toISOString()})`
+          : 'never fetched',
+      );
+      if (s.consecutiveFailures > 0 && s.lastError) {
+        parts.push(
+          `${s.consecutiveFailures} failure(s) since, last ${s.lastError.code}: ${s.lastError.message}`,
+        );
+      }
+      checks.push({
+        name: `federation:${td.trustDomain}`,
+        ok: s.bundle !== undefined,
+        detail: parts.join('; '),
+      });
+    }
+    return { ready: checks.every((c) => c.ok), checks };
   }
 
   async #watchFederatedBundle(name: string, file: string): Promise<WatchedFile<SpiffeBundle>> {
@@ -282,6 +420,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
         this.#entries.reload(),
         ...[...this.#federatedFiles.values()].map((f) => f.watcher.reload()),
         this.#reloadUpstream(),
+        this.#federation?.reload(),
       ]);
     };
     this.#reloading = this.#reloading.then(run, run);
@@ -401,7 +540,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
     }
   }
 
-  /** Adds or replaces a federated trust domain's bundle (the federation fetcher will call this). */
+  /** Adds or replaces a federated trust domain's bundle (from a file, a fetch, the state directory). */
   setFederatedBundle(bundle: SpiffeBundle): void {
     if (bundle.trustDomain.equals(this.trustDomain)) {
       throw new AgentError(AgentErrorCode.Config, 'a federated bundle may not be for our own trust domain');
@@ -421,7 +560,10 @@ export class WorkloadAgent implements WorkloadApiBackend {
     for (const f of this.#federatedFiles.values()) f.watcher.close();
     this.ca.close();
     this.issuer.close();
+    await this.#federation?.close();
+    await this.#admin?.close();
     await this.server.close();
+    await this.ca.flushed();
   }
 
   #changed(): void {

@@ -5,7 +5,8 @@
  * and throws a plain Error naming what is wrong; the CA turns that into ERR_AGENT_CA naming the file.
  */
 import { createPrivateKey, createPublicKey, type KeyObject, X509Certificate } from 'node:crypto';
-import type { TrustDomain } from '../spiffe/id.ts';
+import { SpiffeBundle } from '../spiffe/bundle.ts';
+import { TrustDomain } from '../spiffe/id.ts';
 import type { CaSlot } from './ca.ts';
 import { toSigningKey, x509 } from './keys.ts';
 
@@ -18,6 +19,8 @@ export interface CaState {
   readonly active: CaSlot;
   readonly next?: CaSlot;
   readonly retired: readonly CaSlot[];
+  /** The bundle published from these slots: kept beside them so `bundle show` prints exactly what is served. */
+  readonly bundle?: SpiffeBundle;
 }
 
 interface StoredSlot {
@@ -37,6 +40,8 @@ interface StoredState {
   active: StoredSlot;
   next?: StoredSlot;
   retired: StoredSlot[];
+  /** SPIFFE bundle JSON, as a string (written, never read back by the CA: it recomputes the bundle). */
+  bundle?: string;
 }
 
 const pem = (key: KeyObject): string => key.export({ format: 'pem', type: 'pkcs8' }).toString();
@@ -61,6 +66,7 @@ export function encodeCaState(state: CaState): string {
     active: encodeSlot(state.active),
     ...(state.next ? { next: encodeSlot(state.next) } : {}),
     retired: state.retired.map(encodeSlot),
+    ...(state.bundle ? { bundle: state.bundle.marshal() } : {}),
   };
   return `${JSON.stringify(stored, null, 2)}\n`;
 }
@@ -153,4 +159,22 @@ export function decodeCaState(data: string, trustDomain: TrustDomain): CaState {
     throw new Error(`CA generations are not in increasing order (${generations.join(', ')})`);
   }
   return { trustDomain, sequence: BigInt(doc.sequence), active, ...(next ? { next } : {}), retired };
+}
+
+/**
+ * The published bundle and the trust domain of a state file, without loading any key (what `bundle show` needs).
+ * Throws naming the first problem.
+ */
+export function readPublishedBundle(data: string): SpiffeBundle {
+  let doc: Partial<StoredState>;
+  try {
+    doc = JSON.parse(data) as Partial<StoredState>;
+  } catch (err) {
+    throw new Error(`not valid JSON: ${(err as Error).message}`);
+  }
+  if (typeof doc !== 'object' || doc === null) throw new Error('not a JSON object');
+  if (doc.version !== VERSION)
+    throw new Error(`version ${String(doc.version)} is not supported (expected ${VERSION})`);
+  const trustDomain = TrustDomain.parse(text(doc.trustDomain, 'trustDomain'));
+  return SpiffeBundle.parse(trustDomain, text(doc.bundle, 'bundle'));
 }

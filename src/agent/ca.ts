@@ -403,6 +403,7 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
         active: this.#active,
         ...(this.#next ? { next: this.#next } : {}),
         retired: this.#retired,
+        bundle: this.#bundle,
       }),
     );
   }

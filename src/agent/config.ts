@@ -3,11 +3,12 @@ import {
   type Field,
   fieldMap,
   fieldString,
+  type HostPort,
   parseConfig,
+  parseHostPort,
   readConfigFile,
   readLogLevel,
   readTrustDomain,
-  readTrustDomainFiles,
 } from '../config/common.ts';
 import type { YamlProblem, YamlReader } from '../config/yaml.ts';
 import type { LogLevel } from '../observability/logger.ts';
@@ -15,6 +16,7 @@ import type { AgentOptions } from './agent.ts';
 import type { K8sAttestorOptions } from './attestors/k8s.ts';
 import type { UnixAttestorOptions } from './attestors/unix.ts';
 import { DEFAULT_CA_TTL_SECONDS } from './ca.ts';
+import { type FederationSettings, readFederation } from './config-federation.ts';
 import { AgentErrorCode, FileProblemsError } from './errors.ts';
 import { DEFAULT_X509_SVID_TTL_SECONDS } from './issuer.ts';
 import { isKeyType, KEY_TYPES, type KeyType } from './keys.ts';
@@ -45,7 +47,9 @@ const TOP = [
   'svid',
   'attestors',
   'federation',
+  'admin',
 ] as const;
+const ADMIN = ['listen'] as const;
 const CA = ['keyType', 'ttl', 'upstream'] as const;
 const UPSTREAM = ['certFile', 'keyFile', 'bundleFile'] as const;
 const SVID = ['keyType', 'x509Ttl', 'jwtTtl', 'rotationJitter'] as const;
@@ -61,7 +65,6 @@ const K8S = [
   'maxPollAttempts',
   'pollInterval',
 ] as const;
-const FEDERATION = ['bundles'] as const;
 
 /** Longest `watchPollInterval`: a day (fs.watch does the prompt work; the poll only catches what it missed). */
 const MAX_WATCH_POLL_SECONDS = 86400;
@@ -271,13 +274,32 @@ function readTop(
   }
 
   // federation
-  let federatedBundles = new Map<string, string>();
+  let federation: FederationSettings | undefined;
   const fedMap = sub(f.get('federation'), 'federation');
-  if (fedMap) {
-    const fed = r.fields(fedMap, FEDERATION, 'federation');
-    const bundlesMap = sub(fed.get('bundles'), 'federation.bundles');
-    if (bundlesMap)
-      federatedBundles = readTrustDomainFiles(r, bundlesMap, 'federation.bundles', path, trustDomain);
+  if (fedMap) federation = readFederation(r, fedMap, path, trustDomain);
+  const federatedBundles = federation?.bundleFiles ?? new Map<string, string>();
+
+  // admin
+  let admin: HostPort | undefined;
+  const adminField = f.get('admin');
+  const adminMap = sub(adminField, 'admin');
+  if (adminField && adminMap) {
+    const listenField = r.fields(adminMap, ADMIN, 'admin').get('listen');
+    const text = str(listenField, 'admin.listen');
+    if (listenField === undefined)
+      r.report(adminField.keyOffset, 'admin needs "listen" (e.g. 127.0.0.1:9464)');
+    else if (text !== undefined) {
+      const parsed = parseHostPort(text);
+      if (typeof parsed === 'string') r.report(listenField.valueOffset, `admin.listen: ${parsed}`);
+      else admin = parsed;
+    }
+  }
+  const endpointPort = federation?.bundleEndpoint?.listen.port;
+  if (admin && endpointPort !== undefined && endpointPort !== 0 && admin.port === endpointPort) {
+    r.report(
+      r.offsetOf(root, 0),
+      `admin.listen and federation.bundleEndpoint.listen use the same port ${admin.port}`,
+    );
   }
 
   if (trustDomain === undefined || entriesFile === undefined) return undefined;
@@ -293,5 +315,14 @@ function readTop(
     svid,
     attestors: { unix, ...(k8s ? { k8s } : {}) },
     ...(federatedBundles.size > 0 ? { federatedBundles } : {}),
+    ...(federation && (federation.bundleEndpoint || federation.relationships.length > 0)
+      ? {
+          federation: {
+            ...(federation.bundleEndpoint ? { bundleEndpoint: federation.bundleEndpoint } : {}),
+            relationships: federation.relationships,
+          },
+        }
+      : {}),
+    ...(admin ? { admin } : {}),
   };
 }

@@ -11,6 +11,19 @@ import { TrustDomain } from '../spiffe/id.ts';
 import { readYaml, type YamlProblem, type YamlReader } from './yaml.ts';
 
 /** A key's value node with the offsets of key and value, as `YamlReader.fields` returns it. */
+export interface HostPort {
+  readonly host: string;
+  readonly port: number;
+}
+
+export function parseHostPort(text: string): HostPort | string {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(text.trim());
+  if (m === null) return `"${text}" is not host:port (e.g. 0.0.0.0:8443, 127.0.0.1:9443, [::1]:8443)`;
+  const port = Number(m[3]);
+  if (port > 65535) return `port ${port} is out of range`;
+  return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
+}
+
 export type Field = { value: Node | null; keyOffset: number; valueOffset: number };
 
 /** Resolves paths in a config file against the file's directory. */

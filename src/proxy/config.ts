@@ -3,7 +3,9 @@ import {
   type Field,
   fieldMap,
   fieldString,
+  type HostPort,
   parseConfig,
+  parseHostPort,
   readConfigFile,
   readLogLevel,
   readTrustDomain,
@@ -14,11 +16,6 @@ import type { LogLevel } from '../observability/logger.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
 import { ProxyConfigError, ProxyErrorCode } from './errors.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS, type ProxyLimits, type ProxyTimeouts } from './limits.ts';
-
-export interface HostPort {
-  readonly host: string;
-  readonly port: number;
-}
 
 export interface ProxyConfig {
   readonly trustDomain: TrustDomain;
@@ -65,7 +62,7 @@ export const DEFAULT_LISTEN: HostPort = { host: '0.0.0.0', port: 8443 };
 export const DEFAULT_ADMIN: HostPort = { host: '127.0.0.1', port: 9443 };
 export const DEFAULT_MIN_SVID_REMAINING_SECONDS = 300;
 
-export { ProxyConfigError };
+export { type HostPort, ProxyConfigError, parseHostPort };
 
 const TOP = [
   'trustDomain',
@@ -118,14 +115,6 @@ const READINESS = ['minSvidRemaining'] as const;
 const AUDIT = ['file'] as const;
 /** `audit.file` when absent: stdout, apart from the operational log on stderr. */
 export const DEFAULT_AUDIT_FILE = '-';
-
-export function parseHostPort(text: string): HostPort | string {
-  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(text.trim());
-  if (m === null) return `"${text}" is not host:port (e.g. 0.0.0.0:8443, 127.0.0.1:9443, [::1]:8443)`;
-  const port = Number(m[3]);
-  if (port > 65535) return `port ${port} is out of range`;
-  return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
-}
 
 export function parseProxyConfig(text: string, file: string): ProxyConfig {
   return parseConfig(

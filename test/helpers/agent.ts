@@ -30,7 +30,7 @@ export function entryFor(uid: number, path: string, extra = ''): string {
  */
 export async function startTestAgent(
   entriesYaml: string,
-  options: Partial<Omit<AgentOptions, 'trustDomain' | 'socketPath' | 'entriesFile'>> = {},
+  options: Partial<Omit<AgentOptions, 'socketPath' | 'entriesFile'>> = {},
 ): Promise<TestAgent> {
   const dir = mkdtempSync(join(tmpdir(), 'ksp-agent-'));
   chmodSync(dir, 0o755);

@@ -23,8 +23,8 @@ const READY: ReadinessReport = {
 
 async function start(
   overrides: Partial<Parameters<typeof createAdminServer>[0]> = {},
+  metrics: ProxyMetrics = new ProxyMetrics({ defaultMetrics: false }),
 ): Promise<{ server: AdminServer; url: (path: string) => string; metrics: ProxyMetrics }> {
-  const metrics = overrides.metrics ?? new ProxyMetrics({ defaultMetrics: false });
   const server = await createAdminServer({
     metrics,
     readiness: () => READY,
@@ -150,7 +150,7 @@ describe('admin server', () => {
     let expiry = new Date(now + 900_000);
     metrics.setSvidExpiry(() => expiry);
     metrics.setBundleAges(() => new Map([['example.org', new Date(Date.parse('2029-12-31T23:59:00Z'))]]));
-    const { url } = await start({ metrics });
+    const { url } = await start({}, metrics);
 
     let text = await (await fetch(url('/metrics'))).text();
     assert.match(text, /^ksp_svid_expiry_seconds 900$/m);

@@ -332,3 +332,108 @@ describe('agent configuration', () => {
     });
   });
 });
+
+describe('agent.yaml: federation and admin', () => {
+  const FULL = `${MINIMAL}admin:
+  listen: 127.0.0.1:9464
+federation:
+  bundleEndpoint:
+    listen: 0.0.0.0:8444
+    profile: https_spiffe
+    refreshHint: 2m
+  trustDomains:
+    hub.example.org:
+      url: https://hub.example.org:8444/
+      profile: https_spiffe
+      endpointSpiffeId: spiffe://hub.example.org/spire/server
+      bootstrapBundle: bundles/hub.json
+    web.example.org:
+      url: https://bundles.web.example.org/web.json
+      profile: https_web
+  bundles:
+    static.example.org: bundles/static.json
+`;
+
+  it('reads the bundle endpoint, the relationships (paths resolved) and the admin listener', () => {
+    const config = parse(FULL);
+    assert.deepEqual(config.admin, { host: '127.0.0.1', port: 9464 });
+    const endpoint = config.federation?.bundleEndpoint;
+    assert.deepEqual(endpoint?.listen, { host: '0.0.0.0', port: 8444 });
+    assert.equal(endpoint?.refreshHintSeconds, 120);
+    assert.equal(endpoint?.path, '/');
+    assert.equal(endpoint?.tls.profile, 'https_spiffe');
+    assert.equal(
+      endpoint?.tls.profile === 'https_spiffe' ? endpoint.tls.spiffeId.toString() : '',
+      'spiffe://spoke.example.org/kube-svid-proxy/bundle-endpoint',
+      'the default endpoint SPIFFE ID',
+    );
+    const [hub, web] = config.federation?.relationships ?? [];
+    assert.equal(hub?.trustDomain.name, 'hub.example.org');
+    assert.equal(hub?.profile, 'https_spiffe');
+    assert.equal(hub?.profile === 'https_spiffe' ? hub.bootstrapBundle : '', '/etc/ksp/bundles/hub.json');
+    assert.equal(web?.profile, 'https_web');
+    assert.deepEqual(
+      [...(config.federatedBundles ?? [])],
+      [['static.example.org', '/etc/ksp/bundles/static.json']],
+    );
+  });
+
+  it('never guesses a profile, and refuses keys of the other profile', () => {
+    refuses(
+      `${MINIMAL}federation:\n  trustDomains:\n    hub.example.org:\n      url: https://hub.example.org/\n`,
+      '5:5',
+      /needs "profile": one of https_spiffe, https_web \(it is never guessed\)/,
+    );
+    refuses(
+      `${MINIMAL}federation:\n  trustDomains:\n    hub.example.org:\n      url: https://hub.example.org/\n      profile: https_web\n      endpointSpiffeId: spiffe://hub.example.org/x\n`,
+      '8:7',
+      /endpointSpiffeId belongs to profile https_spiffe, but profile is https_web/,
+    );
+    refuses(
+      `${MINIMAL}federation:\n  trustDomains:\n    hub.example.org:\n      url: https://hub.example.org/\n      profile: https_spiffe\n`,
+      '5:5',
+      /needs endpointSpiffeId/,
+    );
+    refuses(
+      `${MINIMAL}federation:\n  bundleEndpoint:\n    profile: https_web\n`,
+      '4:3',
+      /https_web needs certFile and keyFile/,
+    );
+  });
+
+  it('refuses what cannot be a relationship: http, another trust domain, our own, two sources', () => {
+    const rel = (td: string, body: string): string =>
+      `${MINIMAL}federation:\n  trustDomains:\n    ${td}:\n${body}`;
+    refuses(
+      rel('hub.example.org', '      url: http://hub.example.org/\n      profile: https_web\n'),
+      '6:12',
+      /must be https:\/\//,
+    );
+    refuses(
+      rel(
+        'hub.example.org',
+        '      url: https://hub.example.org/\n      profile: https_spiffe\n      endpointSpiffeId: spiffe://other.example.org/spire/server\n',
+      ),
+      '8:25',
+      /is not in trust domain hub\.example\.org/,
+    );
+    refuses(
+      rel('spoke.example.org', '      url: https://x.example.org/\n      profile: https_web\n'),
+      '5:5',
+      /our own trust domain/,
+    );
+    refuses(
+      `${MINIMAL}federation:\n  bundles:\n    hub.example.org: hub.json\n  trustDomains:\n    hub.example.org:\n      url: https://hub.example.org/\n      profile: https_web\n`,
+      '7:5',
+      /also has a file in federation\.bundles; choose one source/,
+    );
+  });
+
+  it('refuses an admin listener on the bundle endpoint port', () => {
+    refuses(
+      `${MINIMAL}admin:\n  listen: 127.0.0.1:8443\nfederation:\n  bundleEndpoint:\n    profile: https_spiffe\n`,
+      '1:1',
+      /admin\.listen and federation\.bundleEndpoint\.listen use the same port 8443/,
+    );
+  });
+});
