@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util';
 import { isAgentError } from '../agent/errors.ts';
 import { ConfigReadError } from '../config/common.ts';
 import { isProxyError } from '../proxy/errors.ts';
+import { KspError } from '../spiffe/errors.ts';
 import {
   BundleSet,
   parseCertificates,
@@ -17,6 +18,7 @@ import { EXIT, UsageError } from './common.ts';
 import {
   AGENT_USAGE,
   API_USAGE,
+  BUNDLE_USAGE,
   CREDENTIAL_USAGE,
   commandPath,
   commandUsage,
@@ -33,11 +35,10 @@ Commands:
         Verify an X.509-SVID chain (PEM or DER, leaf first) against the bundle of the trust domain its
         leaf claims. FILE is a SPIFFE bundle (JSON) or PEM CA certificates. Prints the SPIFFE ID, or the
         error code of the rule the SVID breaks (exit 1).
-${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${CREDENTIAL_USAGE}${POLICY_USAGE}  version       Print the version.
+${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${BUNDLE_USAGE}${CREDENTIAL_USAGE}${POLICY_USAGE}  version       Print the version.
   help          Print this help.
 
 Not built yet (each prints what it will be and exits 3):
-  bundle        bundle endpoint and federation tools
   client        client-mode listener (wraps outbound connections in SVID mTLS)
 
 Run 'kube-svid-proxy help COMMAND' (or 'kube-svid-proxy COMMAND --help') for a command's flags, their
@@ -45,7 +46,6 @@ defaults, and an example.
 `;
 
 const NOT_BUILT: Record<string, string> = {
-  bundle: 'the bundle endpoint and federation commands are not built yet',
   client: 'the client-mode listener is not built yet',
 };
 
@@ -150,6 +150,8 @@ async function main(argv: string[]): Promise<number> {
         return await (await import('./credential.ts')).credentialCommand(rest);
       case 'policy':
         return await (await import('./policy.ts')).policyCommand(rest);
+      case 'bundle':
+        return await (await import('./bundle.ts')).bundleCommand(rest);
       case 'svid':
         if (rest[0] === 'verify') return svidVerify(rest.slice(1));
         throw new UsageError(`unknown svid subcommand ${JSON.stringify(rest[0] ?? '')} (expected: verify)`);
@@ -159,7 +161,7 @@ async function main(argv: string[]): Promise<number> {
         process.stderr.write(
           `kube-svid-proxy ${command}: ${what}.\n` +
             'What exists today: the proxy (`serve`), the bundled agent (`agent`), the Workload API client (`api`),\n' +
-            'the exec credential plugin (`credential`), `policy`, `svid verify`, and the SPIFFE and Workload API\n' +
+            'the exec credential plugin (`credential`), `bundle`, `policy`, `svid verify`, and the SPIFFE and Workload API\n' +
             'libraries.\n' +
             'See README.md, "Status".\n',
         );
@@ -176,15 +178,15 @@ async function main(argv: string[]): Promise<number> {
       process.stderr.write(`kube-svid-proxy: ${e.message}\nRun 'kube-svid-proxy ${pointer}' for usage.\n`);
       return EXIT.usage;
     }
-    if (isAgentError(e) || isProxyError(e) || e instanceof ConfigReadError) {
+    if (e instanceof SpiffeError) {
+      process.stderr.write(`REFUSED ${e.code}: ${e.message}\n`);
+      return EXIT.refused;
+    }
+    if (isAgentError(e) || isProxyError(e) || e instanceof ConfigReadError || e instanceof KspError) {
       // Multi-line messages (file:line:col problems) start on their own line, so each line begins with the file.
       process.stderr.write(
         `kube-svid-proxy: ${e.code}:${e.message.includes('\n') ? '\n' : ' '}${e.message}\n`,
       );
-      return EXIT.refused;
-    }
-    if (e instanceof SpiffeError) {
-      process.stderr.write(`REFUSED ${e.code}: ${e.message}\n`);
       return EXIT.refused;
     }
     const err = e as NodeJS.ErrnoException;

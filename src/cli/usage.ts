@@ -31,6 +31,16 @@ export const CREDENTIAL_USAGE = `  credential [--socket ADDR] [--hint HINT] [--t
         Print a kubeconfig whose user runs the plugin above (exec, interactiveMode Never).
 `;
 
+export const BUNDLE_USAGE = `  bundle show [--state-dir DIR | --config FILE] [--format spiffe|pem]
+        Print our trust bundle exactly as the agent publishes it (its bundle endpoint serves the same).
+  bundle list [--state-dir DIR | --config FILE] [--json]
+        List the federated bundles the agent holds: source, age, sequence, and each endpoint's last success and
+        last error.
+  bundle set --trust-domain NAME --file FILE|- [--format spiffe|pem] [--state-dir DIR | --config FILE]
+        Set a federated trust domain's bundle (first contact, or repairing an https_spiffe relationship); the
+        agent takes it on SIGHUP. DIR defaults to agent.yaml's stateDir, else /var/lib/kube-svid-proxy/agent.
+`;
+
 export const POLICY_USAGE = `  policy check FILE
         Validate a policy file: print a one-line summary (exit 0), or every problem as FILE:LINE:COL: message
         on stderr (exit 1).
@@ -79,6 +89,11 @@ const HINT_FLAG = [
   "use the SVID with this hint (default: the first one, the caller's default identity)",
 ] as const;
 const NO_FLAGS: readonly (readonly [string, string])[] = [];
+const STATE_DIR_FLAG = [
+  '    --state-dir DIR',
+  "the agent's state directory (default: agent.yaml's stateDir with --config, else /var/lib/kube-svid-proxy/agent)",
+] as const;
+const CONFIG_FLAG = ['-c, --config FILE', 'read the state directory from this agent.yaml'] as const;
 
 /** Every command and subcommand, by its words: `help api fetch jwt` looks up "api fetch jwt". */
 export const COMMANDS: Readonly<Record<string, CommandHelp>> = {
@@ -233,6 +248,55 @@ export const COMMANDS: Readonly<Record<string, CommandHelp>> = {
         '    --ca-file /tmp/svid/bundle.0.pem --name spoke > spoke.kubeconfig',
     ],
   },
+  bundle: {
+    synopsis: ['bundle show|list|set [flags]'],
+    summary:
+      "Show our trust bundle, list federated bundles with their age and last error, or set a federated trust domain's bundle.",
+    flags: NO_FLAGS,
+    subcommands: ['bundle show', 'bundle list', 'bundle set'],
+    examples: ['kube-svid-proxy bundle show --config /etc/kube-svid-proxy/agent.yaml > spoke-bundle.json'],
+  },
+  'bundle show': {
+    synopsis: ['bundle show [--state-dir DIR | --config FILE] [--format spiffe|pem]'],
+    summary:
+      'Print our trust bundle as the agent last published it: SPIFFE bundle JSON (with spiffe_sequence), or PEM CA certificates.',
+    flags: [STATE_DIR_FLAG, CONFIG_FLAG, ['    --format FORMAT', 'spiffe (default) or pem']],
+    examples: [
+      'kube-svid-proxy bundle show --config /etc/kube-svid-proxy/agent.yaml > spoke.example.org.json',
+      'kube-svid-proxy bundle show --state-dir /var/lib/kube-svid-proxy/agent --format pem',
+    ],
+  },
+  'bundle list': {
+    synopsis: ['bundle list [--state-dir DIR | --config FILE] [--json]'],
+    summary:
+      'List the federated bundles in the state directory: authorities, sequence, source and age, and for each ' +
+      'endpoint the agent polls its last success and last error (as the agent last wrote them).',
+    flags: [STATE_DIR_FLAG, CONFIG_FLAG, JSON_FLAG],
+    examples: ['kube-svid-proxy bundle list --config /etc/kube-svid-proxy/agent.yaml'],
+  },
+  'bundle set': {
+    synopsis: [
+      'bundle set --trust-domain NAME --file FILE|- [--format spiffe|pem] [--state-dir DIR | --config FILE]',
+    ],
+    summary:
+      'Set a federated trust domain\'s bundle in the state directory (source "set"). A running agent takes it on ' +
+      'SIGHUP: for a trust domain it polls, it replaces the held bundle (how an https_spiffe relationship is ' +
+      'bootstrapped or repaired); for any other, it becomes a static federated bundle.',
+    flags: [
+      ['    --trust-domain NAME', 'the federated trust domain; required (never our own)'],
+      ['    --file FILE', 'the bundle, or - for standard input; required'],
+      [
+        '    --format FORMAT',
+        'spiffe (SPIFFE bundle JSON, default) or pem (CA certificates only, no JWT keys)',
+      ],
+      STATE_DIR_FLAG,
+      CONFIG_FLAG,
+    ],
+    examples: [
+      'kube-svid-proxy bundle set --trust-domain hub.example.org --file hub.example.org.json \\\n' +
+        '    --config /etc/kube-svid-proxy/agent.yaml && kill -HUP "$(pidof kube-svid-proxy)"',
+    ],
+  },
   policy: {
     synopsis: ['policy check|explain|rbac FILE [flags]'],
     summary: 'Check a policy file, explain its decision for an ID, or derive the RBAC the proxy needs.',
@@ -308,12 +372,6 @@ export const COMMANDS: Readonly<Record<string, CommandHelp>> = {
     summary: 'Print the version of kube-svid-proxy.',
     flags: NO_FLAGS,
     examples: ['kube-svid-proxy version'],
-  },
-  bundle: {
-    synopsis: ['bundle'],
-    summary: 'Not built yet: the bundle endpoint and federation tools. Prints what it will be and exits 3.',
-    flags: NO_FLAGS,
-    examples: ['kube-svid-proxy bundle'],
   },
   client: {
     synopsis: ['client'],
