@@ -289,7 +289,8 @@ export class AgentFederation {
   }
 
   /**
-   * SIGHUP: takes bundles an operator set since (`bundle set`) and fetches every endpoint now. A stored bundle
+   * SIGHUP: takes bundles an operator set since (`bundle set`), fetches every endpoint now, and re-reads the
+   * bundle endpoint's https_web certificate. A stored bundle
    * whose source is `set` replaces a relationship's held bundle when it differs: that is how an operator repairs
    * an https_spiffe relationship whose endpoint can no longer be authenticated.
    */
@@ -321,7 +322,11 @@ export class AgentFederation {
         this.#log.error({ err: { message: (err as Error).message } }, 'stored federated bundles rejected');
       }
     }
-    await Promise.all([...this.#fetchers.values()].map((f) => f.refreshNow()));
+    await Promise.all([
+      ...[...this.#fetchers.values()].map((f) => f.refreshNow()),
+      // https_web: re-read the certificate and key now (a renewed certificate without waiting for the poll).
+      this.#endpoint?.reload(),
+    ]);
   }
 
   /** Fetches every endpoint now (tests, SIGHUP). */

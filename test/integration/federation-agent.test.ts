@@ -11,8 +11,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { generateKeys, HOUR, makeCa, makeLeaf } from '../../dev/certs.ts';
+import { LocalCa } from '../../src/agent/ca.ts';
 import type { RelationshipSettings } from '../../src/agent/config-federation.ts';
 import { x509 } from '../../src/agent/keys.ts';
+import { StateDir } from '../../src/config/statedir.ts';
+import { FederationStore } from '../../src/federation/store.ts';
 import type { SpiffeBundle } from '../../src/spiffe/bundle.ts';
 import { SpiffeId, TrustDomain } from '../../src/spiffe/id.ts';
 import { WorkloadClient } from '../../src/workload/client.ts';
@@ -200,6 +203,42 @@ describe('federation between two agents (https_spiffe)', () => {
     assert.match(status?.lastError?.code ?? '', /^ERR_FEDERATION_/);
     assert.match(status?.lastError?.message ?? '', /spiffe:\/\/hub\.test\/spire\/server/);
     assert.equal(status?.source, 'bootstrap');
+  });
+});
+
+describe('first contact and repair with bundle set', () => {
+  it('an https_spiffe relationship without a usable bundle is repaired by a set bundle and SIGHUP', async () => {
+    const hub = await startHub();
+    const stateDir = join(tempDir(), 'spoke-state');
+    // A stale bootstrap bundle: some other CA of the hub's trust domain, so the endpoint cannot be authenticated.
+    const stale = await LocalCa.create({ trustDomain: HUB });
+    const bootstrap = join(tempDir(), 'stale.json');
+    writeFileSync(bootstrap, stale.bundle.marshal());
+    stale.close();
+    const spoke = await startSpoke(
+      {
+        trustDomain: HUB,
+        url: endpointUrl(hub),
+        profile: 'https_spiffe',
+        endpointSpiffeId: ENDPOINT_ID,
+        bootstrapBundle: bootstrap,
+      },
+      stateDir,
+    );
+    const [refused] = (await spoke.agent.federation?.refreshNow()) ?? [];
+    assert.equal(refused?.lastError?.code, 'ERR_FEDERATION_UNTRUSTED');
+
+    // What `kube-svid-proxy bundle set` does, then SIGHUP.
+    const store = await FederationStore.open(await StateDir.open(stateDir));
+    await store.save(HUB, { bundle: hub.agent.ca.bundle, source: 'set', fetchedAt: new Date() });
+    await spoke.agent.reload();
+    const [status] = spoke.agent.federation?.list().map((t) => t.status) ?? [];
+    assert.equal(status?.consecutiveFailures, 0, status?.lastError?.message);
+    assert.equal(status?.source, 'endpoint', 'fetched from the endpoint, authenticated by the set bundle');
+    assert.deepEqual(
+      (await hubBundleSeenBy(spoke))?.x509Authorities.map((c) => c.fingerprint256),
+      hub.agent.ca.bundle.x509Authorities.map((c) => c.fingerprint256),
+    );
   });
 });
 
