@@ -251,6 +251,54 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
     await this.#ticking;
   }
 
+  /**
+   * Prepares the next CA now instead of at half-life (SPIRE: `localauthority x509 prepare`): it is published in
+   * the bundle and persisted, but signs nothing until `activate()` or its scheduled time. No-op when one is ready.
+   */
+  async prepare(): Promise<CaSlot> {
+    const run = async (): Promise<CaSlot> => {
+      if (this.#next === undefined) {
+        this.#next = await this.#mintSlot(this.#active.generation + 1);
+        this.#republish();
+      }
+      return this.#next;
+    };
+    const done = this.#ticking.then(run);
+    this.#ticking = done.then(
+      () => undefined,
+      () => undefined,
+    );
+    return done;
+  }
+
+  /**
+   * Makes the prepared CA the active one now (SPIRE: `localauthority x509 activate`). Only safe once peers have
+   * fetched the bundle that announces it; the schedule does this by itself at 5/6 of the active CA's life.
+   */
+  async activate(): Promise<CaSlot> {
+    const run = async (): Promise<CaSlot> => {
+      const next = this.#next;
+      if (next === undefined)
+        throw new AgentError(AgentErrorCode.Ca, 'no prepared CA to activate: prepare one first');
+      this.#retired.push(this.#active);
+      this.#active = next;
+      this.#next = undefined;
+      this.#republish();
+      this.emit('activated', next);
+      if (this.#timer) {
+        clearTimeout(this.#timer);
+        this.#schedule();
+      }
+      return next;
+    };
+    const done = this.#ticking.then(run);
+    this.#ticking = done.then(
+      () => undefined,
+      () => undefined,
+    );
+    return done;
+  }
+
   async signX509Svid(request: SignX509SvidRequest): Promise<SignedX509Svid> {
     const slot = this.#active;
     const now = this.#now();
