@@ -20,6 +20,7 @@ import type { SpiffeBundle } from '../../src/spiffe/bundle.ts';
 import { SpiffeId, TrustDomain } from '../../src/spiffe/id.ts';
 import { WorkloadClient } from '../../src/workload/client.ts';
 import { startTestAgent, type TestAgent, waitFor } from '../helpers/agent.ts';
+import { runCli } from '../helpers/cli.ts';
 
 const uid = process.getuid?.() ?? 0;
 const HUB = TrustDomain.parse('hub.test');
@@ -176,6 +177,14 @@ describe('federation between two agents (https_spiffe)', () => {
 
     // The spoke restarts while the hub is still dark: the fetched bundle comes back from the state directory.
     await spoke.close();
+    // What an operator sees with the agent stopped: the held bundle and the endpoint's last error.
+    const listed = await runCli(['bundle', 'list', '--state-dir', stateDir]);
+    assert.equal(listed.status, 0, listed.stderr);
+    assert.match(
+      listed.stdout,
+      /^hub\.test\n {2}bundle: {7}2 X\.509 and 2 JWT authorities, sequence \d+\n {2}source: {7}endpoint \(https:/m,
+    );
+    assert.match(listed.stdout, /last error: {3}ERR_FEDERATION_FETCH at .* \(1 failure\(s\) in a row\)/);
     spoke = await startSpoke(relationship, stateDir);
     assert.equal(spoke.agent.federation?.list()[0]?.status?.source, 'endpoint');
     assert.deepEqual(
