@@ -24,6 +24,8 @@ interface PeerSpec {
   readonly description: string;
   /** `go build -ldflags`, e.g. version stamps a release build sets; part of the cache key. */
   readonly ldflags?: string;
+  /** Environment the build needs whatever the caller's (e.g. `CGO_ENABLED=1`); part of the cache key. */
+  readonly env?: Readonly<Record<string, string>>;
 }
 
 export const PEERS = {
@@ -32,6 +34,16 @@ export const PEERS = {
     pkg: 'github.com/spiffe/spire/cmd/spire-agent',
     files: ['go.mod', 'go.sum'],
     description: 'SPIRE agent CLI v1.13.3 (api fetch / api validate)',
+  },
+  'spire-server': {
+    dir: 'spire',
+    pkg: 'github.com/spiffe/spire/cmd/spire-server',
+    files: ['go.mod', 'go.sum'],
+    description: 'SPIRE server v1.13.3 (federation interop)',
+    // Its sqlite datastore (mattn/go-sqlite3) exists only in a cgo build: without cgo the server starts and then
+    // refuses `database_type = "sqlite3"`. So a C compiler is needed, and CGO_ENABLED=0 in the caller's
+    // environment must not leak into this build.
+    env: { CGO_ENABLED: '1' },
   },
   'gospiffe-probe': {
     dir: 'gospiffe',
@@ -88,6 +100,7 @@ export function buildPeer(name: PeerName): string {
   const hash = createHash('sha256');
   for (const file of spec.files) hash.update(file).update(readFileSync(join(moduleDir, file)));
   if (spec.ldflags !== undefined) hash.update('-ldflags').update(spec.ldflags);
+  for (const [key, value] of Object.entries(spec.env ?? {})) hash.update(`env ${key}=${value}`);
   const dir = join(cacheDir(), `${name}-${hash.digest('hex').slice(0, 16)}`);
   const binary = join(dir, name);
   if (existsSync(binary)) return binary;
@@ -105,6 +118,7 @@ export function buildPeer(name: PeerName): string {
       ...process.env,
       GOTOOLCHAIN: 'local',
       GOFLAGS: `${process.env.GOFLAGS ?? ''} -mod=readonly`.trim(),
+      ...spec.env,
     },
   });
   renameSync(partial, binary);
