@@ -26,7 +26,10 @@ const COMMANDS: readonly (readonly [string, RegExp])[] = [
   ['policy rbac', /--service-account NAMESPACE\/NAME/],
   ['help', /\[COMMAND/],
   ['version', /version$/],
-  ['bundle', /bundle$/],
+  ['bundle', /show\|list\|set/],
+  ['bundle show', /--format spiffe\|pem/],
+  ['bundle list', /--json/],
+  ['bundle set', /--trust-domain NAME --file FILE\|-/],
   ['client', /client$/],
 ];
 
