@@ -4,19 +4,23 @@
 //
 //	gospiffe-probe x509 -socket unix:///path [-updates N]
 //	gospiffe-probe jwt -socket unix:///path -audience AUD
+//	gospiffe-probe verify -svid chain.pem -bundle bundle.json -trust-domain TD
 package main
 
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"flag"
 	"fmt"
 	"os"
 	"sort"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -148,9 +152,42 @@ func runJWT(socket, audience string, timeout time.Duration) {
 	emit(map[string]any{"event": "done"})
 }
 
+// runVerify checks an X.509-SVID chain (PEM, leaf first) against a SPIFFE bundle document (JSON), both parsed by
+// go-spiffe itself: what a Go peer would conclude from a bundle it was handed.
+func runVerify(svidPath, bundlePath, trustDomain string) {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		fail("trust domain: %v", err)
+	}
+	bundle, err := spiffebundle.Load(td, bundlePath)
+	if err != nil {
+		fail("load bundle: %v", err)
+	}
+	data, err := os.ReadFile(svidPath)
+	if err != nil {
+		fail("read svid: %v", err)
+	}
+	var certs []*x509.Certificate
+	for block, rest := pem.Decode(data); block != nil; block, rest = pem.Decode(rest) {
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			fail("parse certificate: %v", err)
+		}
+		certs = append(certs, cert)
+	}
+	id, chains, err := x509svid.Verify(certs, bundle)
+	if err != nil {
+		emit(map[string]any{"event": "refused", "error": err.Error(),
+			"x509_authorities": len(bundle.X509Authorities())})
+		os.Exit(1)
+	}
+	emit(map[string]any{"event": "verified", "id": id.String(), "chain_length": len(chains[0]),
+		"x509_authorities": len(bundle.X509Authorities())})
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: gospiffe-probe x509|jwt -socket unix:///path [flags]")
+		fmt.Fprintln(os.Stderr, "usage: gospiffe-probe x509|jwt -socket unix:///path [flags] | verify -svid F -bundle F -trust-domain TD")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -158,12 +195,17 @@ func main() {
 	updates := fs.Int("updates", 1, "x509: number of X.509 context updates to wait for")
 	audience := fs.String("audience", "kube-svid-proxy", "jwt: audience to request")
 	timeout := fs.Duration("timeout", 30*time.Second, "give up after this long")
+	svidPath := fs.String("svid", "", "verify: the X.509-SVID chain, PEM")
+	bundlePath := fs.String("bundle", "", "verify: the SPIFFE bundle document, JSON")
+	trustDomain := fs.String("trust-domain", "", "verify: the trust domain the bundle is for")
 	_ = fs.Parse(os.Args[2:])
 	switch os.Args[1] {
 	case "x509":
 		runX509(*socket, *updates, *timeout)
 	case "jwt":
 		runJWT(*socket, *audience, *timeout)
+	case "verify":
+		runVerify(*svidPath, *bundlePath, *trustDomain)
 	default:
 		fmt.Fprintf(os.Stderr, "unknown mode %q\n", os.Args[1])
 		os.Exit(2)
