@@ -171,6 +171,9 @@ export class LocalCa extends EventEmitter<LocalCaEvents> {
       // Catch up with the schedule: the agent may have been down through a preparation, an activation or an
       // expiry. Republishing bumps the sequence only when something changed.
       await ca.#tick();
+      // After a downtime longer than a CA lives, one tick may activate a prepared CA that has expired too: go on
+      // until the CA that signs is valid (the next tick prepares and activates a fresh one).
+      for (let i = 0; i < 3 && ca.#active.notAfter.getTime() <= ca.#now().getTime(); i++) await ca.#tick();
       if (ca.#bundle === undefined) ca.#publishAs(ca.#sequence);
     }
     await ca.#persisting;

@@ -19,8 +19,11 @@ import { SpiffeId, TrustDomain } from '../spiffe/id.ts';
 export const BUNDLE_PROFILES = ['https_spiffe', 'https_web'] as const;
 export type BundleProfile = (typeof BUNDLE_PROFILES)[number];
 
-/** Where the bundle endpoint listens unless `federation.bundleEndpoint.listen` says otherwise. */
-export const DEFAULT_BUNDLE_ENDPOINT_LISTEN: HostPort = { host: '0.0.0.0', port: 8443 };
+/**
+ * Where the bundle endpoint listens unless `federation.bundleEndpoint.listen` says otherwise: 8444, beside the
+ * proxy's data port 8443, since the agent and the proxy often share a node's network namespace.
+ */
+export const DEFAULT_BUNDLE_ENDPOINT_LISTEN: HostPort = { host: '0.0.0.0', port: 8444 };
 /** `spiffe_refresh_hint` we publish unless `refreshHint` says otherwise (as SPIRE's default). */
 export const DEFAULT_REFRESH_HINT_SECONDS = 300;
 /** The path of our https_spiffe endpoint's SVID, under our trust domain, unless `spiffeId` says otherwise. */

@@ -55,6 +55,8 @@ export class AgentFederation {
   readonly #fetchers = new Map<string, BundleFetcher>();
   /** Bundles an operator set for trust domains without a relationship or a bundle file. */
   readonly #setOnly = new Map<string, StoredBundle>();
+  /** Stored bundles of relationships that were removed from the configuration (warned about once). */
+  readonly #ignored = new Set<string>();
   #store: FederationStore | undefined;
   #endpoint: BundleEndpointServer | undefined;
   #statusWrite: Promise<void> = Promise.resolve();
@@ -95,7 +97,7 @@ export class AgentFederation {
         relationship,
         ...(initial ? { initial } : {}),
         ...(this.#store ? { store: this.#store } : {}),
-        logger: this.#log.child({ trustDomain: rel.trustDomain.name }),
+        logger: this.#log,
       });
       const name = rel.trustDomain.name;
       o.metrics?.declare(name);
@@ -110,12 +112,10 @@ export class AgentFederation {
         );
         o.onBundle(initial.bundle);
       } else {
-        this.#log.warn(
+        // Only https_web gets here: an https_spiffe relationship without a bundle is refused by the fetcher.
+        this.#log.info(
           { trustDomain: name, url: rel.url },
-          rel.profile === 'https_spiffe'
-            ? 'no bundle yet for this trust domain: its https_spiffe endpoint cannot be authenticated until one is ' +
-                'given (bootstrapBundle, or `kube-svid-proxy bundle set` then SIGHUP)'
-            : 'no bundle yet for this trust domain: waiting for the first fetch',
+          'no bundle yet for this trust domain: fetching it',
         );
       }
     }
@@ -163,6 +163,17 @@ export class AgentFederation {
     for (const stored of await store.list()) {
       const name = stored.bundle.trustDomain.name;
       if (name === own || this.#fetchers.has(name) || this.#options.staticTrustDomains.has(name)) continue;
+      if (stored.source !== 'set') {
+        // Fetched for a relationship that is no longer configured: never trusted again by itself.
+        if (!this.#ignored.has(name)) {
+          this.#ignored.add(name);
+          this.#log.warn(
+            { trustDomain: name, source: stored.source, file: store.path },
+            'stored bundle of a trust domain no longer in federation.trustDomains: ignored (delete its file to clean up)',
+          );
+        }
+        continue;
+      }
       const held = this.#setOnly.get(name);
       if (held?.bundle.equals(stored.bundle)) continue;
       this.#setOnly.set(name, stored);
@@ -191,17 +202,14 @@ export class AgentFederation {
       tls,
       bundle: o.ownBundle,
       refreshHintSeconds: settings.refreshHintSeconds,
-      logger: this.#log.child({ component: 'bundle-endpoint' }),
+      logger: this.#log,
     });
-    this.#log.info(
-      {
-        address: `${server.address.host}:${server.address.port}`,
-        path: settings.path,
-        profile: settings.tls.profile,
-        ...(settings.tls.profile === 'https_spiffe' ? { spiffeId: settings.tls.spiffeId.toString() } : {}),
-      },
-      'bundle endpoint listening',
-    );
+    if (settings.tls.profile === 'https_spiffe') {
+      this.#log.info(
+        { spiffeId: settings.tls.spiffeId.toString() },
+        'bundle endpoint serves with this SPIFFE ID: peers configure it as the endpoint SPIFFE ID',
+      );
+    }
     return server;
   }
 
@@ -232,6 +240,28 @@ export class AgentFederation {
       } else {
         metrics.fetched(status.trustDomain, before === held ? 'unchanged' : 'updated');
       }
+    }
+    // The fetcher stores a bundle when it changes; an unchanged one is stored again with the time it was
+    // confirmed, so that after a restart its age counts from the last success, not from the last change.
+    const store = this.#store;
+    if (
+      store &&
+      status.bundle &&
+      status.source === 'endpoint' &&
+      status.lastSuccess !== undefined &&
+      status.lastSuccess.getTime() === attempt &&
+      before === held
+    ) {
+      const bundle = status.bundle;
+      const stored = { bundle, source: 'endpoint' as const, fetchedAt: status.lastSuccess, url: status.url };
+      this.#statusWrite = this.#statusWrite
+        .then(() => store.save(bundle.trustDomain, stored))
+        .catch((err: unknown) => {
+          this.#log.warn(
+            { err: { message: (err as Error).message } },
+            'federated bundle could not be stored',
+          );
+        });
     }
     this.#writeStatus();
   }

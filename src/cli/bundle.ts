@@ -66,7 +66,7 @@ async function show(args: string[]): Promise<number> {
   if (positionals.length > 0)
     throw new UsageError(`bundle show takes no arguments, got ${positionals.join(' ')}`);
   const fmt = format(values.format);
-  const bundle = await ownBundle(await StateDir.open(await stateDirOf(values)));
+  const bundle = await ownBundle(await StateDir.open(await stateDirOf(values), { create: false }));
   out(fmt === 'pem' ? bundle.x509Bundle.toPem() : `${bundle.marshal()}\n`);
   return EXIT.ok;
 }
@@ -97,7 +97,7 @@ async function list(args: string[]): Promise<number> {
   });
   if (positionals.length > 0)
     throw new UsageError(`bundle list takes no arguments, got ${positionals.join(' ')}`);
-  const dir = await StateDir.open(await stateDirOf(values));
+  const dir = await StateDir.open(await stateDirOf(values), { create: false });
   const stored = await (await FederationStore.open(dir)).list();
   const statusData = await dir.read(FEDERATION_STATUS_FILE);
   const statuses = new Map<string, StatusEntry>();
@@ -197,8 +197,13 @@ async function set(args: string[]): Promise<number> {
     throw new UsageError(`--trust-domain: ${(e as Error).message}`);
   }
   const fmt = format(values.format);
-  const data = values.file === '-' ? await readStdin() : await readFile(values.file);
   const what = values.file === '-' ? 'standard input' : values.file;
+  let data: Buffer;
+  try {
+    data = values.file === '-' ? await readStdin() : await readFile(values.file);
+  } catch (cause) {
+    throw new KspError(CliErrorCode.Bundle, `cannot read ${what}: ${(cause as Error).message}`, { cause });
+  }
   let bundle: SpiffeBundle;
   try {
     bundle =

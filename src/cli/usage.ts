@@ -32,7 +32,8 @@ export const CREDENTIAL_USAGE = `  credential [--socket ADDR] [--hint HINT] [--t
 `;
 
 export const BUNDLE_USAGE = `  bundle show [--state-dir DIR | --config FILE] [--format spiffe|pem]
-        Print our trust bundle exactly as the agent publishes it (its bundle endpoint serves the same).
+        Print our trust bundle as the agent last published it (the bundle endpoint serves the same keys and
+        sequence, with its spiffe_refresh_hint).
   bundle list [--state-dir DIR | --config FILE] [--json]
         List the federated bundles the agent holds: source, age, sequence, and each endpoint's last success and
         last error.

@@ -61,8 +61,11 @@ export class StateDir {
     this.path = path;
   }
 
-  /** Opens (creating it and its parents if missing) a state directory, refusing a loose or foreign one. */
-  static async open(path: string): Promise<StateDir> {
+  /**
+   * Opens (creating it and its parents if missing, unless `create` is false) a state directory, refusing a loose
+   * or foreign one.
+   */
+  static async open(path: string, options: { create?: boolean } = {}): Promise<StateDir> {
     const dir = resolve(path);
     let st: Stats;
     try {
@@ -70,6 +73,11 @@ export class StateDir {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
         throw new StateDirError(dir, `cannot inspect state directory ${dir}: ${(err as Error).message}`, {
+          cause: err,
+        });
+      }
+      if (options.create === false) {
+        throw new StateDirError(dir, `state directory ${dir} does not exist (is it the agent's stateDir?)`, {
           cause: err,
         });
       }

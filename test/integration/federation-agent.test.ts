@@ -192,6 +192,12 @@ describe('federation between two agents (https_spiffe)', () => {
       held.x509Authorities.map((c) => c.fingerprint256),
       'restored, not the bootstrap bundle',
     );
+
+    // The relationship is removed from the configuration: the bundle fetched for it is no longer trusted.
+    await spoke.close();
+    const without = await startTestAgent(spokeEntries, { stateDir, federation: { relationships: [] } });
+    agents.push(without);
+    assert.equal(await hubBundleSeenBy(without), undefined);
   });
 
   it('refuses an endpoint whose SVID has another SPIFFE ID, keeping the bootstrap bundle', async () => {

@@ -141,6 +141,31 @@ describe('LocalCa with a state directory', () => {
     b.close();
   });
 
+  it('after such a downtime with a prepared CA that expired too, still resumes with a valid CA', async () => {
+    const path = await fresh();
+    const clock = clockAt(T0);
+    const open = async (): Promise<LocalCa> =>
+      LocalCa.create({
+        trustDomain: td,
+        stateDir: await StateDir.open(path),
+        now: clock.now,
+        caTtlSeconds: 6 * HOUR,
+      });
+    const a = await open();
+    clock.ms = T0 + 3 * HOUR * 1000;
+    await a.tick();
+    await a.flushed();
+    assert.equal(a.next?.generation, 2);
+    a.close();
+    clock.ms = T0 + 48 * HOUR * 1000;
+    const b = await open();
+    assert.ok(b.active.notAfter.getTime() > clock.ms, `generation ${b.active.generation} is valid`);
+    assert.equal(b.active.generation, 3);
+    const svid = await sign(b, '/after-downtime');
+    assert.equal(verifyX509Svid(svid.certificates, b.bundle, clock.now()).id.path, '/after-downtime');
+    b.close();
+  });
+
   it('names each CA by generation and a random suffix, so two CAs never share a name', async () => {
     const a = await LocalCa.create({ trustDomain: td });
     const b = await LocalCa.create({ trustDomain: td });

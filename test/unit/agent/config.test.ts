@@ -431,9 +431,9 @@ federation:
 
   it('refuses an admin listener on the bundle endpoint port', () => {
     refuses(
-      `${MINIMAL}admin:\n  listen: 127.0.0.1:8443\nfederation:\n  bundleEndpoint:\n    profile: https_spiffe\n`,
+      `${MINIMAL}admin:\n  listen: 127.0.0.1:8444\nfederation:\n  bundleEndpoint:\n    profile: https_spiffe\n`,
       '1:1',
-      /admin\.listen and federation\.bundleEndpoint\.listen use the same port 8443/,
+      /admin\.listen and federation\.bundleEndpoint\.listen use the same port 8444/,
     );
   });
 });

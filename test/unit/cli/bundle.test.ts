@@ -1,7 +1,7 @@
 // Must stay first: @peculiar/x509 (used by the CA) needs the Reflect polyfill.
 import 'reflect-metadata';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -49,6 +49,11 @@ describe('kube-svid-proxy bundle show | list | set', () => {
   });
 
   it('show explains a state directory the agent never used', async () => {
+    const missing = await runCli(['bundle', 'show', '--state-dir', join(dir, 'missing')]);
+    assert.equal(missing.status, 1);
+    assert.match(missing.stderr, /ERR_STATE_DIR: state directory .*missing does not exist/);
+    assert.equal(existsSync(join(dir, 'missing')), false, 'nothing created');
+    mkdirSync(join(dir, 'empty'), { mode: 0o700 });
     const r = await runCli(['bundle', 'show', '--state-dir', join(dir, 'empty')]);
     assert.equal(r.status, 1);
     assert.match(r.stderr, /ERR_BUNDLE: .*ca\.json does not exist/);
@@ -132,6 +137,18 @@ describe('kube-svid-proxy bundle show | list | set', () => {
     ]);
     assert.equal(r.status, 1);
     assert.match(r.stderr, /broken\.json/);
+    const absent = await runCli([
+      'bundle',
+      'set',
+      '--trust-domain',
+      HUB.name,
+      '--file',
+      join(dir, 'absent.json'),
+      '--state-dir',
+      state,
+    ]);
+    assert.equal(absent.status, 1);
+    assert.match(absent.stderr, /ERR_BUNDLE: cannot read .*absent\.json/);
     const stored = await (await FederationStore.open(await StateDir.open(state))).load(HUB);
     assert.ok(stored?.bundle.equals(hub.bundle), 'the earlier bundle is untouched');
   });
