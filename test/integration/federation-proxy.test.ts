@@ -40,10 +40,13 @@ describe('hub and spoke: the proxy accepts the hub through the federated bundle'
 
   before(async () => {
     hub = await startTestAgent(
-      `entries:\n  - spiffeId: ${ARGOCD}\n    selectors: ["unix:uid:${uid}"]\n    hint: argocd\n`,
+      // Only the client's SVID is short-lived: the bundle endpoint's own SVID must stay signed by the CA the
+      // spoke already knows, or an activation the spoke has not fetched yet would leave it unable to
+      // authenticate the endpoint (what the rotation schedule's propagation delay prevents in production).
+      `entries:\n  - spiffeId: ${ARGOCD}\n    selectors: ["unix:uid:${uid}"]\n    hint: argocd\n    x509SvidTtl: 2s\n`,
       {
         trustDomain: HUB,
-        svid: { x509TtlSeconds: 2, rotationJitter: 0 },
+        svid: { rotationJitter: 0 },
         federation: {
           bundleEndpoint: {
             listen: { host: '127.0.0.1', port: 0 },
