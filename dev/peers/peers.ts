@@ -28,6 +28,22 @@ interface PeerSpec {
   readonly env?: Readonly<Record<string, string>>;
 }
 
+/**
+ * What Kubernetes' release build stamps (hack/lib/version.sh); without it /version says v0.0.0-master+$Format:%H$,
+ * which `kubectl version` and other clients cannot parse, and the kubelet reports that version for its node. Keep
+ * in step with dev/peers/kube/go.mod.
+ */
+const KUBE_LDFLAGS = ['k8s.io/component-base/version', 'k8s.io/client-go/pkg/version']
+  .flatMap((pkg) => [
+    `-X ${pkg}.gitVersion=v1.33.13`,
+    `-X ${pkg}.gitMajor=1`,
+    `-X ${pkg}.gitMinor=33`,
+    `-X ${pkg}.gitCommit=`,
+    `-X ${pkg}.gitTreeState=clean`,
+    `-X ${pkg}.buildDate=2026-06-11T16:59:07Z`,
+  ])
+  .join(' ');
+
 export const PEERS = {
   'spire-agent': {
     dir: 'spire',
@@ -56,18 +72,38 @@ export const PEERS = {
     pkg: 'k8s.io/kubernetes/cmd/kube-apiserver',
     files: ['go.mod', 'go.sum'],
     description: 'kube-apiserver v1.33.13 (staging modules v0.33.13)',
-    // What Kubernetes' release build stamps (hack/lib/version.sh); without it /version says
-    // v0.0.0-master+$Format:%H$, which `kubectl version` and other clients cannot parse. Keep in step with go.mod.
-    ldflags: ['k8s.io/component-base/version', 'k8s.io/client-go/pkg/version']
-      .flatMap((pkg) => [
-        `-X ${pkg}.gitVersion=v1.33.13`,
-        `-X ${pkg}.gitMajor=1`,
-        `-X ${pkg}.gitMinor=33`,
-        `-X ${pkg}.gitCommit=`,
-        `-X ${pkg}.gitTreeState=clean`,
-        `-X ${pkg}.buildDate=2026-06-11T16:59:07Z`,
-      ])
-      .join(' '),
+    ldflags: KUBE_LDFLAGS,
+  },
+  // The rest of the test node (dev/node.ts), from the same wrapper module, version and stamps.
+  'kube-controller-manager': {
+    dir: 'kube',
+    pkg: 'k8s.io/kubernetes/cmd/kube-controller-manager',
+    files: ['go.mod', 'go.sum'],
+    description: 'kube-controller-manager v1.33.13',
+    ldflags: KUBE_LDFLAGS,
+  },
+  'kube-scheduler': {
+    dir: 'kube',
+    pkg: 'k8s.io/kubernetes/cmd/kube-scheduler',
+    files: ['go.mod', 'go.sum'],
+    description: 'kube-scheduler v1.33.13',
+    ldflags: KUBE_LDFLAGS,
+  },
+  kubelet: {
+    dir: 'kube',
+    pkg: 'k8s.io/kubernetes/cmd/kubelet',
+    files: ['go.mod', 'go.sum'],
+    description: 'kubelet v1.33.13',
+    ldflags: KUBE_LDFLAGS,
+  },
+  pause: {
+    dir: 'pause',
+    pkg: '.',
+    files: ['go.mod', 'main.go'],
+    description: "the test node's sandbox (pause) program, ours",
+    // Static: it is the only file of the image ksp.local/pause (dev/node/images.ts).
+    ldflags: '-s -w',
+    env: { CGO_ENABLED: '0' },
   },
   etcd: {
     dir: 'etcd',

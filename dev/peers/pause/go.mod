@@ -1,0 +1,3 @@
+module kube-svid-proxy.invalid/test/peers/pause
+
+go 1.24.0
