@@ -6,7 +6,8 @@
  *
  * No kubelet, scheduler or controller-manager runs, so: pods stay Pending, service accounts get no `default`
  * account or tokens (the ServiceAccount admission plugin is off so pods can still be created), and a deleted
- * namespace stays Terminating. Use fresh names instead of deleting.
+ * namespace stays Terminating. Use fresh names instead of deleting. dev/node.ts starts one with `node` set and
+ * adds those, a kubelet and containerd: a real single-node cluster.
  *
  * Every start is a fresh cluster: new PKI, new tokens, empty etcd. Everything lives in `dir` (a new temporary
  * directory unless given): certificates, the token file, kubeconfigs, etcd's data and each child's log
@@ -30,6 +31,8 @@ import { PeerUnavailableError, peer } from './peers/peers.ts';
 export const ADMIN_USER = 'ksp-admin';
 /** User name behind `proxyToken` (no group beyond system:authenticated; tests grant it RBAC). */
 export const PROXY_USER = 'kube-svid-proxy';
+/** kube-apiserver's client certificate towards kubelets (with `node`), in group system:masters. */
+export const KUBELET_CLIENT_USER = 'kube-apiserver-kubelet-client';
 
 export type ControlPlaneUser = 'admin' | 'proxy';
 
@@ -40,6 +43,34 @@ export interface ControlPlaneOptions {
   readonly logger?: (line: string) => void;
   /** How long to wait for the API server to become ready; default 120 s (a cold start can be slow). */
   readonly readyTimeoutMs?: number;
+  /**
+   * Set up for a kubelet (dev/node.ts), node `name`: authorization Node,RBAC, the ServiceAccount and
+   * NodeRestriction admission plugins, a client certificate for kube-apiserver's calls to kubelets (exec, logs,
+   * port-forward; user KUBELET_CLIENT_USER in system:masters), and kubelets' serving certificates checked
+   * against the cluster CA. Without it: RBAC alone, no ServiceAccount admission (no controller-manager creates
+   * the accounts), no kubelet.
+   */
+  readonly node?: { readonly name: string };
+}
+
+/** What ControlPlane.issue() signs with the cluster CA. */
+export interface CertificateRequest {
+  /** Subject CN: the user name of a client certificate. */
+  readonly commonName: string;
+  /** Subject O: the groups of a client certificate. */
+  readonly organizations?: readonly string[];
+  readonly usage: 'client' | 'server';
+  /** Subject alternative names of a server certificate. */
+  readonly dnsNames?: readonly string[];
+  readonly ipAddresses?: readonly string[];
+  /** Default 30 days. */
+  readonly validityMs?: number;
+}
+
+export interface IssuedCertificate {
+  readonly certPem: string;
+  /** PKCS#8 PEM. */
+  readonly keyPem: string;
 }
 
 export interface ControlPlane {
@@ -52,8 +83,20 @@ export interface ControlPlane {
   /** Static bearer token of PROXY_USER, with no groups: RBAC for impersonation is the tests' to grant. */
   readonly proxyToken: string;
   readonly dir: string;
+  /**
+   * Files in `dir`: the cluster CA's certificate and key (what a controller-manager signs CSRs with), the
+   * service-account signing key and its public key.
+   */
+  readonly files: {
+    readonly ca: string;
+    readonly caKey: string;
+    readonly serviceAccountKey: string;
+    readonly serviceAccountPub: string;
+  };
   /** Path of a kubeconfig file (in `dir`) that authenticates as the user with its token. */
   kubeconfig(user: ControlPlaneUser): string;
+  /** A new key and a certificate for it signed by the cluster CA (the CA kube-apiserver trusts for clients). */
+  issue(request: CertificateRequest): Promise<IssuedCertificate>;
   /** Stops both processes (SIGTERM, then SIGKILL after 5 s). Idempotent. */
   close(): Promise<void>;
 }
@@ -69,7 +112,7 @@ const ES256: webcrypto.EcdsaParams = { name: 'ECDSA', hash: 'SHA-256' };
 const DAY = 86_400_000;
 
 /** A child process whose output goes to a log file, an optional logger, and a short in-memory tail. */
-class Child {
+export class Child {
   readonly name: string;
   readonly process: ChildProcess;
   readonly logFile: string;
@@ -84,12 +127,17 @@ class Child {
     args: readonly string[],
     dir: string,
     logger: ((line: string) => void) | undefined,
+    env?: NodeJS.ProcessEnv,
   ) {
     this.name = name;
     this.logFile = join(dir, `${name}.log`);
     const log = createWriteStream(this.logFile);
     log.write(`$ ${binary} ${args.join(' ')}\n`);
-    this.process = spawn(binary, args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.process = spawn(binary, args, {
+      cwd: dir,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: env ?? process.env,
+    });
     let pending = 2;
     const onLine = (line: string): void => {
       log.write(`${line}\n`);
@@ -142,10 +190,11 @@ class Child {
     );
   }
 
-  async stop(): Promise<void> {
+  /** SIGTERM, then SIGKILL after `graceMs` (default 5 s); resolves once it has exited and its output is written. */
+  async stop(graceMs = STOP_GRACE_MS): Promise<void> {
     if (!this.running) return this.exited;
     this.process.kill('SIGTERM');
-    const timer = setTimeout(() => this.process.kill('SIGKILL'), STOP_GRACE_MS);
+    const timer = setTimeout(() => this.process.kill('SIGKILL'), graceMs);
     await this.exited;
     clearTimeout(timer);
   }
@@ -177,7 +226,8 @@ function startWatchdog(pid: number): ChildProcess {
 const live = new Set<Child>();
 let exitHookInstalled = false;
 
-function track(child: Child): void {
+/** SIGKILLs the child when this process exits, however it exits. */
+export function track(child: Child): void {
   live.add(child);
   void child.exited.then(() => live.delete(child));
   if (exitHookInstalled) return;
@@ -200,7 +250,7 @@ async function freePort(): Promise<number> {
 }
 
 /** Distinct free loopback ports (each found free; nothing else may take them before we do). */
-async function freePorts(count: number): Promise<number[]> {
+export async function freePorts(count: number): Promise<number[]> {
   const ports = new Set<number>();
   while (ports.size < count) ports.add(await freePort());
   return [...ports];
@@ -221,10 +271,12 @@ async function spkiPem(key: webcrypto.CryptoKey): Promise<string> {
 
 interface Pki {
   readonly caPem: string;
+  readonly caKeyPem: string;
   readonly servingCertPem: string;
   readonly servingKeyPem: string;
   readonly saPrivatePem: string;
   readonly saPublicPem: string;
+  issue(request: CertificateRequest): Promise<IssuedCertificate>;
 }
 
 async function makePki(): Promise<Pki> {
@@ -243,35 +295,49 @@ async function makePki(): Promise<Pki> {
       await x509.SubjectKeyIdentifierExtension.create(caKeys.publicKey),
     ],
   });
-  const servingKeys = await generateKeyPair('ec-p256');
-  const dnsNames = [
-    'localhost',
-    'kubernetes',
-    'kubernetes.default',
-    'kubernetes.default.svc',
-    'kubernetes.default.svc.cluster.local',
-  ];
-  const serving = await x509.X509CertificateGenerator.create({
-    serialNumber: randomSerial(),
-    subject: 'CN=kube-apiserver',
-    issuer: ca.subjectName,
-    notBefore: new Date(now - DAY),
-    notAfter: new Date(now + 30 * DAY),
-    publicKey: servingKeys.publicKey,
-    signingKey: caKeys.privateKey,
-    signingAlgorithm: ES256,
-    extensions: [
-      new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth]),
-      await x509.SubjectKeyIdentifierExtension.create(servingKeys.publicKey),
-      await x509.AuthorityKeyIdentifierExtension.create(caKeys.publicKey),
-      new x509.SubjectAlternativeNameExtension([
-        ...dnsNames.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
-        { type: 'ip', value: '127.0.0.1' },
-        { type: 'ip', value: SERVICE_IP },
+  const issue = async (request: CertificateRequest): Promise<IssuedCertificate> => {
+    const keys = await generateKeyPair('ec-p256');
+    const start = Date.now();
+    const names: x509.JsonGeneralName[] = [
+      ...(request.dnsNames ?? []).map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
+      ...(request.ipAddresses ?? []).map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
+    ];
+    const cert = await x509.X509CertificateGenerator.create({
+      serialNumber: randomSerial(),
+      subject: new x509.Name([
+        ...(request.organizations ?? []).map((o) => ({ O: [o] })),
+        { CN: [request.commonName] },
       ]),
+      issuer: ca.subjectName,
+      notBefore: new Date(start - DAY),
+      notAfter: new Date(start + (request.validityMs ?? 30 * DAY)),
+      publicKey: keys.publicKey,
+      signingKey: caKeys.privateKey,
+      signingAlgorithm: ES256,
+      extensions: [
+        new x509.BasicConstraintsExtension(false, undefined, true),
+        new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+        new x509.ExtendedKeyUsageExtension([
+          request.usage === 'server' ? x509.ExtendedKeyUsage.serverAuth : x509.ExtendedKeyUsage.clientAuth,
+        ]),
+        await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
+        await x509.AuthorityKeyIdentifierExtension.create(caKeys.publicKey),
+        ...(names.length === 0 ? [] : [new x509.SubjectAlternativeNameExtension(names)]),
+      ],
+    });
+    return { certPem: pem(cert), keyPem: await pkcs8Pem(keys.privateKey) };
+  };
+  const serving = await issue({
+    commonName: 'kube-apiserver',
+    usage: 'server',
+    dnsNames: [
+      'localhost',
+      'kubernetes',
+      'kubernetes.default',
+      'kubernetes.default.svc',
+      'kubernetes.default.svc.cluster.local',
     ],
+    ipAddresses: ['127.0.0.1', SERVICE_IP],
   });
   const saKeys = (await webcrypto.subtle.generateKey(EC_P256, true, [
     'sign',
@@ -279,10 +345,12 @@ async function makePki(): Promise<Pki> {
   ])) as webcrypto.CryptoKeyPair;
   return {
     caPem: pem(ca),
-    servingCertPem: pem(serving),
-    servingKeyPem: await pkcs8Pem(servingKeys.privateKey),
+    caKeyPem: await pkcs8Pem(caKeys.privateKey),
+    servingCertPem: serving.certPem,
+    servingKeyPem: serving.keyPem,
     saPrivatePem: await pkcs8Pem(saKeys.privateKey),
     saPublicPem: await spkiPem(saKeys.publicKey),
+    issue,
   };
 }
 
@@ -307,18 +375,28 @@ function kubeconfigJson(url: string, caPem: string, user: string, token: string)
   )}\n`;
 }
 
-interface Response {
+export interface Response {
   readonly status: number;
   readonly body: string;
 }
 
-function get(url: string, options: { token?: string; caPem?: string } = {}): Promise<Response> {
+/** A GET with a 5 s timeout; `insecure` skips the server certificate check (health of a self-signed endpoint). */
+export function get(
+  url: string,
+  options: { token?: string; caPem?: string; insecure?: boolean } = {},
+): Promise<Response> {
   return new Promise((resolve, reject) => {
     const target = new URL(url);
     const headers = options.token === undefined ? {} : { authorization: `Bearer ${options.token}` };
     const req = (target.protocol === 'https:' ? httpsRequest : httpRequest)(
       target,
-      { method: 'GET', headers, ca: options.caPem, timeout: 5_000 },
+      {
+        method: 'GET',
+        headers,
+        ca: options.caPem,
+        timeout: 5_000,
+        ...(options.insecure === true && { rejectUnauthorized: false }),
+      },
       (res) => {
         let body = '';
         res.setEncoding('utf8');
@@ -339,7 +417,7 @@ function get(url: string, options: { token?: string; caPem?: string } = {}): Pro
  * Polls until `ready` holds, failing early if any child stops and late after `timeoutMs`, with the last
  * answer (or error) in the message.
  */
-async function waitFor(
+export async function waitFor(
   what: string,
   children: readonly Child[],
   timeoutMs: number,
@@ -392,6 +470,7 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     return path;
   };
   const caFile = file('ca.crt', pki.caPem, 0o644);
+  const caKeyFile = file('ca.key', pki.caKeyPem);
   const certFile = file('apiserver.crt', pki.servingCertPem, 0o644);
   const keyFile = file('apiserver.key', pki.servingKeyPem);
   const saKeyFile = file('service-account.key', pki.saPrivatePem);
@@ -401,6 +480,25 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     'tokens.csv',
     `${adminToken},${ADMIN_USER},${ADMIN_USER},"system:masters"\n${proxyToken},${PROXY_USER},${PROXY_USER}\n`,
   );
+  // Authorization and admission: RBAC alone without a node; with one, also what its kubelet needs.
+  let nodeArgs = ['--authorization-mode=RBAC', '--disable-admission-plugins=ServiceAccount'];
+  if (options.node !== undefined) {
+    const client = await pki.issue({
+      commonName: KUBELET_CLIENT_USER,
+      organizations: ['system:masters'],
+      usage: 'client',
+    });
+    nodeArgs = [
+      // Node: a kubelet may read and write only what its own pods need; RBAC for everyone else.
+      '--authorization-mode=Node,RBAC',
+      '--enable-admission-plugins=NodeRestriction',
+      // For exec, attach, logs and port-forward, which kube-apiserver forwards to the kubelet.
+      `--kubelet-client-certificate=${file('apiserver-kubelet-client.crt', client.certPem, 0o644)}`,
+      `--kubelet-client-key=${file('apiserver-kubelet-client.key', client.keyPem)}`,
+      // The kubelets' serving certificates are signed by the cluster CA (dev/node.ts writes them).
+      `--kubelet-certificate-authority=${caFile}`,
+    ];
+  }
   const kubeconfigs: Record<ControlPlaneUser, string> = {
     admin: file('kubeconfig-admin.json', kubeconfigJson(url, pki.caPem, ADMIN_USER, adminToken)),
     proxy: file('kubeconfig-proxy.json', kubeconfigJson(url, pki.caPem, PROXY_USER, proxyToken)),
@@ -448,12 +546,11 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
         `--tls-private-key-file=${keyFile}`,
         `--client-ca-file=${caFile}`,
         `--token-auth-file=${tokenFile}`,
-        '--authorization-mode=RBAC',
         `--service-account-key-file=${saPubFile}`,
         `--service-account-signing-key-file=${saKeyFile}`,
         '--service-account-issuer=https://kubernetes.default.svc',
         `--service-cluster-ip-range=${SERVICE_CIDR}`,
-        '--disable-admission-plugins=ServiceAccount',
+        ...nodeArgs,
         '--allow-privileged=true',
         '--profiling=false',
         // The `kubernetes` service would get 127.0.0.1 as its endpoint, which validation rejects every 10 s.
@@ -499,7 +596,9 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     adminToken,
     proxyToken,
     dir,
+    files: { ca: caFile, caKey: caKeyFile, serviceAccountKey: saKeyFile, serviceAccountPub: saPubFile },
     kubeconfig: (user) => kubeconfigs[user],
+    issue: (request) => pki.issue(request),
     close: () => {
       closing ??= stopAll().then(() => {
         if (ownDir) rmSync(dir, { recursive: true, force: true });
