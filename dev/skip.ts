@@ -1,5 +1,6 @@
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
+import { prepareHost } from './node/setup.ts';
 import { peer, peersRequired } from './peers/peers.ts';
 
 const run = promisify(execFile);
@@ -25,4 +26,20 @@ export async function e2eSkip(): Promise<string | false> {
   const apiserver = peer('kube-apiserver');
   if ('skip' in apiserver) return apiserver.skip;
   return kubectlMissing();
+}
+
+/**
+ * Why the real-node suites must skip, or false to run them: what e2eSkip() checks, the node's peers (kubelet,
+ * kube-controller-manager, kube-scheduler, pause: built here on first use), and the host (root, Linux, Debian's
+ * containerd, runc, CNI plugins and busybox-static, which dev/node/setup.ts installs when missing). Under
+ * KSP_REQUIRE_PEERS=1 every reason is a failure instead.
+ */
+export async function nodeSkip(log?: (line: string) => void): Promise<string | false> {
+  const e2e = await e2eSkip();
+  if (e2e !== false) return e2e;
+  for (const name of ['kubelet', 'kube-controller-manager', 'kube-scheduler', 'pause'] as const) {
+    const found = peer(name);
+    if ('skip' in found) return found.skip;
+  }
+  return prepareHost(log);
 }
