@@ -165,6 +165,13 @@ interface PodStatus {
   };
 }
 
+interface AuditEvent {
+  readonly requestURI: string;
+  readonly objectRef?: { readonly subresource?: string; readonly name?: string };
+  readonly impersonatedUser?: { readonly username: string };
+  readonly annotations?: Record<string, string>;
+}
+
 interface Streaming {
   readonly child: ChildProcess;
   stdout(): string;
@@ -324,6 +331,16 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
     for (const line of text.split('\n'))
       if (line.startsWith(`${name}{`) && line.includes(match)) sum += Number(line.split(' ').at(-1));
     return sum;
+  }
+
+  /** The proxy's audit Events (its stdout, in the static pod's log) for the test's kubectl rule. */
+  async function auditEvents(): Promise<AuditEvent[]> {
+    const { stdout } = await node.kubectl(['logs', '-n', NS, `kube-svid-proxy-${node.nodeName}`]);
+    return stdout
+      .split('\n')
+      .filter((line) => line.startsWith('{') && line.includes('"audit.k8s.io/v1"'))
+      .map((line) => JSON.parse(line) as AuditEvent)
+      .filter((e) => e.annotations?.['kube-svid-proxy/rule'] === 'e2e-kubectl');
   }
 
   before(async () => {
@@ -630,6 +647,35 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
       } finally {
         await stop(forward);
       }
+
+      // Through the proxy, in the protocol asked for: the proxy's audit Events name the upgrade of each stream
+      // (kubectl falls back from WebSocket to SPDY silently when an upgrade fails: none may be SPDY yet).
+      const upgrade = spdy ? /^spdy\//i : /^websocket$/i;
+      const events = await until(`the proxy's audit Events of the ${protocol} streams`, 30_000, async () => {
+        const all = await auditEvents();
+        const streams = all.filter((e) => upgrade.test(e.annotations?.['kube-svid-proxy/upgrade'] ?? ''));
+        const subresources = new Set(streams.map((e) => e.objectRef?.subresource));
+        // Not the `logs -f` stream: the proxy writes no Event for a request the client abandons after the
+        // answer began (src/proxy/forward.ts resolves only on the upstream stream's 'end'), and kubectl is killed.
+        if (['exec', 'attach', 'portforward'].every((sub) => subresources.has(sub))) return all;
+        throw new Error(
+          `${all.length} Events: ${all
+            .map(
+              (e) =>
+                `${e.objectRef?.subresource ?? e.requestURI}:${e.annotations?.['kube-svid-proxy/upgrade'] ?? '-'}`,
+            )
+            .join(' ')}`,
+        );
+      });
+      if (!spdy)
+        assert.deepEqual(
+          events.filter((e) => /spdy/i.test(e.annotations?.['kube-svid-proxy/upgrade'] ?? '')),
+          [],
+        );
+      for (const e of events) assert.equal(e.impersonatedUser?.username, USER);
+      log(
+        `${protocol}: the proxy audited ${events.filter((e) => upgrade.test(e.annotations?.['kube-svid-proxy/upgrade'] ?? '')).length} upgraded streams`,
+      );
 
       // Through the proxy: its policy decided every request for the mapped rule.
       const decisionsAfter = await counter('ksp_decisions_total', 'rule="e2e-kubectl"');
