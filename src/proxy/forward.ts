@@ -418,6 +418,7 @@ export class Upstream {
       session.ref();
       active.active++;
       let answered = false;
+      let answeredStatus = 502;
       const timer = setTimeout(
         () => {
           stream.close(http2.constants.NGHTTP2_CANCEL);
@@ -431,11 +432,15 @@ export class Upstream {
         clearTimeout(timer);
         if (!answered)
           reject(upstreamFailure(this.url.origin, new Error('the stream closed before an answer')));
+        // A client that leaves mid-answer (a killed `logs -f`, a dropped watch) cancels the stream, so 'end'
+        // never comes: the request is still finished, and must still be audited and counted.
+        else resolve(answeredStatus);
       });
       stream.on('response', (upstreamHeaders) => {
         answered = true;
         clearTimeout(timer);
         const status = Number(upstreamHeaders[':status'] ?? 502);
+        answeredStatus = status;
         res.statusCode = status;
         for (const [name, value] of Object.entries(
           downstreamHeaders(upstreamHeaders as IncomingHttpHeaders),
@@ -528,6 +533,8 @@ export class Upstream {
         client.write(responseHead(upstreamRes, true));
         upstreamRes.pipe(client);
         upstreamRes.on('end', () => resolve(upstreamRes.statusCode ?? 502));
+        // The client may leave before the answer ends: the request is finished all the same.
+        upstreamRes.on('close', () => resolve(upstreamRes.statusCode ?? 502));
         upstreamRes.on('error', () => client.destroy());
       });
       upstreamReq.on('error', (err) => {

@@ -46,6 +46,7 @@ describe('forwarding to kube-apiserver', () => {
   let seen: Seen[] = [];
   let releaseSecondEvent: () => void = () => {};
   const reviews: { user: string; resourceAttributes: { name: string } }[] = [];
+  const audit = memoryAudit();
 
   before(async () => {
     pki = await makeDevPki();
@@ -133,7 +134,7 @@ describe('forwarding to kube-apiserver', () => {
         proxyConfigYaml(files, { upstreamUrl: `https://127.0.0.1:${upstream.port}` }),
         files.configFile,
       ),
-      { logger: silentLogger(), audit: memoryAudit().sink, defaultMetrics: false, probeIntervalMs: 60_000 },
+      { logger: silentLogger(), audit: audit.sink, defaultMetrics: false, probeIntervalMs: 60_000 },
     );
   });
 
@@ -239,6 +240,27 @@ describe('forwarding to kube-apiserver', () => {
     } finally {
       session.close();
     }
+  });
+
+  it('audits a watch the client abandons mid-stream (a killed `logs -f`), with the status it was answered', async () => {
+    const path = '/api/v1/namespaces/default/pods?watch=true&abandoned=1';
+    const session = http2.connect(`https://127.0.0.1:${proxy.port}`, client());
+    try {
+      const stream = session.request({ ':path': path });
+      stream.setEncoding('utf8');
+      await new Promise<void>((resolve) => stream.on('data', () => resolve()));
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+    } finally {
+      session.close();
+    }
+    let event = audit.events.find((e) => e.requestURI === path);
+    for (let i = 0; i < 100 && event === undefined; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      event = audit.events.find((e) => e.requestURI === path);
+    }
+    assert.ok(event, 'the abandoned watch has its audit event');
+    assert.equal(event.responseStatus.code, 200);
+    releaseSecondEvent();
   });
 
   it('passes a 3 MiB request body through intact', async () => {
