@@ -5,7 +5,10 @@
  * SVID through the k8s attestor against the real kubelet (and a pod the entry does not select gets none);
  * kubectl, authenticated by the exec credential plugin against the node's socket, runs exec, attach, logs -f and
  * port-forward through the proxy into busybox containers over WebSocket and over SPDY; a rolling restart of the
- * agent keeps the proxy serving and the CA unchanged.
+ * agent keeps the proxy serving and the CA unchanged. Last, the other install path, deploy/spoke/proxy (the proxy
+ * as a Deployment, upstream.inCluster), replaces the static pod: its pod gets Ready, kube-apiserver reads the
+ * token the kubelet projected into it as the service account kube-svid-proxy bound to that pod, and kubectl runs
+ * `auth whoami` and `exec` through it.
  *
  * The overlay (a temporary directory, `resources:` the repository's deploy/spoke by relative path) changes only
  * what this environment needs, nothing the manifests decide:
@@ -20,12 +23,28 @@
  * suite's (written under /etc/kube-svid-proxy/) rather than kubeadm's /etc/kubernetes/pki/ca.crt, which this host
  * does not have. Its proxy.yaml differs in `upstream.url` (the suite's kube-apiserver). Its token is made as
  * deploy/spoke/static-pod/README.md says (`kubectl create token kube-svid-proxy`).
+ * The Deployment's overlay (of deploy/spoke/proxy) has the same entries, policy and RBAC, and one patch for what
+ * this environment lacks (no kube-proxy, no DNS: the `kubernetes` Service's virtual IP leads nowhere, and a pod on
+ * the bridge cannot reach 127.0.0.1): `hostNetwork: true`, the env KUBERNETES_SERVICE_HOST=127.0.0.1 and
+ * KUBERNETES_SERVICE_PORT=<the suite kube-apiserver's port> (explicit container env wins over the kubelet's
+ * service env), and one replica (a second would want the same host ports on the only node). Its ports and
+ * proxy.yaml are as shipped: the static pod is removed first, freeing the node's 8443 and 9443.
  *
  * Progress and timings go to stderr; none is asserted. Skips like test/e2e/node.test.ts (nodeSkip).
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  chownSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -182,6 +201,8 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
   let node: Node;
   let dir: string;
   let dryRun = '';
+  /** The test's overlay of deploy/spoke (its entries.yaml, policy.yaml and impersonation-rbac.yaml). */
+  let overlay: string;
   /** kubectl through the proxy, authenticated by `kube-svid-proxy credential` (the exec plugin). */
   let viaPlugin: string;
   /** kubectl through the proxy with the client SVID fetched once (a client certificate in the kubeconfig). */
@@ -333,14 +354,56 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
     return sum;
   }
 
-  /** The proxy's audit Events (its stdout, in the static pod's log) for the test's kubectl rule. */
-  async function auditEvents(): Promise<AuditEvent[]> {
-    const { stdout } = await node.kubectl(['logs', '-n', NS, `kube-svid-proxy-${node.nodeName}`]);
+  /** The proxy's audit Events (its stdout, in its pod's log: the static pod's by default) for the test's rule. */
+  async function auditEvents(pod = `kube-svid-proxy-${node.nodeName}`): Promise<AuditEvent[]> {
+    const { stdout } = await node.kubectl(['logs', '-n', NS, pod]);
     return stdout
       .split('\n')
       .filter((line) => line.startsWith('{') && line.includes('"audit.k8s.io/v1"'))
       .map((line) => JSON.parse(line) as AuditEvent)
       .filter((e) => e.annotations?.['kube-svid-proxy/rule'] === 'e2e-kubectl');
+  }
+
+  /** An overlay's kustomization: `base` with the test's entries and policy, and `patches` (files in `root`). */
+  function kustomization(root: string, base: string, patches: string[]): object {
+    return {
+      apiVersion: 'kustomize.config.k8s.io/v1beta1',
+      kind: 'Kustomization',
+      resources: [relative(root, base)],
+      configMapGenerator: ['kube-svid-proxy-agent-entries', 'kube-svid-proxy-policy'].map((name) => ({
+        name,
+        namespace: NS,
+        behavior: 'replace',
+        files: [name.endsWith('entries') ? 'entries.yaml' : 'policy.yaml'],
+        options: { disableNameSuffixHash: true },
+      })),
+      patches: patches.map((path) => ({ path })),
+    };
+  }
+
+  /** The subjectAltName of the certificate served on 127.0.0.1:`port`. */
+  function servedSan(port: number): Promise<string> {
+    return new Promise<string>((resolve, reject) => {
+      const socket = tls.connect(
+        { host: '127.0.0.1', port, servername: 'spoke.example.org', rejectUnauthorized: false },
+        () => {
+          resolve(socket.getPeerX509Certificate()?.subjectAltName ?? '');
+          socket.destroy();
+        },
+      );
+      socket.on('error', reject);
+    });
+  }
+
+  /** Whether something accepts TCP connections on 127.0.0.1:`port`. */
+  function listening(port: number): Promise<boolean> {
+    return new Promise((resolve) => {
+      const socket = connect({ host: '127.0.0.1', port }, () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.on('error', () => resolve(false));
+    });
   }
 
   before(async () => {
@@ -359,7 +422,7 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
     dryRun = (await node.kubectl(['apply', '--dry-run=server', '-k', join(REPO, 'deploy', 'spoke')])).stdout;
 
     // The overlay (see the header for what and why).
-    const overlay = join(dir, 'overlay');
+    overlay = join(dir, 'overlay');
     mkdirSync(overlay);
     const common = join(REPO, 'deploy', 'spoke', 'common');
     writeFileSync(
@@ -378,19 +441,7 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
     writeFileSync(join(overlay, 'impersonation-rbac.yaml'), stringify(role));
     writeFileSync(
       join(overlay, 'kustomization.yaml'),
-      stringify({
-        apiVersion: 'kustomize.config.k8s.io/v1beta1',
-        kind: 'Kustomization',
-        resources: [relative(overlay, join(REPO, 'deploy', 'spoke'))],
-        configMapGenerator: ['kube-svid-proxy-agent-entries', 'kube-svid-proxy-policy'].map((name) => ({
-          name,
-          namespace: NS,
-          behavior: 'replace',
-          files: [name.endsWith('entries') ? 'entries.yaml' : 'policy.yaml'],
-          options: { disableNameSuffixHash: true },
-        })),
-        patches: [{ path: 'impersonation-rbac.yaml' }],
-      }),
+      stringify(kustomization(overlay, join(REPO, 'deploy', 'spoke'), ['impersonation-rbac.yaml'])),
     );
     await node.kubectl(['apply', '-k', overlay]);
     await node.kubectl(['apply', '-f', '-'], { input: TEST_RBAC.map((o) => stringify(o)).join('---\n') });
@@ -548,17 +599,7 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
     const body = await res.text();
     assert.equal(res.status, 200, body);
     // It serves with the SVID of its entry (the k8s attestor selected the static pod by namespace and label).
-    const san = await new Promise<string>((resolve, reject) => {
-      const socket = tls.connect(
-        { host: '127.0.0.1', port: 8443, servername: 'spoke.example.org', rejectUnauthorized: false },
-        () => {
-          resolve(socket.getPeerX509Certificate()?.subjectAltName ?? '');
-          socket.destroy();
-        },
-      );
-      socket.on('error', reject);
-    });
-    assert.match(san, new RegExp(`URI:${PROXY_ID}(,|$)`));
+    assert.match(await servedSan(8443), new RegExp(`URI:${PROXY_ID}(,|$)`));
   });
 
   it('a pod selected by namespace, service account and label gets its SVID from the k8s attestor; another does not', async () => {
@@ -754,5 +795,192 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
     ).active.certificate;
     assert.equal(activeAfter, activeBefore);
     timing('rolling restart', started);
+  });
+
+  // Last: it replaces the static pod (the proxy of every test above) with deploy/spoke/proxy's Deployment.
+  it('deploy/spoke/proxy: the proxy Deployment is Ready on its service-account token, and kubectl runs through it', async () => {
+    const started = Date.now();
+    // The static pod goes first: on the host network (below) the Deployment's pod listens on the same 8443 and
+    // 9443 of the node, which proxy.yaml and the Deployment's ports ship and this test keeps.
+    rmSync(join(node.staticPodDir, 'kube-svid-proxy.yaml'));
+    await until('the static pod and its listeners gone', 120_000, async () => {
+      const { stdout } = await node.kubectl([
+        'get',
+        'pods',
+        '-n',
+        NS,
+        '-l',
+        'app.kubernetes.io/component=proxy',
+        '-o',
+        'name',
+      ]);
+      if (stdout.trim() !== '') throw new Error(`still there: ${stdout.trim()}`);
+      if ((await listening(8443)) || (await listening(9443))) throw new Error('8443 or 9443 still listening');
+      return true;
+    });
+    timing('static pod gone', started);
+
+    // An overlay of deploy/spoke/proxy: the same entries, policy and impersonation RBAC as the overlay of
+    // deploy/spoke (so ../common is applied unchanged), and one patch of the Deployment for what this environment
+    // lacks. No kube-proxy and no DNS run here, so the `kubernetes` Service's virtual IP (the kubelet's
+    // KUBERNETES_SERVICE_HOST) leads nowhere, and a pod on the bridge reaches neither kube-apiserver (127.0.0.1)
+    // nor the test: the pod uses the host's network, and the explicit container env (which wins over the
+    // kubelet's service env) names the suite's kube-apiserver for upstream.inCluster. One replica: the second of
+    // the shipped two would want the same host ports on the only node and stay Pending.
+    const proxyOverlay = join(dir, 'overlay-proxy');
+    mkdirSync(proxyOverlay);
+    for (const file of ['entries.yaml', 'policy.yaml', 'impersonation-rbac.yaml'])
+      copyFileSync(join(overlay, file), join(proxyOverlay, file));
+    const apiserver = new URL(node.apiserverUrl);
+    writeFileSync(
+      join(proxyOverlay, 'environment.yaml'),
+      stringify({
+        apiVersion: 'apps/v1',
+        kind: 'Deployment',
+        metadata: { name: 'kube-svid-proxy', namespace: NS },
+        spec: {
+          replicas: 1,
+          template: {
+            spec: {
+              hostNetwork: true,
+              containers: [
+                {
+                  name: 'proxy',
+                  env: [
+                    { name: 'KUBERNETES_SERVICE_HOST', value: apiserver.hostname },
+                    { name: 'KUBERNETES_SERVICE_PORT', value: apiserver.port },
+                  ],
+                },
+              ],
+            },
+          },
+        },
+      }),
+    );
+    writeFileSync(
+      join(proxyOverlay, 'kustomization.yaml'),
+      stringify(
+        kustomization(proxyOverlay, join(REPO, 'deploy', 'spoke', 'proxy'), [
+          'impersonation-rbac.yaml',
+          'environment.yaml',
+        ]),
+      ),
+    );
+    let step = Date.now();
+    await node.kubectl(['apply', '-k', proxyOverlay]);
+    await node.kubectl(['rollout', 'status', 'deployment/kube-svid-proxy', '-n', NS, '--timeout=180s'], {
+      timeoutMs: 200_000,
+    });
+    timing('proxy Deployment rolled out', step);
+
+    // Its one pod, Ready by the shipped readiness probe (/readyz on the admin port), with no file of the host:
+    // the configuration and policy ConfigMaps, the agent's socket and the projected service-account token.
+    interface ProxyPod extends PodStatus {
+      readonly metadata: PodStatus['metadata'] & { readonly ownerReferences?: readonly { kind: string }[] };
+      readonly spec: {
+        readonly serviceAccountName: string;
+        readonly volumes: readonly { name: string; hostPath?: { path: string }; projected?: unknown }[];
+      };
+    }
+    const { items } = await kubectlJson<{ items: ProxyPod[] }>(
+      'get',
+      'pods',
+      '-n',
+      NS,
+      '-l',
+      'app.kubernetes.io/component=proxy',
+    );
+    assert.equal(items.length, 1);
+    const pod = items[0] as ProxyPod;
+    const name = pod.metadata.name;
+    assert.deepEqual(
+      pod.metadata.ownerReferences?.map((o) => o.kind),
+      ['ReplicaSet'],
+    );
+    assert.ok(pod.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True'));
+    assert.equal(pod.spec.serviceAccountName, 'kube-svid-proxy');
+    assert.deepEqual(
+      pod.spec.volumes.filter((v) => v.hostPath).map((v) => v.hostPath?.path),
+      [SOCKET_DIR],
+    );
+    assert.ok(pod.spec.volumes.some((v) => v.projected && v.name.startsWith('kube-api-access-')));
+    const readyz = await fetch(`${ADMIN_URL}/readyz`);
+    assert.equal(readyz.status, 200, await readyz.text());
+    assert.match(await servedSan(8443), new RegExp(`URI:${PROXY_ID}(,|$)`));
+
+    // Its upstream is upstream.inCluster: the URL from the env above, and the token the kubelet projected into
+    // the pod, which kube-apiserver reads as the service account kube-svid-proxy bound to this very pod (a
+    // SelfSubjectReview from inside the pod, with the files inCluster reads; the image has node and no shell).
+    const startLine = (await node.kubectl(['logs', '-n', NS, name])).stdout
+      .split('\n')
+      .filter((line) => line.startsWith('{'))
+      .map((line) => JSON.parse(line) as { msg?: string; upstream?: string })
+      .find((l) => l.msg === 'proxy started');
+    assert.equal(startLine?.upstream, apiserver.origin);
+    const review = `
+      const fs = require('node:fs');
+      const dir = '/var/run/secrets/kubernetes.io/serviceaccount';
+      const req = require('node:https').request({
+        host: process.env.KUBERNETES_SERVICE_HOST,
+        port: process.env.KUBERNETES_SERVICE_PORT,
+        path: '/apis/authentication.k8s.io/v1/selfsubjectreviews',
+        method: 'POST',
+        ca: fs.readFileSync(dir + '/ca.crt'),
+        headers: {
+          authorization: 'Bearer ' + fs.readFileSync(dir + '/token', 'utf8').trim(),
+          'content-type': 'application/json',
+        },
+      }, (res) => res.pipe(process.stdout));
+      req.end(JSON.stringify({ apiVersion: 'authentication.k8s.io/v1', kind: 'SelfSubjectReview' }));`;
+    const { stdout: reviewed } = await node.kubectl([
+      'exec',
+      '-n',
+      NS,
+      name,
+      '-c',
+      'proxy',
+      '--',
+      '/usr/local/bin/node',
+      '-e',
+      review,
+    ]);
+    const userInfo = (
+      JSON.parse(reviewed) as {
+        status: { userInfo: { username: string; extra?: Record<string, string[]> } };
+      }
+    ).status.userInfo;
+    assert.equal(userInfo.username, `system:serviceaccount:${NS}:kube-svid-proxy`);
+    assert.deepEqual(userInfo.extra?.['authentication.kubernetes.io/pod-name'], [name]);
+
+    // kubectl through it: the exec plugin's kubeconfig of before(), whose server 127.0.0.1:8443 is now this pod.
+    step = Date.now();
+    const who = JSON.parse(
+      (
+        await until('e2e:kubectl through the Deployment', 30_000, () =>
+          kubectlAs(viaPlugin, ['auth', 'whoami', '-o', 'json']),
+        )
+      ).stdout,
+    ) as { status: { userInfo: { username: string } } };
+    assert.equal(who.status.userInfo.username, USER);
+    const exec = await kubectlAs(viaPlugin, [
+      'exec',
+      '-n',
+      TEST_NS,
+      'shell',
+      '--',
+      'sh',
+      '-c',
+      'echo "hi from $(hostname)"',
+    ]);
+    assert.equal(exec.stdout, 'hi from shell\n');
+    // Decided and audited by the Deployment's proxy: the exec in its log, impersonating the mapped user.
+    const events = await until('the Deployment proxy audited the exec', 30_000, async () => {
+      const all = await auditEvents(name);
+      return all.some((e) => e.objectRef?.subresource === 'exec') ? all : undefined;
+    });
+    for (const e of events) assert.equal(e.impersonatedUser?.username, USER);
+    assert.ok((await counter('ksp_decisions_total', 'rule="e2e-kubectl"')) >= 2);
+    timing('kubectl through the Deployment', step);
+    timing('the Deployment variant in all', started);
   });
 });
