@@ -332,6 +332,22 @@ class Digester extends Transform {
   }
 }
 
+/**
+ * GNU tar flags that make an archive depend on its content alone: POSIX format without access or change times,
+ * entries sorted by name, every time `mtime`, every owner root. Equal trees give byte-equal archives.
+ */
+export function reproducibleTar(mtime: number): string[] {
+  return [
+    '--format=posix',
+    '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime',
+    '--sort=name',
+    `--mtime=@${mtime}`,
+    '--owner=0',
+    '--group=0',
+    '--numeric-owner',
+  ];
+}
+
 /** A deterministic tar of the staged tree, gzipped into `blob`; returns the digests and sizes. */
 async function writeLayer(
   root: string,
@@ -341,21 +357,7 @@ async function writeLayer(
   const entries = readdirSync(root).sort();
   const tar = spawn(
     'tar',
-    [
-      '--create',
-      '--file=-',
-      '--format=posix',
-      '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime',
-      '--sort=name',
-      `--mtime=@${mtime}`,
-      '--owner=0',
-      '--group=0',
-      '--numeric-owner',
-      '-C',
-      root,
-      '--',
-      ...entries,
-    ],
+    ['--create', '--file=-', ...reproducibleTar(mtime), '-C', root, '--', ...entries],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
   const exited = new Promise<void>((resolve, reject) => {
@@ -529,12 +531,7 @@ export async function buildImage(options: BuildOptions = {}): Promise<BuiltImage
       [
         '--create',
         `--file=${partial}`,
-        '--format=posix',
-        '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime',
-        `--mtime=@${mtime}`,
-        '--owner=0',
-        '--group=0',
-        '--numeric-owner',
+        ...reproducibleTar(mtime),
         '--mode=a=r',
         '--dereference',
         '-C',

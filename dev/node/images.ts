@@ -27,7 +27,7 @@ import {
 import { homedir, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
-import { buildImage } from '../../deploy/image/build.ts';
+import { buildImage, reproducibleTar } from '../../deploy/image/build.ts';
 import { PeerUnavailableError, peer } from '../peers/peers.ts';
 import { HOST } from './setup.ts';
 
@@ -84,24 +84,9 @@ function writeArchive(spec: ImageSpec, archive: string): void {
     }
     const tops = [...new Set(spec.entries.map((e) => e.path.split('/')[0] ?? ''))].sort();
     const layer = join(work, 'layer.tar');
-    execFileSync(
-      'tar',
-      [
-        '--create',
-        `--file=${layer}`,
-        '--format=posix',
-        '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime',
-        '--sort=name',
-        '--mtime=@0',
-        '--owner=0',
-        '--group=0',
-        '--numeric-owner',
-        '-C',
-        root,
-        ...tops,
-      ],
-      { stdio: ['ignore', 'ignore', 'inherit'] },
-    );
+    execFileSync('tar', ['--create', `--file=${layer}`, ...reproducibleTar(0), '-C', root, ...tops], {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
     const layerBytes = readFileSync(layer);
     const layerDigest = `sha256:${sha256(layerBytes)}`;
     const config = json({
@@ -157,13 +142,7 @@ function writeArchive(spec: ImageSpec, archive: string): void {
       [
         '--create',
         `--file=${partial}`,
-        '--format=posix',
-        '--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime',
-        '--sort=name',
-        '--mtime=@0',
-        '--owner=0',
-        '--group=0',
-        '--numeric-owner',
+        ...reproducibleTar(0),
         '-C',
         layout,
         'oci-layout',

@@ -9,7 +9,6 @@
  * a fallback between profiles (§7.1), a bundle whose `spiffe_sequence` is lower than the held one's is refused as
  * a replay, and an `https_spiffe` endpoint must be self-serving (its SPIFFE ID in the relationship's trust domain).
  */
-import type { X509Certificate } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { readFile } from 'node:fs/promises';
 import { request as httpRequest, type IncomingMessage } from 'node:http';
@@ -19,7 +18,7 @@ import type { Logger } from '../observability/logger.ts';
 import { SpiffeBundle } from '../spiffe/bundle.ts';
 import { isKspError } from '../spiffe/errors.ts';
 import type { SpiffeId, TrustDomain } from '../spiffe/id.ts';
-import { parseCertificates, verifyX509Svid } from '../spiffe/x509svid.ts';
+import { parseCertificates, presentedIntermediates, verifyX509Svid } from '../spiffe/x509svid.ts';
 import { FederationError, FederationErrorCode } from './errors.ts';
 import type { FederationStore, StoredBundle } from './store.ts';
 
@@ -166,22 +165,6 @@ function checkUrl(relationship: Relationship): URL {
     );
   }
   return url;
-}
-
-/** The certificates the server sent after its leaf, leaf excluded (OpenSSL's view of the peer chain). */
-function presentedIntermediates(leaf: X509Certificate): X509Certificate[] {
-  const out: X509Certificate[] = [];
-  const seen = new Set<string>([leaf.fingerprint256]);
-  for (
-    let cert = leaf.issuerCertificate;
-    cert !== undefined && out.length <= 16;
-    cert = cert.issuerCertificate
-  ) {
-    if (seen.has(cert.fingerprint256)) break;
-    seen.add(cert.fingerprint256);
-    out.push(cert);
-  }
-  return out;
 }
 
 /** Fetches the bundle of one federated trust domain and keeps it fresh. */

@@ -3,7 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import type { BundleSet } from '../spiffe/bundle.ts';
 import { isSpiffeError } from '../spiffe/errors.ts';
 import type { SpiffeId } from '../spiffe/id.ts';
-import { verifyX509Svid } from '../spiffe/x509svid.ts';
+import { presentedIntermediates, verifyX509Svid } from '../spiffe/x509svid.ts';
 import { ProxyError, ProxyErrorCode } from './errors.ts';
 
 /** A refusal by the TLS layer itself (the SPIFFE checks throw SpiffeError). */
@@ -92,22 +92,6 @@ function bounded<V>(map: Map<string, V>, key: string, value: V): void {
 /** True when an identity verified earlier may still be used for a request at `now`. */
 export function stillValid(identity: PeerIdentity, trust: TrustState, now = new Date()): boolean {
   return identity.generation === trust.generation && now.getTime() < identity.validUntil.getTime();
-}
-
-/** The certificates the client sent after its leaf (OpenSSL's view of the peer chain), leaf excluded. */
-function presentedIntermediates(leaf: X509Certificate): X509Certificate[] {
-  const out: X509Certificate[] = [];
-  const seen = new Set<string>([leaf.fingerprint256]);
-  for (
-    let cert = leaf.issuerCertificate;
-    cert !== undefined && out.length <= 16;
-    cert = cert.issuerCertificate
-  ) {
-    if (seen.has(cert.fingerprint256)) break;
-    seen.add(cert.fingerprint256);
-    out.push(cert);
-  }
-  return out;
 }
 
 export function authFailureCode(err: unknown): string {

@@ -291,6 +291,25 @@ function hasListing(source: X509BundleSource): source is ListableX509Source {
 }
 
 /**
+ * The certificates a TLS peer sent after its leaf, leaf excluded: OpenSSL's view of the peer chain, walked through
+ * `issuerCertificate` (at most 17, stopping at the first repeat). What `verifyX509Svid` takes after the leaf.
+ */
+export function presentedIntermediates(leaf: X509Certificate): X509Certificate[] {
+  const out: X509Certificate[] = [];
+  const seen = new Set<string>([leaf.fingerprint256]);
+  for (
+    let cert = leaf.issuerCertificate;
+    cert !== undefined && out.length <= 16;
+    cert = cert.issuerCertificate
+  ) {
+    if (seen.has(cert.fingerprint256)) break;
+    seen.add(cert.fingerprint256);
+    out.push(cert);
+  }
+  return out;
+}
+
+/**
  * Verifies a peer's X.509-SVID chain (leaf first, as presented in TLS) against the bundle of the trust domain
  * *that the leaf claims*, and no other: a CA trusted for another trust domain never vouches for this one.
  * Returns the SPIFFE ID and the verified path, or throws a `SpiffeError` whose code names the rule broken.

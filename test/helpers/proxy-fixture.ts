@@ -200,6 +200,23 @@ export async function until(
   }
 }
 
+/**
+ * Repeats `attempt` until `done` accepts its result or `tries` run out, and returns the last result (the caller
+ * asserts on it, so a failure shows what was last seen). Not a timing assertion.
+ */
+export async function pollFor<T>(
+  attempt: () => Promise<T>,
+  done: (value: T) => boolean,
+  tries = 100,
+): Promise<T> {
+  let last = await attempt();
+  for (let i = 0; i < tries && !done(last); i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    last = await attempt();
+  }
+  return last;
+}
+
 /** An audit sink that keeps the Events in memory, for `startProxy({ audit })` or a ProxyServer. */
 export function memoryAudit(): { readonly sink: AuditSink; readonly events: AuditEvent[] } {
   const events: AuditEvent[] = [];

@@ -17,7 +17,13 @@ import { type RunningProxy, startProxy } from '../../src/proxy/proxy.ts';
 import { SpiffeId, TrustDomain } from '../../src/spiffe/id.ts';
 import { X509Source } from '../../src/workload/client.ts';
 import { startTestAgent, type TestAgent, TRUST_DOMAIN } from '../helpers/agent.ts';
-import { type Http2StandIn, listenHttp2StandIn, memoryAudit } from '../helpers/proxy-fixture.ts';
+import {
+  type Http2StandIn,
+  listenHttp2StandIn,
+  memoryAudit,
+  pollFor,
+  requestStatus,
+} from '../helpers/proxy-fixture.ts';
 
 const uid = process.getuid?.() ?? 0;
 const HUB = TrustDomain.parse('hub.test');
@@ -138,34 +144,10 @@ readiness:
     });
     session.on('error', () => {});
     try {
-      return await new Promise((resolve, reject) => {
-        const stream = session.request({ ':path': '/version' });
-        let status = 0;
-        let body = '';
-        stream.on('response', (h) => {
-          status = Number(h[':status']);
-        });
-        stream.setEncoding('utf8');
-        stream.on('data', (c: string) => {
-          body += c;
-        });
-        stream.on('end', () => resolve({ status, body }));
-        stream.on('error', reject);
-        stream.end();
-      });
+      return await requestStatus(session, '/version');
     } finally {
       session.close();
     }
-  }
-
-  /** Repeats `attempt` until `done` says so, or gives up after `tries` (returns the last result). */
-  async function until<T>(attempt: () => Promise<T>, done: (v: T) => boolean, tries = 100): Promise<T> {
-    let last = await attempt();
-    for (let i = 0; i < tries && !done(last); i++) {
-      await new Promise((resolve) => setTimeout(resolve, 100));
-      last = await attempt();
-    }
-    return last;
   }
 
   it("accepts the hub's SVID through the bundle the spoke fetched, and impersonates its user", async () => {
@@ -176,11 +158,11 @@ readiness:
 
   it('refuses the same SVID once the policy no longer names the hub, though the bundle is still delivered', async () => {
     writeFileSync(policyFile, policy(false));
-    const refused = await until(asArgocd, (r) => r.status !== 200);
+    const refused = await pollFor(asArgocd, (r) => r.status !== 200);
     assert.equal(refused.status, 401, refused.body);
     assert.ok(spokeView.bundles.getX509Bundle(HUB), 'the hub bundle still reaches the proxy');
     writeFileSync(policyFile, policy(true));
-    assert.equal((await until(asArgocd, (r) => r.status === 200)).status, 200);
+    assert.equal((await pollFor(asArgocd, (r) => r.status === 200)).status, 200);
   });
 
   it("follows the hub's CA rotation through a fetch, without restarting the proxy or the agents", async () => {
@@ -188,7 +170,7 @@ readiness:
     // The hub rotates at once, without waiting for peers to fetch the announcement (the schedule would wait).
     await hub.agent.ca.prepare();
     await hub.agent.ca.activate();
-    const rotated = await until(
+    const rotated = await pollFor(
       async () => hubClient.svid('argocd').certificates[0]?.issuer,
       (issuer) => issuer !== firstCa,
     );
@@ -200,7 +182,7 @@ readiness:
     // One fetch of the hub's endpoint (what the poll does at the refresh hint) brings it to the proxy.
     const [status] = (await spoke.agent.federation?.refreshNow()) ?? [];
     assert.equal(status?.bundle?.sequence, hub.agent.ca.bundle.sequence);
-    const after = await until(asArgocd, (v) => v.status === 200);
+    const after = await pollFor(asArgocd, (v) => v.status === 200);
     assert.equal(after.status, 200, after.body);
     assert.deepEqual(JSON.parse(after.body), { user: 'argocd' });
   });

@@ -29,6 +29,7 @@ import {
   type ImageArchive,
   readArchive,
 } from '../../deploy/image/build.ts';
+import { peersRequired } from '../../dev/peers/peers.ts';
 
 const REPO = join(import.meta.dirname, '..', '..');
 const pkg = JSON.parse(readFileSync(join(REPO, 'package.json'), 'utf8')) as {
@@ -40,7 +41,7 @@ const pkg = JSON.parse(readFileSync(join(REPO, 'package.json'), 'utf8')) as {
 function cannotRun(): string | false {
   if (process.getuid?.() === 0) return false;
   const reason = 'running the image from its extracted root file system needs root (chroot)';
-  if (process.env.KSP_REQUIRE_PEERS === '1') throw new Error(`${reason}, and CI requires it`);
+  if (peersRequired()) throw new Error(`${reason}, and CI requires it`);
   return `${reason}; set KSP_REQUIRE_PEERS=1 to make this a failure`;
 }
 

@@ -27,7 +27,13 @@ import { SpiffeId, TrustDomain } from '../../src/spiffe/id.ts';
 import { X509Source } from '../../src/workload/client.ts';
 import { startTestAgent, type TestAgent } from '../helpers/agent.ts';
 import { makeWebPki, webServerCert, writeWebFiles } from '../helpers/federation.ts';
-import { type Http2StandIn, listenHttp2StandIn, memoryAudit } from '../helpers/proxy-fixture.ts';
+import {
+  type Http2StandIn,
+  listenHttp2StandIn,
+  memoryAudit,
+  pollFor,
+  requestStatus,
+} from '../helpers/proxy-fixture.ts';
 
 const spire = peer('spire-server');
 const probe = peer('gospiffe-probe');
@@ -49,16 +55,6 @@ function fingerprints(td: TrustDomain, json: string | undefined): string[] {
   return SpiffeBundle.parse(td, json)
     .x509Authorities.map((c) => c.fingerprint256)
     .sort();
-}
-
-/** Repeats `attempt` until `done` says so, or gives up after `tries` (returns the last result). */
-async function until<T>(attempt: () => Promise<T>, done: (v: T) => boolean, tries = 100): Promise<T> {
-  let last = await attempt();
-  for (let i = 0; i < tries && !done(last); i++) {
-    await new Promise((resolve) => setTimeout(resolve, 100));
-    last = await attempt();
-  }
-  return last;
 }
 
 describe('federation with a real SPIRE server, both ways', { skip }, () => {
@@ -194,21 +190,7 @@ readiness:
     });
     session.on('error', () => {});
     try {
-      return await new Promise((resolve, reject) => {
-        const stream = session.request({ ':path': '/version' });
-        let status = 0;
-        let body = '';
-        stream.on('response', (h) => {
-          status = Number(h[':status']);
-        });
-        stream.setEncoding('utf8');
-        stream.on('data', (c: string) => {
-          body += c;
-        });
-        stream.on('end', () => resolve({ status, body }));
-        stream.on('error', reject);
-        stream.end();
-      });
+      return await requestStatus(session, '/version');
     } finally {
       session.close();
     }
@@ -297,7 +279,7 @@ readiness:
     assert.equal(before.status, 401, before.body);
     // SPIRE caches its served bundle for a second: fetch until the new root arrives.
     const wanted = fingerprints(HUB, await hub.bundleShow('spiffe'));
-    await until(
+    await pollFor(
       async () => {
         await spoke.agent.federation?.refreshNow();
         return spokeView.bundles
@@ -307,7 +289,7 @@ readiness:
       },
       (seen) => JSON.stringify(seen) === JSON.stringify(wanted),
     );
-    const after = await until(
+    const after = await pollFor(
       () => asSpireWorkload(minted),
       (v) => v.status === 200,
     );
@@ -324,7 +306,7 @@ readiness:
     );
     const firstIssuer = spokeView.svid('proxy').certificates[0]?.issuer;
     await spoke.agent.ca.activate();
-    await until(
+    await pollFor(
       async () => spokeView.svid('proxy').certificates[0]?.issuer,
       (issuer) => issuer !== firstIssuer,
     );

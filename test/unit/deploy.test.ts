@@ -13,6 +13,7 @@ import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { parseAllDocuments, parse as parseYaml } from 'yaml';
+import { peersRequired } from '../../dev/peers/peers.ts';
 import { parseAgentConfig } from '../../src/agent/config.ts';
 import { parseEntries } from '../../src/agent/entries.ts';
 import { parsePolicy } from '../../src/policy/parse.ts';
@@ -30,7 +31,7 @@ function kubectlMissing(): string | false {
   const found = spawnSync('kubectl', ['version', '--client'], { encoding: 'utf8' });
   if (found.status === 0) return false;
   const reason = `kubectl is not on PATH (${found.error?.message ?? found.stderr.trim()})`;
-  if (process.env.KSP_REQUIRE_PEERS === '1') throw new Error(reason);
+  if (peersRequired()) throw new Error(reason);
   return `${reason}; set KSP_REQUIRE_PEERS=1 to make this a failure`;
 }
 
