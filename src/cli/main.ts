@@ -19,6 +19,7 @@ import {
   AGENT_USAGE,
   API_USAGE,
   BUNDLE_USAGE,
+  CLIENT_USAGE,
   CREDENTIAL_USAGE,
   commandPath,
   commandUsage,
@@ -35,19 +36,12 @@ Commands:
         Verify an X.509-SVID chain (PEM or DER, leaf first) against the bundle of the trust domain its
         leaf claims. FILE is a SPIFFE bundle (JSON) or PEM CA certificates. Prints the SPIFFE ID, or the
         error code of the rule the SVID breaks (exit 1).
-${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${BUNDLE_USAGE}${CREDENTIAL_USAGE}${POLICY_USAGE}  version       Print the version.
+${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${BUNDLE_USAGE}${CREDENTIAL_USAGE}${CLIENT_USAGE}${POLICY_USAGE}  version       Print the version.
   help          Print this help.
-
-Not built yet (each prints what it will be and exits 3):
-  client        client-mode listener (wraps outbound connections in SVID mTLS)
 
 Run 'kube-svid-proxy help COMMAND' (or 'kube-svid-proxy COMMAND --help') for a command's flags, their
 defaults, and an example.
 `;
-
-const NOT_BUILT: Record<string, string> = {
-  client: 'the client-mode listener is not built yet',
-};
 
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as {
@@ -150,23 +144,17 @@ async function main(argv: string[]): Promise<number> {
         return await (await import('./credential.ts')).credentialCommand(rest);
       case 'policy':
         return await (await import('./policy.ts')).policyCommand(rest);
+      case 'client':
+        return await (await import('./client.ts')).clientCommand(rest);
+      case 'writer':
+        return await (await import('./writer.ts')).writerCommand(rest);
       case 'bundle':
         return await (await import('./bundle.ts')).bundleCommand(rest);
       case 'svid':
         if (rest[0] === 'verify') return svidVerify(rest.slice(1));
         throw new UsageError(`unknown svid subcommand ${JSON.stringify(rest[0] ?? '')} (expected: verify)`);
-      default: {
-        const what = NOT_BUILT[command];
-        if (what === undefined) throw new UsageError(`unknown command ${JSON.stringify(command)}`);
-        process.stderr.write(
-          `kube-svid-proxy ${command}: ${what}.\n` +
-            'What exists today: the proxy (`serve`), the bundled agent (`agent`), the Workload API client (`api`),\n' +
-            'the exec credential plugin (`credential`), `bundle`, `policy`, `svid verify`, and the SPIFFE and Workload API\n' +
-            'libraries.\n' +
-            'See README.md, "Status".\n',
-        );
-        return EXIT.notBuilt;
-      }
+      default:
+        throw new UsageError(`unknown command ${JSON.stringify(command)}`);
     }
   } catch (e) {
     if (

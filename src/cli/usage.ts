@@ -42,6 +42,16 @@ export const BUNDLE_USAGE = `  bundle show [--state-dir DIR | --config FILE] [--
         agent takes it on SIGHUP. DIR defaults to agent.yaml's stateDir, else /var/lib/kube-svid-proxy/agent.
 `;
 
+export const CLIENT_USAGE = `  client --config FILE [--log-level LEVEL]
+        Run the client mode: a local listener per spoke (loopback or Unix socket; HTTP/1.1 or h2c) forwarding to
+        the spoke proxies over SPIFFE mTLS with this workload's SVID, rotated without cutting watches.
+  client kubeconfig --config FILE --spoke NAME [--name NAME]
+        Print a kubeconfig that reaches the spoke through the local listener (no credential in it).
+  writer --config FILE [--log-level LEVEL]
+        Run the credential writer: keep Argo CD cluster Secrets and Flux kubeconfig Secrets filled with the
+        current SVID and the spoke's bundle, rewritten at each rotation.
+`;
+
 export const POLICY_USAGE = `  policy check FILE
         Validate a policy file: print a one-line summary (exit 0), or every problem as FILE:LINE:COL: message
         on stderr (exit 1).
@@ -375,12 +385,39 @@ export const COMMANDS: Readonly<Record<string, CommandHelp>> = {
     examples: ['kube-svid-proxy version'],
   },
   client: {
-    synopsis: ['client'],
+    synopsis: [
+      'client --config FILE [--log-level LEVEL]',
+      'client kubeconfig --config FILE --spoke NAME [--name NAME]',
+    ],
     summary:
-      'Not built yet: the client-mode listener (wraps outbound connections in SVID mTLS). Prints what it will be ' +
-      'and exits 3.',
-    flags: NO_FLAGS,
-    examples: ['kube-svid-proxy client'],
+      'Run the client mode: one local listener per spoke (loopback or a Unix socket, plain HTTP/1.1 or h2c) whose ' +
+      "requests go to that spoke proxy over SPIFFE mTLS with this workload's SVID, held in memory and rotated " +
+      'without cutting watches; admin port with /healthz, /readyz, /metrics. SIGTERM drains and stops.',
+    flags: [['-c, --config FILE', 'the client configuration (YAML); required'], LOG_LEVEL_FLAG],
+    subcommands: ['client kubeconfig'],
+    examples: ['kube-svid-proxy client --config examples/client/client.yaml'],
+  },
+  'client kubeconfig': {
+    synopsis: ['client kubeconfig --config FILE --spoke NAME [--name NAME]'],
+    summary:
+      "Print a self-contained kubeconfig that reaches the spoke through the client mode's local listener " +
+      '(server http://127.0.0.1:PORT, no credential: the client mode authenticates), e.g. the value of a Flux ' +
+      'kubeconfig Secret.',
+    flags: [
+      ['-c, --config FILE', 'the client configuration (YAML); required'],
+      ['    --spoke NAME', 'the spoke (its name in spokes); required'],
+      ['    --name NAME', 'the cluster, user and context name in the kubeconfig (default: the spoke name)'],
+    ],
+    examples: ['kube-svid-proxy client kubeconfig --config client.yaml --spoke spoke-a > spoke-a.kubeconfig'],
+  },
+  writer: {
+    synopsis: ['writer --config FILE [--log-level LEVEL]'],
+    summary:
+      'Run the credential writer: keep Argo CD cluster Secrets and Flux kubeconfig Secrets filled with this ' +
+      "workload's current X.509-SVID and the spoke's bundle, rewritten at every rotation and bundle change, " +
+      'touching only the keys it owns; admin port with /healthz, /readyz, /metrics.',
+    flags: [['-c, --config FILE', 'the writer configuration (YAML); required'], LOG_LEVEL_FLAG],
+    examples: ['kube-svid-proxy writer --config examples/writer/writer.yaml'],
   },
 };
 

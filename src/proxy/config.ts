@@ -283,19 +283,20 @@ function readTop(
 }
 
 /** `upstream`: exactly one of `url` (with its files), `inCluster: true`, or `kubeconfig` (with `context`). */
-function readUpstream(
+export function readUpstream(
   r: YamlReader,
   upMap: YAMLMap,
   path: (value: string | undefined) => string | undefined,
+  k = 'upstream',
 ): UpstreamConfig | undefined {
-  const u = r.fields(upMap, UPSTREAM, 'upstream');
+  const u = r.fields(upMap, UPSTREAM, k);
   const str = (field: Field | undefined, what: string): string | undefined => fieldString(r, field, what);
   const urlField = u.get('url');
   const inClusterField = u.get('inCluster');
   const kubeconfigField = u.get('kubeconfig');
   const contextField = u.get('context');
   const inCluster =
-    inClusterField && r.boolean(inClusterField.value, inClusterField.valueOffset, 'upstream.inCluster');
+    inClusterField && r.boolean(inClusterField.value, inClusterField.valueOffset, `${k}.inCluster`);
 
   const modes: { key: 'url' | 'inCluster' | 'kubeconfig'; field: Field }[] = [];
   if (urlField) modes.push({ key: 'url', field: urlField });
@@ -307,7 +308,7 @@ function readUpstream(
     if (inClusterField === undefined || inCluster === false) {
       r.report(
         r.offsetOf(upMap, 0),
-        'upstream needs url, inCluster: true or kubeconfig (e.g. upstream: { url: https://127.0.0.1:6443 })',
+        `${k} needs url, inCluster: true or kubeconfig (e.g. ${k}: { url: https://127.0.0.1:6443 })`,
       );
     }
     return undefined;
@@ -315,8 +316,8 @@ function readUpstream(
   for (const other of others) {
     r.report(
       other.field.keyOffset,
-      `upstream.${other.key} conflicts with upstream.${first.key}: ` +
-        'upstream takes one of url, inCluster: true or kubeconfig',
+      `${k}.${other.key} conflicts with ${k}.${first.key}: ` +
+        `${k} takes one of url, inCluster: true or kubeconfig`,
     );
   }
   if (others.length > 0) return undefined;
@@ -328,26 +329,26 @@ function readUpstream(
       if (field) {
         r.report(
           field.keyOffset,
-          `upstream.${key} goes with upstream.url only; ` +
-            `with upstream.${first.key}, ${source} gives the CA and the credential`,
+          `${k}.${key} goes with ${k}.url only; ` +
+            `with ${k}.${first.key}, ${source} gives the CA and the credential`,
         );
       }
     }
   }
   if (contextField && first.key !== 'kubeconfig') {
-    r.report(contextField.keyOffset, 'upstream.context goes with upstream.kubeconfig only');
+    r.report(contextField.keyOffset, `${k}.context goes with ${k}.kubeconfig only`);
   }
 
   if (first.key === 'inCluster') return { kind: 'inCluster' };
   if (first.key === 'kubeconfig') {
-    const file = path(str(first.field, 'upstream.kubeconfig'));
-    const context = str(contextField, 'upstream.context');
-    if (contextField && context === '') r.report(contextField.valueOffset, 'upstream.context is empty');
+    const file = path(str(first.field, `${k}.kubeconfig`));
+    const context = str(contextField, `${k}.context`);
+    if (contextField && context === '') r.report(contextField.valueOffset, `${k}.context is empty`);
     if (file === undefined) return undefined;
     return { kind: 'kubeconfig', file, ...(context ? { context } : {}) };
   }
 
-  const urlText = str(first.field, 'upstream.url');
+  const urlText = str(first.field, `${k}.url`);
   let url: URL | undefined;
   if (urlText !== undefined) {
     try {
@@ -362,16 +363,16 @@ function readUpstream(
         throw new Error('must be an origin (scheme, host and port; no path, query or fragment)');
       }
     } catch (err) {
-      r.report(first.field.valueOffset, `upstream.url "${urlText}": ${(err as Error).message}`);
+      r.report(first.field.valueOffset, `${k}.url "${urlText}": ${(err as Error).message}`);
       url = undefined;
     }
   }
-  const caFile = path(str(u.get('caFile'), 'upstream.caFile'));
-  const tokenFile = path(str(u.get('tokenFile'), 'upstream.tokenFile'));
-  const clientCertFile = path(str(u.get('clientCertFile'), 'upstream.clientCertFile'));
-  const clientKeyFile = path(str(u.get('clientKeyFile'), 'upstream.clientKeyFile'));
+  const caFile = path(str(u.get('caFile'), `${k}.caFile`));
+  const tokenFile = path(str(u.get('tokenFile'), `${k}.tokenFile`));
+  const clientCertFile = path(str(u.get('clientCertFile'), `${k}.clientCertFile`));
+  const clientKeyFile = path(str(u.get('clientKeyFile'), `${k}.clientKeyFile`));
   if ((clientCertFile === undefined) !== (clientKeyFile === undefined)) {
-    r.report(r.offsetOf(upMap, 0), 'upstream needs clientCertFile and clientKeyFile together');
+    r.report(r.offsetOf(upMap, 0), `${k} needs clientCertFile and clientKeyFile together`);
   }
   if (url === undefined) return undefined;
   return {

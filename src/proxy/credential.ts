@@ -42,6 +42,8 @@ export interface LoadUpstreamOptions {
   readonly serviceAccountDir?: string;
   /** `inCluster`: where KUBERNETES_SERVICE_HOST and _PORT are read (default process.env). */
   readonly env?: NodeJS.ProcessEnv;
+  /** The configuration key errors name (default `upstream`; the writer's is `kubernetes`). */
+  readonly key?: string;
 }
 
 function fail(message: string, cause?: unknown): ProxyError {
@@ -93,6 +95,7 @@ async function followToken(
   file: string,
   options: LoadUpstreamOptions,
 ): Promise<WatchedFile<string>> {
+  const k = options.key ?? 'upstream';
   await readNamed(key, file);
   const log = options.logger;
   try {
@@ -104,9 +107,9 @@ async function followToken(
         return token;
       },
       pollIntervalMs: options.pollIntervalMs ?? 5000,
-      onChange: () => log?.info({ file }, 'upstream token rotated'),
+      onChange: () => log?.info({ file }, `${k} token rotated`),
       onError: (err) =>
-        log?.error({ file, err: { message: err.message } }, 'upstream token file rejected; keeping the last'),
+        log?.error({ file, err: { message: err.message } }, `${k} token file rejected; keeping the last`),
     });
   } catch (err) {
     throw fail(`${key} ${file}: ${(err as Error).message}`, err);
@@ -140,26 +143,27 @@ export async function loadUpstreamCredential(
   spec: UpstreamSpec,
   options: LoadUpstreamOptions = {},
 ): Promise<UpstreamCredential> {
+  const k = options.key ?? 'upstream';
   if (spec.kind === 'inCluster') return inCluster(options);
   if (spec.kind === 'kubeconfig') return fromKubeconfig(spec.file, spec.context, options);
   const ca =
-    spec.caFile && checkCa(`upstream.caFile ${spec.caFile}`, await readNamed('upstream.caFile', spec.caFile));
+    spec.caFile && checkCa(`${k}.caFile ${spec.caFile}`, await readNamed(`${k}.caFile`, spec.caFile));
   let clientCert: string | undefined;
   let clientKey: string | undefined;
   if (spec.clientCertFile !== undefined || spec.clientKeyFile !== undefined) {
     if (spec.clientCertFile === undefined || spec.clientKeyFile === undefined) {
-      throw fail('upstream needs clientCertFile and clientKeyFile together');
+      throw fail(`${k} needs clientCertFile and clientKeyFile together`);
     }
-    clientCert = await readNamed('upstream.clientCertFile', spec.clientCertFile);
-    clientKey = await readNamed('upstream.clientKeyFile', spec.clientKeyFile);
+    clientCert = await readNamed(`${k}.clientCertFile`, spec.clientCertFile);
+    clientKey = await readNamed(`${k}.clientKeyFile`, spec.clientKeyFile);
     checkClientPair(
-      `upstream.clientCertFile ${spec.clientCertFile}`,
+      `${k}.clientCertFile ${spec.clientCertFile}`,
       clientCert,
-      `upstream.clientKeyFile ${spec.clientKeyFile}`,
+      `${k}.clientKeyFile ${spec.clientKeyFile}`,
       clientKey,
     );
   }
-  const file = spec.tokenFile ? await followToken('upstream.tokenFile', spec.tokenFile, options) : undefined;
+  const file = spec.tokenFile ? await followToken(`${k}.tokenFile`, spec.tokenFile, options) : undefined;
   return credential(
     spec.url,
     {
@@ -173,13 +177,14 @@ export async function loadUpstreamCredential(
 
 /** The pod's service account, as client-go's rest.InClusterConfig finds it. */
 async function inCluster(options: LoadUpstreamOptions): Promise<UpstreamCredential> {
+  const k = options.key ?? 'upstream';
   const env = options.env ?? process.env;
   const host = env.KUBERNETES_SERVICE_HOST;
   const port = env.KUBERNETES_SERVICE_PORT;
   if (!host || !port) {
     throw fail(
-      'upstream.inCluster: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set; ' +
-        'is the proxy running in a pod? (use upstream.url or upstream.kubeconfig outside a cluster)',
+      `${k}.inCluster: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set; ` +
+        `is the proxy running in a pod? (use ${k}.url or ${k}.kubeconfig outside a cluster)`,
     );
   }
   let url: URL;
@@ -187,15 +192,15 @@ async function inCluster(options: LoadUpstreamOptions): Promise<UpstreamCredenti
     url = new URL(`https://${host.includes(':') ? `[${host}]` : host}:${port}`);
   } catch (err) {
     throw fail(
-      `upstream.inCluster: KUBERNETES_SERVICE_HOST=${JSON.stringify(host)} and ` +
+      `${k}.inCluster: KUBERNETES_SERVICE_HOST=${JSON.stringify(host)} and ` +
         `KUBERNETES_SERVICE_PORT=${JSON.stringify(port)} do not make a URL: ${(err as Error).message}`,
       err,
     );
   }
   const dir = options.serviceAccountDir ?? SERVICE_ACCOUNT_DIR;
   const caFile = join(dir, 'ca.crt');
-  const ca = checkCa(`upstream.inCluster: ${caFile}`, await readNamed('upstream.inCluster: CA', caFile));
-  const file = await followToken('upstream.inCluster: token', join(dir, 'token'), options);
+  const ca = checkCa(`${k}.inCluster: ${caFile}`, await readNamed(`${k}.inCluster: CA`, caFile));
+  const file = await followToken(`${k}.inCluster: token`, join(dir, 'token'), options);
   return credential(url, { ca }, { file });
 }
 
@@ -245,10 +250,10 @@ const CLUSTER_REFUSED: Record<string, string> = {
 };
 
 /** Finds `name` in a kubeconfig list (clusters, users, contexts) and returns its inner object. */
-function named(file: string, doc: Json, list: string, inner: string, name: string): Json {
+function named(k: string, file: string, doc: Json, list: string, inner: string, name: string): Json {
   const raw = doc[list];
   if (raw !== undefined && raw !== null && !Array.isArray(raw)) {
-    throw fail(`upstream.kubeconfig ${file}: ${list} must be a list`);
+    throw fail(`${k}.kubeconfig ${file}: ${list} must be a list`);
   }
   const items: readonly unknown[] = Array.isArray(raw) ? raw : [];
   const found = items.find((item): item is Json => isObject(item) && item.name === name);
@@ -257,13 +262,13 @@ function named(file: string, doc: Json, list: string, inner: string, name: strin
       isObject(item) && typeof item.name === 'string' ? [item.name] : [],
     );
     throw fail(
-      `upstream.kubeconfig ${file}: no ${inner} named ${JSON.stringify(name)} in ${list}` +
+      `${k}.kubeconfig ${file}: no ${inner} named ${JSON.stringify(name)} in ${list}` +
         ` (${names.length === 0 ? 'none defined' : `defined: ${names.join(', ')}`})`,
     );
   }
   const value = found[inner] ?? {};
   if (!isObject(value)) {
-    throw fail(`upstream.kubeconfig ${file}: ${list}[${JSON.stringify(name)}].${inner} must be a map`);
+    throw fail(`${k}.kubeconfig ${file}: ${list}[${JSON.stringify(name)}].${inner} must be a map`);
   }
   return value;
 }
@@ -274,15 +279,16 @@ async function fromKubeconfig(
   contextName: string | undefined,
   options: LoadUpstreamOptions,
 ): Promise<UpstreamCredential> {
-  const text = await readNamed('upstream.kubeconfig', file);
+  const k = options.key ?? 'upstream';
+  const text = await readNamed(`${k}.kubeconfig`, file);
   let doc: unknown;
   try {
     doc = parseYaml(text, { prettyErrors: false });
   } catch (err) {
-    throw fail(`upstream.kubeconfig ${file}: not YAML: ${(err as Error).message.split('\n')[0]}`, err);
+    throw fail(`${k}.kubeconfig ${file}: not YAML: ${(err as Error).message.split('\n')[0]}`, err);
   }
-  if (!isObject(doc)) throw fail(`upstream.kubeconfig ${file}: not a kubeconfig (expected a map)`);
-  const where = (key: string): string => `upstream.kubeconfig ${file}: ${key}`;
+  if (!isObject(doc)) throw fail(`${k}.kubeconfig ${file}: not a kubeconfig (expected a map)`);
+  const where = (key: string): string => `${k}.kubeconfig ${file}: ${key}`;
   const base = dirname(resolve(file));
   const relative = (path: string): string => (isAbsolute(path) ? path : resolve(base, path));
 
@@ -294,15 +300,15 @@ async function fromKubeconfig(
     }
     name = current;
   }
-  const context = named(file, doc, 'contexts', 'context', name);
+  const context = named(k, file, doc, 'contexts', 'context', name);
   const clusterName = context.cluster;
   const userName = context.user;
   const ctxKey = `contexts[${JSON.stringify(name)}].context`;
   if (typeof clusterName !== 'string' || clusterName === '')
     throw fail(`${where(`${ctxKey}.cluster`)} is not set`);
-  const cluster = named(file, doc, 'clusters', 'cluster', clusterName);
+  const cluster = named(k, file, doc, 'clusters', 'cluster', clusterName);
   const user =
-    typeof userName === 'string' && userName !== '' ? named(file, doc, 'users', 'user', userName) : {};
+    typeof userName === 'string' && userName !== '' ? named(k, file, doc, 'users', 'user', userName) : {};
   const clusterKey = `clusters[${JSON.stringify(clusterName)}].cluster`;
   const userKey = `users[${JSON.stringify(userName)}].user`;
 

@@ -82,6 +82,8 @@ const LAYERS = [
   'agent',
   'policy',
   'proxy',
+  'client',
+  'writer',
   'cli',
 ] as const;
 

@@ -30,7 +30,9 @@ const COMMANDS: readonly (readonly [string, RegExp])[] = [
   ['bundle show', /--format spiffe\|pem/],
   ['bundle list', /--json/],
   ['bundle set', /--trust-domain NAME --file FILE\|-/],
-  ['client', /client$/],
+  ['client', /--config FILE/],
+  ['client kubeconfig', /--spoke NAME/],
+  ['writer', /--config FILE/],
 ];
 
 const words = (path: string): string[] => path.split(' ');

@@ -67,14 +67,36 @@ describe('kube-svid-proxy CLI', () => {
     assert.match(missing.stderr, /ERR_PROXY_CONFIG: cannot read \/nonexistent\/proxy.yaml/);
   });
 
-  it('answers "not built yet" (exit 3) for client', async () => {
-    const commands = ['client'];
-    const results = await Promise.all(commands.map((c) => runAsync([c])));
-    for (const [i, command] of commands.entries()) {
-      const r = results[i];
-      assert.equal(r?.status, 3, `${command}: ${r?.stderr}`);
-      assert.match(r?.stderr ?? '', new RegExp(`^kube-svid-proxy ${command}: .*not built yet`));
-    }
+  it('client and writer need --config, and refuse a bad one naming the file, line and column', async () => {
+    const bad = file(
+      'client.yaml',
+      'spokes:\n  - name: a\n    listen: 0.0.0.0:7443\n    server: https://x:1\n    trustDomain: x.org\n',
+    );
+    const badWriter = file('writer.yaml', 'kubernetes: { inCluster: true }\nsecrets: []\n');
+    const [noConfig, invalid, invalidWriter, kubeconfig] = await Promise.all([
+      runAsync(['client']),
+      runAsync(['client', '--config', bad]),
+      runAsync(['writer', '--config', badWriter]),
+      runAsync(['client', 'kubeconfig', '--config', bad, '--spoke', 'a']),
+    ]);
+    assert.equal(noConfig.status, 2, noConfig.stderr);
+    assert.match(noConfig.stderr, /client needs --config FILE/);
+    assert.equal(invalid.status, 1, invalid.stderr);
+    assert.match(
+      invalid.stderr,
+      new RegExp(`ERR_CLIENT_CONFIG: ${literal(bad)}:3:13: .*not a loopback address`),
+    );
+    assert.equal(invalidWriter.status, 1, invalidWriter.stderr);
+    assert.match(invalidWriter.stderr, /ERR_WRITER_CONFIG: .*writer\.yaml:2:10: secrets is empty/);
+    assert.equal(kubeconfig.status, 1);
+    const good = file(
+      'client-good.yaml',
+      'spokes:\n  - name: a\n    listen: 127.0.0.1:7443\n    server: https://x:1\n    trustDomain: x.org\n',
+    );
+    const printed = await runAsync(['client', 'kubeconfig', '--config', good, '--spoke', 'a']);
+    assert.equal(printed.status, 0, printed.stderr);
+    assert.match(printed.stdout, /server: http:\/\/127\.0\.0\.1:7443/);
+    assert.doesNotMatch(printed.stdout, /token|client-key|exec/);
   });
 
   it('refuses unknown commands and flags with usage errors (exit 2)', () => {
