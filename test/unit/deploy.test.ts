@@ -15,9 +15,12 @@ import { after, before, describe, it } from 'node:test';
 import { parseAllDocuments, parse as parseYaml } from 'yaml';
 import { peersRequired } from '../../dev/peers/peers.ts';
 import { parseAgentConfig } from '../../src/agent/config.ts';
+import { formatSelector } from '../../src/agent/selectors.ts';
+import { parseClientConfig } from '../../src/client/config.ts';
 import { parseEntries } from '../../src/agent/entries.ts';
 import { parsePolicy } from '../../src/policy/parse.ts';
 import { parseProxyConfig } from '../../src/proxy/config.ts';
+import { parseWriterConfig } from '../../src/writer/config.ts';
 
 const REPO = join(import.meta.dirname, '..', '..');
 const DEPLOY = join(REPO, 'deploy');
@@ -529,5 +532,98 @@ describe('deploy/ (kustomize)', () => {
     );
     const proxyYaml = configMap(withProxy, 'kube-svid-proxy').data['proxy.yaml'];
     assert.equal(port('kube-svid-proxy-metrics'), parseProxyConfig(proxyYaml, 'proxy.yaml').admin.port);
+  });
+
+  it('ships the GitOps client side: sidecar components for Flux and Argo CD, and the writer with RBAC on exactly its Secrets', (t) => {
+    if (skip !== false) return t.skip(skip);
+    // The components patch the controllers of the kustomization that includes them: stand-ins here, named as
+    // Flux and Argo CD name theirs.
+    const stub = (kind: string, name: string, namespace: string): Obj => ({
+      apiVersion: 'apps/v1',
+      kind,
+      metadata: { name, namespace },
+      spec: {
+        selector: { matchLabels: { app: name } },
+        template: { metadata: { labels: { app: name } }, spec: { containers: [{ name: 'manager', image: 'x' }] } },
+      },
+    });
+    for (const [component, kind, name, namespace] of [
+      ['flux', 'Deployment', 'kustomize-controller', 'flux-system'],
+      ['argocd', 'StatefulSet', 'argocd-application-controller', 'argocd'],
+    ] as const) {
+      const dir = mkdtempSync(join(scratch, `${component}-`));
+      writeFileSync(join(dir, 'controller.yaml'), JSON.stringify(stub(kind, name, namespace)));
+      writeFileSync(
+        join(dir, 'kustomization.yaml'),
+        JSON.stringify({
+          resources: ['controller.yaml'],
+          components: [relative(dir, join(DEPLOY, 'hub', 'gitops', component))],
+        }),
+      );
+      const objs = parseDocs(
+        execFileSync('kubectl', ['kustomize', '--load-restrictor', 'LoadRestrictionsNone', dir], { encoding: 'utf8' }),
+      );
+      const pod = find(objs, kind, name).spec.template.spec;
+      const sidecar = container(pod, 'kube-svid-proxy-client');
+      assert.deepEqual(sidecar.args.slice(0, 2), ['client', '--config']);
+      assert.equal(sidecar.image, IMAGE);
+      assert.equal(sidecar.securityContext.runAsNonRoot, true);
+      assert.equal(sidecar.securityContext.readOnlyRootFilesystem, true);
+      assert.deepEqual(sidecar.securityContext.capabilities, { drop: ['ALL'] });
+      const clientYaml = configMap(objs, `kube-svid-proxy-client-${component}`);
+      assert.equal(clientYaml.metadata.namespace, namespace);
+      const config = parseClientConfig(clientYaml.data['client.yaml'], 'client.yaml');
+      assert.equal(mountOf(pod, sidecar, sidecar.args[2]).volume.configMap.name, clientYaml.metadata.name);
+      assert.equal(mountOf(pod, sidecar, '/run/kube-svid-proxy/agent.sock').readOnly, true);
+      assertProbes(sidecar, config.admin.port);
+      assert.equal(sidecar.livenessProbe.httpGet.host, '127.0.0.1', 'the admin port stays on loopback');
+      // The example Secrets name the listener the sidecar opens.
+      const listen = config.spokes[0]?.listen;
+      assert.ok(listen?.kind === 'tcp');
+      const example = readFileSync(
+        join(DEPLOY, 'hub', 'gitops', 'examples', `${component}-client-mode.yaml`),
+        'utf8',
+      );
+      assert.ok(example.includes(`http://${listen.host}:${listen.port}`), `${component}-client-mode.yaml`);
+    }
+
+    const writer = build('hub/gitops/writer');
+    const deployment = find(writer, 'Deployment', 'credential-writer');
+    const pod = deployment.spec.template.spec;
+    const c = container(pod, 'writer');
+    assertHardened(pod, c);
+    assert.equal(pod.serviceAccountName, 'credential-writer');
+    const writerYaml = configMap(writer, 'kube-svid-proxy-writer');
+    const config = parseWriterConfig(writerYaml.data['writer.yaml'], 'writer.yaml');
+    assertProbes(c, config.admin.port);
+    assert.equal(mountOf(pod, c, c.args[2]).volume.configMap.name, writerYaml.metadata.name);
+    assert.deepEqual(config.kubernetes, { kind: 'inCluster' });
+    // Exactly get and update on exactly the Secrets writer.yaml names, bound to the writer's service account.
+    const roles = writer.filter((o) => o.kind === 'Role');
+    const granted = roles.flatMap((r) =>
+      r.rules.flatMap((rule: Obj) =>
+        rule.resourceNames.map((n: string) => `${r.metadata.namespace}/${n}:${rule.verbs.join(',')}:${rule.resources}`),
+      ),
+    );
+    assert.deepEqual(
+      granted.sort(),
+      config.secrets.map((s) => `${s.namespace}/${s.name}:get,update:secrets`).sort(),
+    );
+    for (const binding of writer.filter((o) => o.kind === 'RoleBinding')) {
+      assert.deepEqual(binding.subjects, [{ kind: 'ServiceAccount', name: 'credential-writer', namespace: NAMESPACE }]);
+    }
+    assert.ok(writer.every((o) => o.kind !== 'ClusterRole' && o.kind !== 'ClusterRoleBinding'));
+    // The hub's agent gives the writer its SVID; the spokes' policy maps it.
+    const hubAgent = parseAgentConfig(configMap(hub, 'kube-svid-proxy-agent').data['agent.yaml'], 'agent.yaml', agentEnv);
+    const entries = parseEntries(find(hub, 'ConfigMap', 'kube-svid-proxy-agent-entries').data['entries.yaml'], {
+      file: 'entries.yaml',
+      trustDomain: hubAgent.trustDomain,
+    });
+    const entry = entries.entries.find((e) => String(e.spiffeId).endsWith('/ns/kube-svid-proxy/sa/credential-writer'));
+    assert.ok(entry, 'no hub entry for the credential writer');
+    assert.deepEqual(entry.selectors.map(formatSelector).sort(), ['k8s:ns:kube-svid-proxy', 'k8s:sa:credential-writer']);
+    const policy = readFileSync(join(DEPLOY, 'spoke', 'common', 'policy.yaml'), 'utf8');
+    parsePolicy(policy, { file: 'policy.yaml' });
+    assert.ok(policy.includes(`id: ${entry.spiffeId}`), "the spokes' policy does not map the writer's SPIFFE ID");
   });
 });
