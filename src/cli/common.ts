@@ -4,8 +4,8 @@ import type { Logger } from '../observability/logger.ts';
 import { KspError } from '../spiffe/errors.ts';
 import { CliErrorCode } from './errors.ts';
 
-/** Exit codes: 0 success, 1 refused or failed, 2 bad usage, 3 not built yet. */
-export const EXIT = { ok: 0, refused: 1, usage: 2, notBuilt: 3 } as const;
+/** Exit codes: 0 success, 1 refused or failed, 2 bad usage. */
+export const EXIT = { ok: 0, refused: 1, usage: 2 } as const;
 
 /** Bad flags or arguments: printed with a pointer to `help`, exit 2. */
 export class UsageError extends KspError {

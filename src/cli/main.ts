@@ -19,10 +19,10 @@ import {
   AGENT_USAGE,
   API_USAGE,
   BUNDLE_USAGE,
-  CLIENT_USAGE,
   CREDENTIAL_USAGE,
   commandPath,
   commandUsage,
+  GITOPS_USAGE,
   POLICY_USAGE,
   SERVE_USAGE,
 } from './usage.ts';
@@ -36,7 +36,7 @@ Commands:
         Verify an X.509-SVID chain (PEM or DER, leaf first) against the bundle of the trust domain its
         leaf claims. FILE is a SPIFFE bundle (JSON) or PEM CA certificates. Prints the SPIFFE ID, or the
         error code of the rule the SVID breaks (exit 1).
-${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${BUNDLE_USAGE}${CREDENTIAL_USAGE}${CLIENT_USAGE}${POLICY_USAGE}  version       Print the version.
+${SERVE_USAGE}${AGENT_USAGE}${API_USAGE}${BUNDLE_USAGE}${CREDENTIAL_USAGE}${GITOPS_USAGE}${POLICY_USAGE}  version       Print the version.
   help          Print this help.
 
 Run 'kube-svid-proxy help COMMAND' (or 'kube-svid-proxy COMMAND --help') for a command's flags, their

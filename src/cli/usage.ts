@@ -42,7 +42,7 @@ export const BUNDLE_USAGE = `  bundle show [--state-dir DIR | --config FILE] [--
         agent takes it on SIGHUP. DIR defaults to agent.yaml's stateDir, else /var/lib/kube-svid-proxy/agent.
 `;
 
-export const CLIENT_USAGE = `  client --config FILE [--log-level LEVEL]
+export const GITOPS_USAGE = `  client --config FILE [--log-level LEVEL]
         Run the client mode: a local listener per spoke (loopback or Unix socket; HTTP/1.1 or h2c) forwarding to
         the spoke proxies over SPIFFE mTLS with this workload's SVID, rotated without cutting watches.
   client kubeconfig --config FILE --spoke NAME [--name NAME]

@@ -19,7 +19,7 @@ export const ClientErrorCode = {
   Upstream: 'ERR_CLIENT_UPSTREAM',
   /** A limit refused the request or connection (`limits.*`; 503 to the caller, named in the message). */
   Limit: 'ERR_CLIENT_LIMIT',
-  /** The local request is one the client mode does not forward (CONNECT, an h2c upgrade): 400/405. */
+  /** The local request is one the client mode does not forward (CONNECT, a target not in origin form, h2c upgrade): 400. */
   BadRequest: 'ERR_CLIENT_BAD_REQUEST',
 } as const;
 
@@ -27,10 +27,13 @@ export type ClientErrorCode = (typeof ClientErrorCode)[keyof typeof ClientErrorC
 
 export class ClientError extends KspError {
   declare readonly code: ClientErrorCode;
+  /** The HTTP status the local caller gets, when not the code's usual one (504 for a connect timeout). */
+  readonly status: number | undefined;
 
-  constructor(code: ClientErrorCode, message: string, options?: ErrorOptions) {
+  constructor(code: ClientErrorCode, message: string, options?: ErrorOptions & { status?: number }) {
     super(code, message, options);
     this.name = 'ClientError';
+    this.status = options?.status;
   }
 }
 

@@ -9,7 +9,7 @@
  * received, minus hop-by-hop ones; `Authorization` and `Impersonate-*` too, for the spoke proxy to refuse or
  * judge (it never honours a caller's credential). The upstream origin is the configured `server` alone.
  */
-import { chmodSync, lstatSync, rmSync } from 'node:fs';
+import { lstatSync, rmSync } from 'node:fs';
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import http2, {
   type Http2ServerRequest,
@@ -53,10 +53,8 @@ function statusOf(err: unknown): number {
       return 503;
     case ClientErrorCode.BadRequest:
       return 400;
-    case ClientErrorCode.Upstream:
-      return err.message.includes('timeouts.connect') ? 504 : 502;
     default:
-      return 502;
+      return err.status ?? 502;
   }
 }
 
@@ -85,6 +83,9 @@ export class SpokeListener {
   readonly #quiet: RateLimitedLog;
   readonly #sockets = new Set<Socket>();
   readonly #h2Sessions = new Set<http2.ServerHttp2Session>();
+  /** Per connection: requests in flight, and the timer that closes it while it has none. */
+  readonly #idle = new WeakMap<object, { inFlight: number; timer?: NodeJS.Timeout; served: boolean }>();
+  readonly #timeouts: ClientTimeouts;
   #address: string | undefined;
   #draining = false;
 
@@ -101,25 +102,39 @@ export class SpokeListener {
     this.#log = options.logger.child({ spoke: options.spoke.config.name });
     this.#quiet = options.quiet;
     const { timeouts } = options;
+    this.#timeouts = timeouts;
     const handler = (
       req: IncomingMessage | Http2ServerRequest,
       res: ServerResponse | Http2ServerResponse,
     ): void => {
       this.#forward(req, res).catch((err: Error) => {
         this.#log.error({ err: { message: err.message } }, 'forwarding failed');
-        sendStatus(res, 502, `kube-svid-proxy client: ${err.message}`);
+        this.#metrics.refusal(this.spoke.config.name, ClientErrorCode.Upstream);
+        this.#metrics.request(this.spoke.config.name, 502);
+        sendStatus(res, 502, `kube-svid-proxy client: ${ClientErrorCode.Upstream}: ${err.message}`, {
+          'x-kube-svid-proxy-error': ClientErrorCode.Upstream,
+        });
       });
     };
     this.#h1 = http.createServer(
       {
-        // Watches and followed logs run for as long as they run: no whole-request deadline.
+        // Watches and followed logs run for as long as they run: no whole-request deadline. The header and idle
+        // deadlines are ours (#busy, #done): Node enforces its own only on a server that listens, and this one
+        // is handed its connections by the front listener.
         requestTimeout: 0,
-        headersTimeout: timeouts.requestHeadersMs,
         keepAliveTimeout: timeouts.idleMs,
       },
-      handler,
+      (req: IncomingMessage, res: ServerResponse) => {
+        const socket = req.socket;
+        this.#busy(socket);
+        res.once('close', () => this.#done(socket, () => socket.destroy()));
+        if (this.#draining) res.shouldKeepAlive = false;
+        handler(req, res);
+      },
     );
     this.#h1.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      // A tunnel stays for as long as both ends keep it: no idle deadline from here on.
+      this.#busy(socket);
       this.#upgrade(req, socket, head).catch((err: Error) => {
         this.#log.error({ err: { message: err.message } }, 'upgrade failed');
         socket.destroy();
@@ -133,10 +148,15 @@ export class SpokeListener {
       }
     });
     this.#h2 = http2.createServer({ settings: { enablePush: false } }, handler);
-    this.#h2.setTimeout(timeouts.idleMs);
     this.#h2.on('session', (session: http2.ServerHttp2Session) => {
       this.#h2Sessions.add(session);
       session.once('close', () => this.#h2Sessions.delete(session));
+      // Idle means no stream in flight, not no frame: a quiet watch is not idle.
+      this.#arm(session, () => session.close());
+      session.on('stream', (stream) => {
+        this.#busy(session);
+        stream.once('close', () => this.#done(session, () => session.close()));
+      });
     });
     this.#front = net.createServer((socket) => this.#accept(socket));
     this.#front.maxConnections = options.limits.maxConnections;
@@ -169,6 +189,7 @@ export class SpokeListener {
 
   async listen(): Promise<void> {
     const listen = this.spoke.config.listen;
+    if (listen.kind === 'unix') await removeStaleSocket(listen.path);
     await new Promise<void>((resolve, reject) => {
       this.#front.once('error', reject);
       const done = (): void => {
@@ -176,15 +197,18 @@ export class SpokeListener {
         resolve();
       };
       if (listen.kind === 'unix') {
-        // A stale socket of an earlier run would make listen fail; only a socket is removed.
-        rmStaleSocket(listen.path);
-        this.#front.listen({ path: listen.path, readableAll: false, writableAll: false }, done);
+        // Bound with umask 0177, so the socket is 0600 from its first instant (never the process umask's mode).
+        const umask = process.umask(0o177);
+        try {
+          this.#front.listen({ path: listen.path }, done);
+        } finally {
+          process.umask(umask);
+        }
       } else {
         this.#front.listen({ host: listen.host, port: listen.port }, done);
       }
     });
     if (listen.kind === 'unix') {
-      chmodSync(listen.path, 0o600);
       this.#address = listen.path;
     } else {
       this.#address = this.url?.slice('http://'.length);
@@ -195,7 +219,9 @@ export class SpokeListener {
   drain(): void {
     this.#draining = true;
     this.#front.close();
-    this.#h1.closeIdleConnections();
+    for (const socket of this.#sockets) {
+      if ((this.#idle.get(socket)?.inFlight ?? 0) === 0) socket.destroy();
+    }
     for (const session of this.#h2Sessions) session.close();
   }
 
@@ -208,13 +234,55 @@ export class SpokeListener {
     this.#front.close();
     for (const socket of this.#sockets) socket.destroy();
     const listen = this.spoke.config.listen;
-    if (listen.kind === 'unix') rmStaleSocket(listen.path);
+    if (listen.kind === 'unix') rmSync(listen.path, { force: true });
+  }
+
+  /** A request started on `conn` (a socket, or an h2c session): no idle deadline while it runs. */
+  #busy(conn: object): void {
+    const state = this.#idle.get(conn) ?? { inFlight: 0, served: false };
+    state.inFlight++;
+    state.served = true;
+    if (state.timer) clearTimeout(state.timer);
+    state.timer = undefined;
+    this.#idle.set(conn, state);
+  }
+
+  /** A request on `conn` ended: with none left, it gets `timeouts.idle` (closed at once when draining). */
+  #done(conn: object, close: () => void): void {
+    const state = this.#idle.get(conn);
+    if (state === undefined) return;
+    state.inFlight = Math.max(0, state.inFlight - 1);
+    if (state.inFlight > 0) return;
+    if (this.#draining) close();
+    else this.#arm(conn, close);
+  }
+
+  /**
+   * Closes `conn` unless a request starts within the deadline: `timeouts.requestHeaders` before its first
+   * request (a caller that connects and sends nothing, or half a request head, holds a slot no longer), then
+   * `timeouts.idle`.
+   */
+  #arm(conn: object, close: () => void): void {
+    const state = this.#idle.get(conn) ?? { inFlight: 0, served: false };
+    if (state.timer) clearTimeout(state.timer);
+    const ms = state.served ? this.#timeouts.idleMs : this.#timeouts.requestHeadersMs;
+    state.timer = setTimeout(() => {
+      if (state.inFlight === 0) close();
+    }, ms);
+    state.timer.unref();
+    this.#idle.set(conn, state);
   }
 
   #accept(socket: Socket): void {
     this.#sockets.add(socket);
-    socket.once('close', () => this.#sockets.delete(socket));
+    socket.once('close', () => {
+      this.#sockets.delete(socket);
+      const timer = this.#idle.get(socket)?.timer;
+      if (timer) clearTimeout(timer);
+    });
     socket.on('error', () => socket.destroy());
+    // Until it has sent something, and (HTTP/1.1) a whole request head, the connection has requestHeaders.
+    this.#arm(socket, () => socket.destroy());
     // h2c with prior knowledge starts with the HTTP/2 preface; anything else is HTTP/1.1.
     let seen = Buffer.alloc(0);
     const onData = (chunk: Buffer): void => {
@@ -225,6 +293,8 @@ export class SpokeListener {
       socket.off('data', onData);
       socket.pause();
       if (h2) {
+        const timer = this.#idle.get(socket)?.timer;
+        if (timer) clearTimeout(timer);
         // Node's HTTP/2 session reads a net.Socket's handle directly and would miss the bytes read already; a
         // stream in front of the socket replays them first.
         this.#h2.emit('connection', replay(socket, seen));
@@ -324,7 +394,9 @@ export class SpokeListener {
         { spoke: name, code, status, err: { message: (err as Error).message } },
         'upgrade refused',
       );
-      writeRawStatus(socket, status, `kube-svid-proxy client: ${code}: ${(err as Error).message}`);
+      writeRawStatus(socket, status, `kube-svid-proxy client: ${code}: ${(err as Error).message}`, {
+        'X-Kube-Svid-Proxy-Error': code,
+      });
     };
     const protocol = String(req.headers.upgrade ?? '').toLowerCase();
     if (!req.url?.startsWith('/') || protocol === 'h2c') {
@@ -396,11 +468,24 @@ function replay(socket: Socket, first: Buffer): Duplex {
   return wrapped;
 }
 
-/** Removes `path` if it is a socket (a leftover of an earlier run); anything else is left for listen to refuse. */
-function rmStaleSocket(path: string): void {
+/**
+ * Removes a socket an earlier run left at `path`. A socket something still answers on is another process's:
+ * refused. Anything that is not a socket is left for listen to refuse.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
   try {
-    if (lstatSync(path).isSocket()) rmSync(path);
+    if (!lstatSync(path).isSocket()) return;
   } catch {
-    // Absent: nothing to remove.
+    return;
   }
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (live) throw new Error(`${path} is a socket another process is listening on`);
+  rmSync(path, { force: true });
 }

@@ -237,6 +237,7 @@ export class SpokeUpstream {
             ClientErrorCode.Upstream,
             `spoke ${this.config.name}: no TLS connection to ${server.host} within ` +
               `${this.#timeouts.connectMs / 1000}s (timeouts.connect)`,
+            { status: 504 },
           ),
         );
       }, this.#timeouts.connectMs);

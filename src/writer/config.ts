@@ -231,7 +231,13 @@ function readSecret(
       server = new URL(serverText);
       if (server.protocol !== 'https:')
         throw new Error('must be https:// (the spoke proxy speaks mTLS only)');
-      if (server.pathname !== '/' || server.search !== '' || server.hash !== '' || server.username) {
+      if (
+        server.pathname !== '/' ||
+        server.search !== '' ||
+        server.hash !== '' ||
+        server.username ||
+        server.password
+      ) {
         throw new Error('must be an origin (scheme, host and port)');
       }
     } catch (err) {

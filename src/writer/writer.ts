@@ -7,6 +7,7 @@
  * bundle change rewrites the CA), every `resync` (someone edited a key it owns), and after a failure (backoff).
  * What: only the keys it owns (see content.ts), with a resourceVersion check, so a concurrent edit is never lost.
  */
+import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { type AdminServer, createAdminServer, type ReadinessCheck } from '../admin/server.ts';
 import { WriterMetrics } from '../observability/writer-metrics.ts';
@@ -47,8 +48,8 @@ interface SecretState {
   timer: NodeJS.Timeout | undefined;
   backoffMs: number;
   lastSuccess?: Date;
-  /** Fingerprint of the SVID leaf the Secret holds as last confirmed. */
-  fingerprint?: string;
+  /** What the Secret holds as last confirmed: the SVID leaf's fingerprint and the CA certificates' digest. */
+  holds?: string;
   expires?: Date;
   lastError?: string;
   /** Syncs finished (success or failure). */
@@ -90,7 +91,7 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
   }));
   let closed = false;
 
-  const credentialFor = (secret: ManagedSecret): Credential & { fingerprint: string } => {
+  const credentialFor = (secret: ManagedSecret): Credential & { version: string } => {
     let svid: ReturnType<X509Source['svid']>;
     try {
       svid = source.svid(hint);
@@ -108,13 +109,14 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
           `${secret.trustDomain.name}; federate this workload's entry with it (federatesWith)`,
       );
     }
+    const caPem = bundle.authorities.map((c) => c.toString()).join('');
     return {
       chainPem: svid.certificates.map((c) => c.toString()).join(''),
       keyPem: svid.privateKey.export({ format: 'pem', type: 'pkcs8' }).toString(),
-      caPem: bundle.authorities.map((c) => c.toString()).join(''),
+      caPem,
       spiffeId: svid.id.toString(),
       expires: leaf.validToDate,
-      fingerprint: leaf.fingerprint256,
+      version: `${leaf.fingerprint256} ${createHash('sha256').update(caPem).digest('hex')}`,
     };
   };
 
@@ -142,7 +144,7 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
       const { key, value } = ownedValue(secret, object, wanted);
       const annotations = object.metadata.annotations ?? {};
       if (object.data?.[key] === value && annotations[ANNOTATIONS.expires] === wanted.expires.toISOString()) {
-        state.fingerprint = wanted.fingerprint;
+        state.holds = wanted.version;
         state.expires = wanted.expires;
         return 'unchanged';
       }
@@ -167,7 +169,7 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
         if (err instanceof KubeStatusError && err.status === 409 && attempt < CONFLICT_RETRIES) continue;
         throw err;
       }
-      state.fingerprint = wanted.fingerprint;
+      state.holds = wanted.version;
       state.expires = wanted.expires;
       return 'written';
     }
@@ -265,21 +267,25 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
       port: config.admin.port,
       readiness: () => {
         const checks: ReadinessCheck[] = [];
-        let fingerprint: string | undefined;
         try {
-          const svid = source.svid(hint);
-          fingerprint = svid.certificates[0]?.fingerprint256;
-          checks.push({ name: 'svid', ok: true, detail: svid.id.toString() });
+          checks.push({ name: 'svid', ok: true, detail: source.svid(hint).id.toString() });
         } catch (err) {
           checks.push({ name: 'svid', ok: false, detail: (err as Error).message });
         }
         for (const s of states) {
-          const current = s.fingerprint !== undefined && s.fingerprint === fingerprint;
+          // Current means this SVID and the bundle as it is now: a new bundle not written yet is not ready.
+          let wanted: string | undefined;
+          try {
+            wanted = credentialFor(s.secret).version;
+          } catch {
+            wanted = undefined;
+          }
+          const current = wanted !== undefined && s.holds === wanted;
           checks.push({
             name: `secret ${s.id}`,
             ok: current,
             detail: current
-              ? `holds the current SVID, expires ${s.expires?.toISOString()}`
+              ? `holds the current SVID and bundle, expires ${s.expires?.toISOString()}`
               : (s.lastError ?? 'not written yet'),
           });
         }

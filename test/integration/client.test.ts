@@ -4,7 +4,7 @@
  * STAND-IN for kube-apiserver (HTTP/2 over TLS): it answers with what it received.
  */
 import assert from 'node:assert/strict';
-import { writeFileSync } from 'node:fs';
+import { statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import http2 from 'node:http2';
 import net from 'node:net';
@@ -126,6 +126,7 @@ readiness: { minSvidRemaining: 1s }
       parseClientConfig(
         `workloadApi: { socket: ${agent.address}, hint: client }
 admin: { listen: 127.0.0.1:0 }
+timeouts: { requestHeaders: 1s, idle: 2s }
 spokes:
   - name: spoke-a
     listen: 127.0.0.1:0
@@ -139,6 +140,10 @@ spokes:
     listen: 127.0.0.1:0
     server: https://localhost:${proxy.port}
     trustDomain: other.example.org
+  - name: on-a-socket
+    listen: unix://${join(agent.dir, 'client-spoke.sock')}
+    server: https://localhost:${proxy.port}
+    trustDomain: ${TRUST_DOMAIN}
 `,
         join(agent.dir, 'client.yaml'),
       ),
@@ -287,6 +292,53 @@ spokes:
     assert.ok(audited, 'the spoke proxy saw the upgrade request');
     assert.equal(audited.user.username, CONTROLLER);
     assert.equal(audited.impersonatedUser?.username, 'flux');
+  });
+
+  it('listens on a Unix socket of mode 0600 as well', async () => {
+    const path = join(agent.dir, 'client-spoke.sock');
+    assert.equal(statSync(path).mode & 0o777, 0o600);
+    const answer = await new Promise<Answer>((resolve, reject) => {
+      const req = http.request({ socketPath: path, path: '/api?via=socket', agent: false }, (res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (d: string) => {
+          body += d;
+        });
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body }));
+      });
+      req.on('error', reject);
+      req.end();
+    });
+    assert.equal(answer.status, 200);
+    assert.equal(JSON.parse(answer.body).path, '/api?via=socket');
+  });
+
+  it('closes a connection that sends half a request head (timeouts.requestHeaders), not one with a quiet h2c watch (timeouts.idle)', async () => {
+    const port = Number(new URL(url('spoke-a')).port);
+    // Half a request head, then nothing: the connection goes (the socket ends) with no answer forwarded.
+    const before = seen.length;
+    const half = await raw(port, 'GET /api HTTP/1.1\r\nHost: x\r\n');
+    assert.equal(half, '');
+    assert.equal(seen.length, before);
+    // An h2c watch with nothing on the wire for longer than timeouts.idle is in flight, so not idle.
+    const session = http2.connect(url('spoke-a'));
+    try {
+      const stream = session.request({ ':path': '/api/v1/pods?watch=true&h2c=1' });
+      let got = '';
+      stream.setEncoding('utf8');
+      stream.on('data', (d: string) => {
+        got += d;
+      });
+      await until('the h2c watch to open', () => got.includes('"n":0'));
+      await new Promise((r) => setTimeout(r, 3000));
+      const watch = watches.at(-1);
+      assert.ok(watch);
+      watch.write(`${JSON.stringify({ type: 'MODIFIED', n: 2 })}\n`);
+      await until('the event after a quiet spell', () => got.includes('"n":2'));
+      assert.equal(stream.destroyed, false);
+    } finally {
+      session.destroy();
+    }
   });
 
   it('counts what it did in its metrics and is ready with an SVID', async () => {

@@ -15,9 +15,9 @@ import { after, before, describe, it } from 'node:test';
 import { parseAllDocuments, parse as parseYaml } from 'yaml';
 import { peersRequired } from '../../dev/peers/peers.ts';
 import { parseAgentConfig } from '../../src/agent/config.ts';
+import { parseEntries } from '../../src/agent/entries.ts';
 import { formatSelector } from '../../src/agent/selectors.ts';
 import { parseClientConfig } from '../../src/client/config.ts';
-import { parseEntries } from '../../src/agent/entries.ts';
 import { parsePolicy } from '../../src/policy/parse.ts';
 import { parseProxyConfig } from '../../src/proxy/config.ts';
 import { parseWriterConfig } from '../../src/writer/config.ts';
@@ -544,7 +544,10 @@ describe('deploy/ (kustomize)', () => {
       metadata: { name, namespace },
       spec: {
         selector: { matchLabels: { app: name } },
-        template: { metadata: { labels: { app: name } }, spec: { containers: [{ name: 'manager', image: 'x' }] } },
+        template: {
+          metadata: { labels: { app: name } },
+          spec: { containers: [{ name: 'manager', image: 'x' }] },
+        },
       },
     });
     for (const [component, kind, name, namespace] of [
@@ -561,7 +564,9 @@ describe('deploy/ (kustomize)', () => {
         }),
       );
       const objs = parseDocs(
-        execFileSync('kubectl', ['kustomize', '--load-restrictor', 'LoadRestrictionsNone', dir], { encoding: 'utf8' }),
+        execFileSync('kubectl', ['kustomize', '--load-restrictor', 'LoadRestrictionsNone', dir], {
+          encoding: 'utf8',
+        }),
       );
       const pod = find(objs, kind, name).spec.template.spec;
       const sidecar = container(pod, 'kube-svid-proxy-client');
@@ -576,7 +581,9 @@ describe('deploy/ (kustomize)', () => {
       assert.equal(mountOf(pod, sidecar, sidecar.args[2]).volume.configMap.name, clientYaml.metadata.name);
       assert.equal(mountOf(pod, sidecar, '/run/kube-svid-proxy/agent.sock').readOnly, true);
       assertProbes(sidecar, config.admin.port);
-      assert.equal(sidecar.livenessProbe.httpGet.host, '127.0.0.1', 'the admin port stays on loopback');
+      // The kubelet probes from the node: the pod's address, never a host of its own (127.0.0.1 is the node's).
+      assert.equal(sidecar.livenessProbe.httpGet.host, undefined);
+      assert.equal(config.admin.host, '0.0.0.0');
       // The example Secrets name the listener the sidecar opens.
       const listen = config.spokes[0]?.listen;
       assert.ok(listen?.kind === 'tcp');
@@ -602,7 +609,9 @@ describe('deploy/ (kustomize)', () => {
     const roles = writer.filter((o) => o.kind === 'Role');
     const granted = roles.flatMap((r) =>
       r.rules.flatMap((rule: Obj) =>
-        rule.resourceNames.map((n: string) => `${r.metadata.namespace}/${n}:${rule.verbs.join(',')}:${rule.resources}`),
+        rule.resourceNames.map(
+          (n: string) => `${r.metadata.namespace}/${n}:${rule.verbs.join(',')}:${rule.resources}`,
+        ),
       ),
     );
     assert.deepEqual(
@@ -610,20 +619,37 @@ describe('deploy/ (kustomize)', () => {
       config.secrets.map((s) => `${s.namespace}/${s.name}:get,update:secrets`).sort(),
     );
     for (const binding of writer.filter((o) => o.kind === 'RoleBinding')) {
-      assert.deepEqual(binding.subjects, [{ kind: 'ServiceAccount', name: 'credential-writer', namespace: NAMESPACE }]);
+      assert.deepEqual(binding.subjects, [
+        { kind: 'ServiceAccount', name: 'credential-writer', namespace: NAMESPACE },
+      ]);
     }
     assert.ok(writer.every((o) => o.kind !== 'ClusterRole' && o.kind !== 'ClusterRoleBinding'));
     // The hub's agent gives the writer its SVID; the spokes' policy maps it.
-    const hubAgent = parseAgentConfig(configMap(hub, 'kube-svid-proxy-agent').data['agent.yaml'], 'agent.yaml', agentEnv);
-    const entries = parseEntries(find(hub, 'ConfigMap', 'kube-svid-proxy-agent-entries').data['entries.yaml'], {
-      file: 'entries.yaml',
-      trustDomain: hubAgent.trustDomain,
-    });
-    const entry = entries.entries.find((e) => String(e.spiffeId).endsWith('/ns/kube-svid-proxy/sa/credential-writer'));
+    const hubAgent = parseAgentConfig(
+      configMap(hub, 'kube-svid-proxy-agent').data['agent.yaml'],
+      'agent.yaml',
+      agentEnv,
+    );
+    const entries = parseEntries(
+      find(hub, 'ConfigMap', 'kube-svid-proxy-agent-entries').data['entries.yaml'],
+      {
+        file: 'entries.yaml',
+        trustDomain: hubAgent.trustDomain,
+      },
+    );
+    const entry = entries.entries.find((e) =>
+      String(e.spiffeId).endsWith('/ns/kube-svid-proxy/sa/credential-writer'),
+    );
     assert.ok(entry, 'no hub entry for the credential writer');
-    assert.deepEqual(entry.selectors.map(formatSelector).sort(), ['k8s:ns:kube-svid-proxy', 'k8s:sa:credential-writer']);
+    assert.deepEqual(entry.selectors.map(formatSelector).sort(), [
+      'k8s:ns:kube-svid-proxy',
+      'k8s:sa:credential-writer',
+    ]);
     const policy = readFileSync(join(DEPLOY, 'spoke', 'common', 'policy.yaml'), 'utf8');
     parsePolicy(policy, { file: 'policy.yaml' });
-    assert.ok(policy.includes(`id: ${entry.spiffeId}`), "the spokes' policy does not map the writer's SPIFFE ID");
+    assert.ok(
+      policy.includes(`id: ${entry.spiffeId}`),
+      "the spokes' policy does not map the writer's SPIFFE ID",
+    );
   });
 });

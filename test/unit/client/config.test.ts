@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import {
   DEFAULT_CLIENT_LIMITS,
@@ -115,5 +117,10 @@ logLevel: debug
     assert.match(refusal('spokes: []\n'), /spokes is empty/);
     assert.match(refusal(`${SPOKE}bogus: 1\n`), /unknown key "bogus"/);
     assert.match(refusal(`${SPOKE}limits: { maxSessionsPerSpoke: 0 }\n`), /limits\.maxSessionsPerSpoke/);
+  });
+
+  it('accepts the shipped examples/client/client.yaml', () => {
+    const file = join(import.meta.dirname, '..', '..', '..', 'examples', 'client', 'client.yaml');
+    assert.equal(parseClientConfig(readFileSync(file, 'utf8'), file).spokes[0]?.name, 'local');
   });
 });

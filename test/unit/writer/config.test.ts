@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { isKspError } from '../../../src/spiffe/errors.ts';
 import { DEFAULT_RESYNC_MS, parseWriterConfig } from '../../../src/writer/config.ts';
@@ -69,5 +71,11 @@ describe('writer.yaml', () => {
     );
     assert.match(refusal(BASE.replace('name: spoke-a-kubeconfig', 'name: Spoke_A')), /not a Secret name/);
     assert.match(refusal(`${BASE}resync: 1s\n`), /shorter than the minimum of 10s/);
+  });
+
+  it('accepts the shipped examples/writer/writer.yaml', () => {
+    const file = join(import.meta.dirname, '..', '..', '..', 'examples', 'writer', 'writer.yaml');
+    const config = parseWriterConfig(readFileSync(file, 'utf8'), file);
+    assert.deepEqual(config.kubernetes, { kind: 'kubeconfig', file: join(file, '..', 'hub.kubeconfig') });
   });
 });
