@@ -111,6 +111,22 @@ export const PEERS = {
     files: ['go.mod', 'go.sum'],
     description: 'etcd server v3.6.5',
   },
+  // Flux controllers run natively against a test kube-apiserver (their CRDs: dev/peers/flux.ts). Built as their
+  // release images build them (Dockerfile: CGO_ENABLED=0 go build -trimpath), so no C compiler is needed.
+  'flux-source-controller': {
+    dir: 'flux-source',
+    pkg: 'github.com/fluxcd/source-controller',
+    files: ['go.mod', 'go.sum'],
+    description: 'Flux source-controller v1.9.6 (github.com/fluxcd/pkg/artifact v0.18.0, see its go.mod)',
+    env: { CGO_ENABLED: '0' },
+  },
+  'flux-kustomize-controller': {
+    dir: 'flux-kustomize',
+    pkg: 'github.com/fluxcd/kustomize-controller',
+    files: ['go.mod', 'go.sum'],
+    description: 'Flux kustomize-controller v1.9.6',
+    env: { CGO_ENABLED: '0' },
+  },
 } as const satisfies Record<string, PeerSpec>;
 
 export type PeerName = keyof typeof PEERS;
