@@ -127,6 +127,14 @@ export const PEERS = {
     description: 'Flux kustomize-controller v1.9.6',
     env: { CGO_ENABLED: '0' },
   },
+  // Argo CD's own conversion of a cluster Secret into a client (its v3 module), for the GitOps tests.
+  'argocd-probe': {
+    dir: 'argocd',
+    pkg: '.',
+    files: ['go.mod', 'go.sum', 'main.go'],
+    description: 'our Argo CD v3.5.3 cluster Secret probe (db.SecretToCluster, Cluster.RESTConfig)',
+    env: { CGO_ENABLED: '0' },
+  },
 } as const satisfies Record<string, PeerSpec>;
 
 export type PeerName = keyof typeof PEERS;
