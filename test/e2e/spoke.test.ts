@@ -54,6 +54,9 @@ import { promisify } from 'node:util';
 import { parse, parseAllDocuments, stringify } from 'yaml';
 import { BUSYBOX_IMAGE, type Node, startNode } from '../../dev/node.ts';
 import { nodeSkip } from '../../dev/skip.ts';
+import { startClient } from '../../src/client/client.ts';
+import { parseClientConfig } from '../../src/client/config.ts';
+import { silentLogger } from '../../src/observability/logger.ts';
 
 const run = promisify(execFile);
 const REPO = join(import.meta.dirname, '..', '..');
@@ -299,10 +302,10 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
   }
 
   /** A long-running kubectl (attach, logs -f, port-forward) through the proxy, stopped by the caller. */
-  function kubectlStream(args: string[], spdy: boolean): Streaming {
+  function kubectlStream(args: string[], spdy: boolean, kubeconfig = viaPlugin): Streaming {
     const child = spawn(
       'kubectl',
-      [`--kubeconfig=${viaPlugin}`, `--cache-dir=${join(dir, 'cache')}`, ...args],
+      [`--kubeconfig=${kubeconfig}`, `--cache-dir=${join(dir, 'cache')}`, ...args],
       {
         env: env(spdy),
         stdio: ['pipe', 'pipe', 'pipe'],
@@ -726,6 +729,116 @@ describe('deploy/spoke on a real single-node cluster', { skip, timeout: 900_000 
       assert.ok(decisionsAfter >= decisionsBefore + 6, `${decisionsBefore} -> ${decisionsAfter}`);
     });
   }
+
+  it('the client mode (kube-svid-proxy client) carries exec, attach and port-forward over WebSocket and SPDY, and a watch', async () => {
+    // The client mode on the host, as a GitOps sidecar would run: the node's agent gives it the test's SVID; its
+    // loopback listener takes kubectl's plain HTTP; the kubeconfig holds no credential at all.
+    const client = await startClient(
+      parseClientConfig(
+        stringify({
+          workloadApi: { socket: SOCKET },
+          admin: { listen: '127.0.0.1:0' },
+          spokes: [
+            {
+              name: 'spoke',
+              listen: '127.0.0.1:0',
+              server: PROXY_URL,
+              serverName: 'spoke.example.org',
+              serverId: PROXY_ID,
+            },
+          ],
+        }),
+        join(dir, 'client.yaml'),
+      ),
+      { logger: silentLogger(), defaultMetrics: false },
+    );
+    try {
+      const viaClient = join(dir, 'client-mode.kubeconfig');
+      writeFileSync(
+        viaClient,
+        stringify({
+          apiVersion: 'v1',
+          kind: 'Config',
+          clusters: [{ name: 'spoke', cluster: { server: client.listeners[0]?.url } }],
+          users: [{ name: 'spoke', user: {} }],
+          contexts: [{ name: 'spoke', context: { cluster: 'spoke', user: 'spoke' } }],
+          'current-context': 'spoke',
+        }),
+      );
+      const who = JSON.parse((await kubectlAs(viaClient, ['auth', 'whoami', '-o', 'json'])).stdout) as {
+        status: { userInfo: { username: string } };
+      };
+      assert.equal(who.status.userInfo.username, USER);
+      for (const spdy of [false, true]) {
+        const protocol = spdy ? 'SPDY' : 'WebSocket';
+        const cat = await kubectlAs(viaClient, ['exec', '-i', '-n', TEST_NS, 'shell', '--', 'cat'], {
+          spdy,
+          input: `ping through the client mode over ${protocol}\n`,
+        });
+        assert.equal(cat.stdout, `ping through the client mode over ${protocol}\n`);
+        const line = `attached through the client mode over ${protocol}`;
+        const attach = kubectlStream(['attach', '-i', '-n', TEST_NS, 'attach-me'], spdy, viaClient);
+        try {
+          await until(`attach through the client mode over ${protocol}`, 30_000, async () => {
+            attach.child.stdin?.write(`${line}\n`);
+            await sleep(500);
+            return attach.stdout().includes(`got: ${line}`) ? true : undefined;
+          });
+        } finally {
+          await stop(attach);
+        }
+        const forward = kubectlStream(['port-forward', '-n', TEST_NS, 'pod/web', ':8080'], spdy, viaClient);
+        try {
+          const port = await until(
+            'port-forward listening',
+            30_000,
+            () => forward.stdout().match(/127\.0\.0\.1:(\d+) -> 8080/)?.[1],
+          );
+          const res = await fetch(`http://127.0.0.1:${port}/`);
+          assert.equal(await res.text(), 'hello-from-httpd\n');
+        } finally {
+          await stop(forward);
+        }
+      }
+      // A watch through it sees an event that happens after it opened: the pod listed first, then modified.
+      const watch = kubectlStream(
+        ['get', 'pods', '-n', TEST_NS, 'shell', '--watch', '-o', 'name'],
+        false,
+        viaClient,
+      );
+      try {
+        await until('the watch to list the pod', 30_000, () =>
+          watch.stdout().includes('pod/shell') ? true : undefined,
+        );
+        await node.kubectl([
+          'label',
+          'pod',
+          'shell',
+          '-n',
+          TEST_NS,
+          '--overwrite',
+          `seen-by-watch=${Date.now()}`,
+        ]);
+        await until('the watch event', 30_000, () =>
+          watch
+            .stdout()
+            .split('\n')
+            .filter((l) => l === 'pod/shell').length >= 2
+            ? true
+            : undefined,
+        );
+      } finally {
+        await stop(watch);
+      }
+      // Every upgrade went through as one: tunnels counted by the client, none refused.
+      const metrics = await (await fetch(`http://127.0.0.1:${client.admin.address.port}/metrics`)).text();
+      assert.match(metrics, /ksp_client_upgrades_total\{spoke="spoke",code="tunnel"\} ([4-9]|\d{2,})/);
+      assert.doesNotMatch(metrics, /^ksp_client_refusals_total\{/m);
+      log(`client mode: ${metrics.match(/ksp_client_upgrades_total\{[^}]*\} \d+/)?.[0]}`);
+    } finally {
+      await client.close();
+    }
+  });
 
   it('a rolling restart of the agent keeps the proxy serving and the CA unchanged', async () => {
     const started = Date.now();
