@@ -140,6 +140,7 @@ describe('GitOps controllers reach a spoke through the proxy: real Flux, client 
   let fluxClient: RunningClient;
   let argoClient: RunningClient;
   let writer: RunningWriter;
+  let writerYaml: string;
   let flux: Flux;
   let git: Awaited<ReturnType<typeof startGitServer>>;
   let dir: string;
@@ -294,7 +295,8 @@ readiness: { minSvidRemaining: 1s }
       secret.trustDomain = TRUST_DOMAIN;
       if (secret.server) secret.server = spokeUrl;
     }
-    writer = await startWriter(parseWriterConfig(stringify(writerConfig), join(dir, 'writer.yaml')), {
+    writerYaml = stringify(writerConfig);
+    writer = await startWriter(parseWriterConfig(writerYaml, join(dir, 'writer.yaml')), {
       logger,
       defaultMetrics: false,
     });
@@ -501,6 +503,79 @@ readiness: { minSvidRemaining: 1s }
     };
     assert.equal(viaClient.username, 'argocd');
     assert.deepEqual(viaClient.extra['spiffe.io/id'], [ARGOCD_ID]);
+  });
+
+  it('a restarted writer finds its Secrets current and rewrites nothing; what it does not own stays as edited', async () => {
+    // A rotation during the restart would rightly be written: restart with most of a half-life ahead.
+    const held = (): number => writer.status()[1]?.expires?.getTime() ?? 0;
+    const expires = held();
+    if (expires - Date.now() < 75_000) {
+      for (let i = 0; i < 900 && held() === expires; i++) await sleep(100);
+      assert.notEqual(held(), expires, 'no rotation reached the Secret');
+      await sleep(2000);
+    }
+    // Someone else's edits: a label, a data key Argo CD reads (project), and a config field of their own.
+    const { stdout } = await kubectl(hub, 'get', 'secret', 'cluster-spoke-a', '-n', 'argocd', '-o', 'json');
+    const secret = JSON.parse(stdout) as { data: Record<string, string> };
+    const config = JSON.parse(Buffer.from(secret.data.config ?? '', 'base64').toString()) as {
+      tlsClientConfig: Record<string, unknown>;
+    };
+    config.tlsClientConfig.serverName = 'localhost';
+    await kubectl(hub, 'label', 'secret', 'cluster-spoke-a', '-n', 'argocd', 'team=platform');
+    await kubectl(
+      hub,
+      'patch',
+      'secret',
+      'cluster-spoke-a',
+      '-n',
+      'argocd',
+      '--type=merge',
+      '-p',
+      JSON.stringify({
+        data: {
+          project: Buffer.from('spokes').toString('base64'),
+          config: Buffer.from(JSON.stringify(config)).toString('base64'),
+        },
+      }),
+    );
+    const written = (await kubectl(hub, 'get', 'secret', 'cluster-spoke-a', '-n', 'argocd', '-o', 'json'))
+      .stdout;
+    const before = JSON.parse(written) as { metadata: { resourceVersion: string } };
+
+    await writer.close();
+    writer = await startWriter(parseWriterConfig(writerYaml, join(dir, 'writer.yaml')), {
+      logger: createLogger({ level: 'info', stream: { write: (line: string) => void logs.push(line) } }),
+      defaultMetrics: false,
+    });
+    for (let i = 0; i < 100 && writer.status().some((s) => s.rounds === 0); i++) await sleep(100);
+    assert.deepEqual(
+      writer.status().map((s) => [s.secret, s.rounds, s.lastError]),
+      [
+        ['flux-system/spoke-a-kubeconfig', 1, undefined],
+        ['argocd/cluster-spoke-a', 1, undefined],
+      ],
+    );
+    const metrics = await (await fetch(`http://127.0.0.1:${writer.admin.address.port}/metrics`)).text();
+    assert.match(metrics, /ksp_writer_syncs_total\{secret="argocd\/cluster-spoke-a",result="unchanged"\} 1/);
+    assert.doesNotMatch(metrics, /result="written"/);
+    const after = JSON.parse(
+      (await kubectl(hub, 'get', 'secret', 'cluster-spoke-a', '-n', 'argocd', '-o', 'json')).stdout,
+    ) as {
+      metadata: { resourceVersion: string; labels: Record<string, string> };
+      data: Record<string, string>;
+    };
+    assert.equal(after.metadata.resourceVersion, before.metadata.resourceVersion);
+    assert.equal(after.metadata.labels.team, 'platform');
+    assert.equal(Buffer.from(after.data.project ?? '', 'base64').toString(), 'spokes');
+    // Argo CD's code still makes a client of it, now verifying the proxy as "localhost" (serverName, theirs).
+    const probe = peer('argocd-probe');
+    assert.ok('path' in probe);
+    const file = join(dir, 'argocd-after-restart.json');
+    writeFileSync(file, JSON.stringify(after));
+    assert.equal(
+      (JSON.parse((await run(probe.path, [file])).stdout) as { username: string }).username,
+      'flux-secret',
+    );
   });
 
   it('stops the next reconcile with a 403 the controller reports once the policy loses the rule', async () => {
