@@ -32,8 +32,6 @@ export interface RunningClient {
 export interface StartClientOptions {
   readonly logger: Logger;
   readonly defaultMetrics?: boolean;
-  /** How long start-up waits for the first SVID (default 30 s). */
-  readonly startTimeoutMs?: number;
 }
 
 export async function startClient(config: ClientConfig, options: StartClientOptions): Promise<RunningClient> {
@@ -46,7 +44,6 @@ export async function startClient(config: ClientConfig, options: StartClientOpti
     identity = await WorkloadClientIdentity.create({
       ...(config.workloadApi.socket ? { address: config.workloadApi.socket } : {}),
       ...(config.workloadApi.hint ? { hint: config.workloadApi.hint } : {}),
-      ...(options.startTimeoutMs ? { startTimeoutMs: options.startTimeoutMs } : {}),
       logger: log,
       onRotate: (previous, next) => {
         metrics.rotated();
@@ -54,9 +51,7 @@ export async function startClient(config: ClientConfig, options: StartClientOpti
           {
             spiffeId: next.svid.id.toString(),
             expires: next.svid.certificates[0]?.validToDate.toISOString(),
-            ...(previous
-              ? { previousExpires: previous.svid.certificates[0]?.validToDate.toISOString() }
-              : {}),
+            previousExpires: previous.svid.certificates[0]?.validToDate.toISOString(),
           },
           'new X.509-SVID: new requests present it; open watches and tunnels carry on',
         );
@@ -135,18 +130,7 @@ export async function startClient(config: ClientConfig, options: StartClientOpti
       host: config.admin.host,
       port: config.admin.port,
       readiness: (): ReadinessReport => {
-        const checks = [];
-        try {
-          const current = identity.current();
-          const expiry = current.svid.certificates[0]?.validToDate;
-          checks.push({
-            name: 'svid',
-            ok: true,
-            detail: `${current.svid.id}, expires ${expiry?.toISOString() ?? '?'}`,
-          });
-        } catch (err) {
-          checks.push({ name: 'svid', ok: false, detail: (err as Error).message });
-        }
+        const checks = [{ name: 'svid', ...identity.source.health() }];
         checks.push({
           name: 'listeners',
           ok: !stopping,

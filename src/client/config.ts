@@ -11,8 +11,12 @@ import {
   type HostPort,
   parseConfig,
   parseHostPort,
+  readAdminListen,
   readConfigFile,
+  readLimits,
   readLogLevel,
+  readTimeouts,
+  readWorkloadApi,
 } from '../config/common.ts';
 import type { YamlReader } from '../config/yaml.ts';
 import type { LogLevel } from '../observability/logger.ts';
@@ -77,8 +81,6 @@ export const DEFAULT_CLIENT_TIMEOUTS: ClientTimeouts = {
 };
 
 const TOP = ['workloadApi', 'admin', 'logLevel', 'limits', 'timeouts', 'spokes'] as const;
-const WORKLOAD_API = ['socket', 'hint'] as const;
-const ADMIN = ['listen'] as const;
 const SPOKE = ['name', 'listen', 'server', 'serverId', 'trustDomain', 'serverName'] as const;
 const LIMITS: Readonly<Record<keyof ClientLimits, number>> = {
   maxConnections: 100_000,
@@ -90,7 +92,6 @@ const TIMEOUTS: Readonly<Record<string, { field: keyof ClientTimeouts; minSecond
   requestHeaders: { field: 'requestHeadersMs', minSeconds: 1 },
   shutdownDrain: { field: 'shutdownDrainMs', minSeconds: 0 },
 };
-const MAX_TIMEOUT_SECONDS = 24 * 3600;
 const SPOKE_NAME = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
 
 /** True for addresses only this host reaches: 127.0.0.0/8, ::1, localhost. */
@@ -136,58 +137,14 @@ function readTop(r: YamlReader): ClientConfig | undefined {
   const root = r.map(r.doc.contents as Node | null, 0, 'the client configuration');
   if (root === undefined) return undefined;
   const f = r.fields(root, TOP, 'the client configuration');
-  const str = (field: Field | undefined, what: string): string | undefined => fieldString(r, field, what);
   const sub = (field: Field | undefined, what: string): YAMLMap | undefined => fieldMap(r, field, what);
 
-  let workloadApi: ClientConfig['workloadApi'] = {};
   const wlMap = sub(f.get('workloadApi'), 'workloadApi');
-  if (wlMap) {
-    const w = r.fields(wlMap, WORKLOAD_API, 'workloadApi');
-    const socket = str(w.get('socket'), 'workloadApi.socket');
-    const hint = str(w.get('hint'), 'workloadApi.hint');
-    workloadApi = { ...(socket ? { socket } : {}), ...(hint ? { hint } : {}) };
-  }
-
-  let admin = DEFAULT_CLIENT_ADMIN;
-  const adminMap = sub(f.get('admin'), 'admin');
-  if (adminMap) {
-    const field = r.fields(adminMap, ADMIN, 'admin').get('listen');
-    const text = str(field, 'admin.listen');
-    if (field && text !== undefined) {
-      const parsed = parseHostPort(text);
-      if (typeof parsed === 'string') r.report(field.valueOffset, `admin.listen: ${parsed}`);
-      else admin = parsed;
-    }
-  }
-
+  const workloadApi = wlMap ? readWorkloadApi(r, wlMap, 'workloadApi') : {};
+  const admin = readAdminListen(r, sub(f.get('admin'), 'admin'), DEFAULT_CLIENT_ADMIN);
   const logLevel = readLogLevel(r, f.get('logLevel'));
-
-  const limits: Record<string, number> = { ...DEFAULT_CLIENT_LIMITS };
-  const limitsMap = sub(f.get('limits'), 'limits');
-  if (limitsMap) {
-    const l = r.fields(limitsMap, Object.keys(LIMITS) as (keyof ClientLimits)[], 'limits');
-    for (const [key, max] of Object.entries(LIMITS)) {
-      const field = l.get(key as keyof ClientLimits);
-      if (field === undefined) continue;
-      const value = r.number(field.value, field.valueOffset, `limits.${key}`, 1, max);
-      if (value === undefined) continue;
-      if (!Number.isInteger(value)) r.report(field.valueOffset, `limits.${key} must be a whole number`);
-      else limits[key] = value;
-    }
-  }
-  const timeouts: Record<string, number> = { ...DEFAULT_CLIENT_TIMEOUTS };
-  const timeoutsMap = sub(f.get('timeouts'), 'timeouts');
-  if (timeoutsMap) {
-    const t = r.fields(timeoutsMap, Object.keys(TIMEOUTS), 'timeouts');
-    for (const [key, { field: name, minSeconds }] of Object.entries(TIMEOUTS)) {
-      const field = t.get(key);
-      if (field === undefined) continue;
-      const seconds = r.duration(field.value, field.valueOffset, `timeouts.${key}`, minSeconds);
-      if (seconds === undefined) continue;
-      if (seconds > MAX_TIMEOUT_SECONDS) r.report(field.valueOffset, `timeouts.${key} must be at most 24h`);
-      else timeouts[name] = seconds * 1000;
-    }
-  }
+  const limits = readLimits(r, sub(f.get('limits'), 'limits'), LIMITS, DEFAULT_CLIENT_LIMITS);
+  const timeouts = readTimeouts(r, sub(f.get('timeouts'), 'timeouts'), TIMEOUTS, DEFAULT_CLIENT_TIMEOUTS);
 
   const spokes: SpokeConfig[] = [];
   const spokesField = f.get('spokes');
@@ -231,8 +188,8 @@ function readTop(r: YamlReader): ClientConfig | undefined {
     workloadApi,
     admin,
     logLevel,
-    limits: limits as unknown as ClientLimits,
-    timeouts: timeouts as unknown as ClientTimeouts,
+    limits,
+    timeouts,
     spokes,
   };
 }

@@ -1,12 +1,13 @@
 /**
- * The client mode's own identity: the X.509-SVID and bundles from the Workload API, held in memory only. Each
- * SVID gets one TLS SecureContext, made when it arrives, so a new connection to a spoke costs no PEM parsing.
+ * The client mode's own identity: the proxy's Workload API identity source (the SVID and bundles held in memory
+ * only, rotations followed, a withdrawn SVID never presented), plus one TLS SecureContext per SVID, made when it
+ * arrives, so a new connection to a spoke costs no PEM parsing.
  */
 import { createSecureContext, type SecureContext } from 'node:tls';
 import type { Logger } from 'pino';
+import { WorkloadIdentitySource } from '../proxy/source.ts';
 import type { X509BundleSource } from '../spiffe/bundle.ts';
 import type { X509Svid } from '../spiffe/x509svid.ts';
-import { X509Source } from '../workload/client.ts';
 import { ClientError, ClientErrorCode } from './errors.ts';
 
 export interface PresentedSvid {
@@ -14,6 +15,8 @@ export interface PresentedSvid {
   readonly context: SecureContext;
   /** SHA-256 fingerprint of the leaf: sessions opened with another one are retired. */
   readonly fingerprint: string;
+  /** The leaf's notAfter, epoch milliseconds. */
+  readonly expiresAt: number;
 }
 
 /** What the spokes need from the identity: the SVID to present and the bundles to verify servers with. */
@@ -23,7 +26,7 @@ export interface ClientIdentity {
   readonly bundles: X509BundleSource;
 }
 
-export function presented(svid: X509Svid): PresentedSvid {
+function presented(svid: X509Svid): PresentedSvid {
   const leaf = svid.certificates[0];
   if (leaf === undefined) throw new ClientError(ClientErrorCode.NoSvid, 'the X.509-SVID has no certificate');
   return {
@@ -34,102 +37,79 @@ export function presented(svid: X509Svid): PresentedSvid {
       minVersion: 'TLSv1.2',
     }),
     fingerprint: leaf.fingerprint256,
+    expiresAt: leaf.validToDate.getTime(),
   };
 }
 
-/**
- * Follows the Workload API: every update that changes the SVID calls `onRotate` (after the new SVID is the one
- * presented). A withdrawn SVID (PermissionDenied) is never presented again.
- */
+/** Follows the Workload API: every update that changes the SVID calls `onRotate`, once it is the one presented. */
 export class WorkloadClientIdentity implements ClientIdentity {
-  readonly #source: X509Source;
-  readonly #hint: string | undefined;
-  #current: PresentedSvid | undefined;
+  readonly source: WorkloadIdentitySource;
+  #current: PresentedSvid;
   rotations = 0;
 
-  private constructor(source: X509Source, hint: string | undefined) {
-    this.#source = source;
-    this.#hint = hint;
+  private constructor(source: WorkloadIdentitySource, first: PresentedSvid) {
+    this.source = source;
+    this.#current = first;
   }
 
   static async create(options: {
     readonly address?: string;
     readonly hint?: string;
     readonly logger: Logger;
-    readonly onRotate: (previous: PresentedSvid | undefined, next: PresentedSvid) => void;
-    readonly startTimeoutMs?: number;
+    readonly onRotate: (previous: PresentedSvid, next: PresentedSvid) => void;
   }): Promise<WorkloadClientIdentity> {
-    const source = await X509Source.create({
+    const source = await WorkloadIdentitySource.create({
       ...(options.address ? { address: options.address } : {}),
-      ...(options.startTimeoutMs ? { startTimeoutMs: options.startTimeoutMs } : {}),
+      ...(options.hint ? { hint: options.hint } : {}),
+      logger: options.logger,
+      who: 'the client mode',
     });
-    const identity = new WorkloadClientIdentity(source, options.hint);
-    const log = options.logger;
+    let identity: WorkloadClientIdentity;
     try {
-      identity.#current = presented(identity.#pick());
+      identity = new WorkloadClientIdentity(source, presented(source.svid()));
     } catch (err) {
       source.close();
       throw err;
     }
     source.on('update', () => {
-      let next: PresentedSvid;
+      let svid: X509Svid;
       try {
-        next = presented(identity.#pick());
-      } catch (err) {
-        log.error({ err: { message: (err as Error).message } }, 'Workload API update without a usable SVID');
-        return;
+        svid = source.svid();
+      } catch {
+        return; // withdrawn: current() says so from now on
       }
       const previous = identity.#current;
-      if (previous?.fingerprint === next.fingerprint) return;
-      identity.#current = next;
+      if (svid.certificates[0]?.fingerprint256 === previous.fingerprint) return;
+      identity.#current = presented(svid);
       identity.rotations++;
-      options.onRotate(previous, next);
+      options.onRotate(previous, identity.#current);
     });
-    source.on('withdrawn', (err) => {
-      log.error(
-        { code: err.code, err: { message: err.message } },
-        'SVID withdrawn: no new connection to any spoke',
-      );
-    });
-    source.on('error', (err) =>
-      log.warn({ err: { message: err.message } }, 'Workload API stream failed; reconnecting'),
-    );
-    source.on('refused', (err) =>
-      log.error({ code: err.code, err: { message: err.message } }, 'Workload API update refused'),
-    );
     return identity;
   }
 
-  #pick(): X509Svid {
+  /** Per request: cheap checks only (the source refuses a withdrawn SVID; an expired one is refused here). */
+  current(): PresentedSvid {
     try {
-      return this.#source.svid(this.#hint);
+      this.source.svid();
     } catch (err) {
       throw new ClientError(ClientErrorCode.NoSvid, (err as Error).message, { cause: err });
     }
-  }
-
-  current(): PresentedSvid {
     const current = this.#current;
-    const withdrawn = this.#source.withdrawn;
-    if (withdrawn !== undefined)
-      throw new ClientError(ClientErrorCode.NoSvid, withdrawn.message, { cause: withdrawn });
-    if (current === undefined) throw new ClientError(ClientErrorCode.NoSvid, 'no X.509-SVID yet');
-    const expiry = current.svid.certificates[0]?.validToDate;
-    if (expiry !== undefined && expiry.getTime() <= Date.now()) {
+    if (Date.now() >= current.expiresAt) {
       throw new ClientError(
         ClientErrorCode.NoSvid,
-        `the X.509-SVID ${current.svid.id} expired at ${expiry.toISOString()} and the Workload API ` +
-          'has sent no new one',
+        `the X.509-SVID ${current.svid.id} expired at ${new Date(current.expiresAt).toISOString()} and the ` +
+          'Workload API has sent no new one',
       );
     }
     return current;
   }
 
   get bundles(): X509BundleSource {
-    return this.#source.bundles;
+    return this.source.bundles();
   }
 
   close(): void {
-    this.#source.close();
+    this.source.close();
   }
 }

@@ -21,26 +21,13 @@ import net, { type Socket } from 'node:net';
 import { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { ClientMetrics } from '../observability/client-metrics.ts';
-import { downstreamHeaders } from '../proxy/forward.ts';
+import { downstreamHeaders, HOP_BY_HOP, namedInConnection } from '../proxy/forward.ts';
 import type { RateLimitedLog } from '../proxy/limits.ts';
 import { sendStatus, writeRawStatus } from '../proxy/status.ts';
 import { isKspError } from '../spiffe/errors.ts';
 import type { ClientLimits, ClientTimeouts } from './config.ts';
 import { ClientError, ClientErrorCode } from './errors.ts';
 import type { SpokeUpstream } from './spoke.ts';
-
-/** RFC 9110 §7.6.1 hop-by-hop headers, and HTTP/2's connection-specific ones: never forwarded. */
-const HOP_BY_HOP = new Set([
-  'connection',
-  'keep-alive',
-  'proxy-connection',
-  'te',
-  'trailer',
-  'transfer-encoding',
-  'upgrade',
-  'http2-settings',
-  'host',
-]);
 
 const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
 
@@ -58,16 +45,23 @@ function statusOf(err: unknown): number {
   }
 }
 
-/** Request headers for the spoke: lower-case names, hop-by-hop ones and those named in Connection dropped. */
+/**
+ * Request headers for the spoke: lower-case names; hop-by-hop ones, those named in Connection and Host (the
+ * spoke's `:authority` replaces it) dropped.
+ */
 export function forwardedHeaders(incoming: IncomingHttpHeaders): OutgoingHttpHeaders {
-  const named = new Set<string>();
-  for (const value of [incoming.connection ?? []].flat()) {
-    for (const token of String(value).split(',')) named.add(token.trim().toLowerCase());
-  }
+  const named = namedInConnection(incoming);
   const out: OutgoingHttpHeaders = {};
   for (const [rawName, value] of Object.entries(incoming)) {
     const name = rawName.toLowerCase();
-    if (value === undefined || name.startsWith(':') || HOP_BY_HOP.has(name) || named.has(name)) continue;
+    if (
+      value === undefined ||
+      name.startsWith(':') ||
+      name === 'host' ||
+      HOP_BY_HOP.has(name) ||
+      named.has(name)
+    )
+      continue;
     out[name] = value;
   }
   return out;

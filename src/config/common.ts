@@ -144,3 +144,75 @@ export async function readConfigFile(file: string, code: string): Promise<string
     throw new ConfigReadError(code, file, `cannot read ${file}: ${(err as Error).message}`, { cause: err });
   }
 }
+
+/** `workloadApi` (or `identity.workloadApi`): where the Workload API is, and which SVID to take. */
+export function readWorkloadApi(
+  r: YamlReader,
+  map: YAMLMap,
+  where: string,
+): { readonly socket?: string; readonly hint?: string } {
+  const w = r.fields(map, ['socket', 'hint'] as const, where);
+  const socket = fieldString(r, w.get('socket'), `${where}.socket`);
+  const hint = fieldString(r, w.get('hint'), `${where}.hint`);
+  return { ...(socket ? { socket } : {}), ...(hint ? { hint } : {}) };
+}
+
+/** `admin: { listen: host:port }`, or `fallback` when absent or refused (reported). */
+export function readAdminListen(r: YamlReader, map: YAMLMap | undefined, fallback: HostPort): HostPort {
+  if (map === undefined) return fallback;
+  const field = r.fields(map, ['listen'] as const, 'admin').get('listen');
+  const text = fieldString(r, field, 'admin.listen');
+  if (field === undefined || text === undefined) return fallback;
+  const parsed = parseHostPort(text);
+  if (typeof parsed === 'string') {
+    r.report(field.valueOffset, `admin.listen: ${parsed}`);
+    return fallback;
+  }
+  return parsed;
+}
+
+/** `limits.<key>`: whole numbers from 1 to `max[key]`, each defaulting to `defaults[key]`. */
+export function readLimits<K extends string>(
+  r: YamlReader,
+  map: YAMLMap | undefined,
+  max: Readonly<Record<K, number>>,
+  defaults: Readonly<Record<K, number>>,
+): Record<K, number> {
+  const limits = { ...defaults } as Record<K, number>;
+  if (map === undefined) return limits;
+  const keys = Object.keys(max) as K[];
+  const l = r.fields(map, keys, 'limits');
+  for (const key of keys) {
+    const field = l.get(key);
+    if (field === undefined) continue;
+    const value = r.number(field.value, field.valueOffset, `limits.${key}`, 1, max[key]);
+    if (value === undefined) continue;
+    if (!Number.isInteger(value)) r.report(field.valueOffset, `limits.${key} must be a whole number`);
+    else limits[key] = value;
+  }
+  return limits;
+}
+
+/** A day: more than any timeout should be, and within what Node's timers hold (2^31-1 ms, 24.8 days). */
+const MAX_TIMEOUT_SECONDS = 24 * 3600;
+
+/** `timeouts.<key>`: durations from `minSeconds` to 24h, each setting `field` in milliseconds. */
+export function readTimeouts<F extends string>(
+  r: YamlReader,
+  map: YAMLMap | undefined,
+  spec: Readonly<Record<string, { field: F; minSeconds: number }>>,
+  defaults: Readonly<Record<F, number>>,
+): Record<F, number> {
+  const timeouts = { ...defaults } as Record<F, number>;
+  if (map === undefined) return timeouts;
+  const t = r.fields(map, Object.keys(spec), 'timeouts');
+  for (const [key, { field: name, minSeconds }] of Object.entries(spec)) {
+    const field = t.get(key);
+    if (field === undefined) continue;
+    const seconds = r.duration(field.value, field.valueOffset, `timeouts.${key}`, minSeconds);
+    if (seconds === undefined) continue;
+    if (seconds > MAX_TIMEOUT_SECONDS) r.report(field.valueOffset, `timeouts.${key} must be at most 24h`);
+    else timeouts[name] = seconds * 1000;
+  }
+  return timeouts;
+}

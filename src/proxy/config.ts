@@ -6,10 +6,14 @@ import {
   type HostPort,
   parseConfig,
   parseHostPort,
+  readAdminListen,
   readConfigFile,
+  readLimits,
   readLogLevel,
+  readTimeouts,
   readTrustDomain,
   readTrustDomainFiles,
+  readWorkloadApi,
 } from '../config/common.ts';
 import type { YamlReader } from '../config/yaml.ts';
 import type { LogLevel } from '../observability/logger.ts';
@@ -86,7 +90,6 @@ const LIMITS: Readonly<Record<keyof ProxyLimits, number>> = {
   maxUpstreamSessions: 1_000,
   maxLongRunningUpstreamSessions: 1_000,
 };
-const MAX_TIMEOUT_SECONDS = 24 * 3600;
 /** `timeouts.<key>` → the field it sets, in milliseconds, and its minimum in seconds. */
 const TIMEOUTS: Readonly<Record<string, { field: keyof ProxyTimeouts; minSeconds: number }>> = {
   handshake: { field: 'handshakeMs', minSeconds: 1 },
@@ -96,9 +99,7 @@ const TIMEOUTS: Readonly<Record<string, { field: keyof ProxyTimeouts; minSeconds
   shutdownDrain: { field: 'shutdownDrainMs', minSeconds: 0 },
   unauthenticated: { field: 'unauthenticatedMs', minSeconds: 1 },
 };
-const ADMIN = ['listen'] as const;
 const IDENTITY = ['workloadApi', 'files'] as const;
-const WORKLOAD_API = ['socket', 'hint'] as const;
 const FILES = ['certFile', 'keyFile', 'bundles'] as const;
 const UPSTREAM = [
   'url',
@@ -156,10 +157,7 @@ function readTop(
   const trustDomain = readTrustDomain(r, root, f.get('trustDomain'));
 
   const listen = hostPort(f.get('listen'), 'listen', DEFAULT_LISTEN);
-  let admin = DEFAULT_ADMIN;
-  const adminMap = sub(f.get('admin'), 'admin');
-  if (adminMap)
-    admin = hostPort(r.fields(adminMap, ADMIN, 'admin').get('listen'), 'admin.listen', DEFAULT_ADMIN);
+  const admin = readAdminListen(r, sub(f.get('admin'), 'admin'), DEFAULT_ADMIN);
   if (listen.port !== 0 && listen.port === admin.port) {
     r.report(
       r.offsetOf(root, 0),
@@ -181,10 +179,7 @@ function readTop(
     if (wl && files) r.report(idField.keyOffset, 'identity takes workloadApi or files, not both');
     const wlMap = sub(wl, 'identity.workloadApi');
     if (wlMap) {
-      const w = r.fields(wlMap, WORKLOAD_API, 'identity.workloadApi');
-      const socket = str(w.get('socket'), 'identity.workloadApi.socket');
-      const hint = str(w.get('hint'), 'identity.workloadApi.hint');
-      identity = { kind: 'workloadApi', ...(socket ? { socket } : {}), ...(hint ? { hint } : {}) };
+      identity = { kind: 'workloadApi', ...readWorkloadApi(r, wlMap, 'identity.workloadApi') };
     }
     const filesMap = sub(files, 'identity.files');
     if (files && filesMap) {
@@ -226,36 +221,8 @@ function readTop(
 
   const logLevel = readLogLevel(r, f.get('logLevel'));
 
-  const limits: Record<string, number> = { ...DEFAULT_LIMITS };
-  const limitsMap = sub(f.get('limits'), 'limits');
-  if (limitsMap) {
-    const l = r.fields(limitsMap, Object.keys(LIMITS) as (keyof ProxyLimits)[], 'limits');
-    for (const [key, max] of Object.entries(LIMITS)) {
-      const field = l.get(key as keyof ProxyLimits);
-      if (field === undefined) continue;
-      const value = r.number(field.value, field.valueOffset, `limits.${key}`, 1, max);
-      if (value === undefined) continue;
-      if (!Number.isInteger(value)) r.report(field.valueOffset, `limits.${key} must be a whole number`);
-      else limits[key] = value;
-    }
-  }
-  const timeouts: Record<string, number> = { ...DEFAULT_TIMEOUTS };
-  const timeoutsMap = sub(f.get('timeouts'), 'timeouts');
-  if (timeoutsMap) {
-    const t = r.fields(timeoutsMap, Object.keys(TIMEOUTS), 'timeouts');
-    for (const [key, { field: name, minSeconds }] of Object.entries(TIMEOUTS)) {
-      const field = t.get(key);
-      if (field === undefined) continue;
-      const seconds = r.duration(field.value, field.valueOffset, `timeouts.${key}`, minSeconds);
-      if (seconds === undefined) continue;
-      // Node's timers hold at most 2^31-1 ms (24.8 days); a day is more than any of these should ever be.
-      if (seconds > MAX_TIMEOUT_SECONDS) {
-        r.report(field.valueOffset, `timeouts.${key} must be at most 24h`);
-        continue;
-      }
-      timeouts[name] = seconds * 1000;
-    }
-  }
+  const limits = readLimits(r, sub(f.get('limits'), 'limits'), LIMITS, DEFAULT_LIMITS);
+  const timeouts = readTimeouts(r, sub(f.get('timeouts'), 'timeouts'), TIMEOUTS, DEFAULT_TIMEOUTS);
 
   let auditFile = DEFAULT_AUDIT_FILE;
   const auditMap = sub(f.get('audit'), 'audit');
@@ -276,8 +243,8 @@ function readTop(
     upstream,
     minSvidRemainingSeconds,
     logLevel,
-    limits: limits as unknown as ProxyLimits,
-    timeouts: timeouts as unknown as ProxyTimeouts,
+    limits,
+    timeouts,
     audit: { file: auditFile },
   };
 }

@@ -13,7 +13,7 @@ import type { KubeIdentity } from '../policy/types.ts';
 import { ProxyError, ProxyErrorCode } from './errors.ts';
 
 /** Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction. */
-const HOP_BY_HOP = new Set([
+export const HOP_BY_HOP = new Set([
   'connection',
   'keep-alive',
   'proxy-connection',
@@ -44,6 +44,15 @@ function isIdentityHeader(name: string): boolean {
   );
 }
 
+/** The headers a message's Connection header names: hop-by-hop for this message, never forwarded. */
+export function namedInConnection(incoming: IncomingHttpHeaders): Set<string> {
+  const named = new Set<string>();
+  for (const value of [incoming.connection ?? []].flat()) {
+    for (const token of String(value).split(',')) named.add(token.trim().toLowerCase());
+  }
+  return named;
+}
+
 /**
  * Escapes an Impersonate-Extra key as client-go does (and kube-apiserver unescapes): every byte that is not a
  * legal header-name character (RFC 7230 tchar), and '%', becomes %XX.
@@ -70,10 +79,7 @@ export function upstreamHeaders(
   peerAddress: string | undefined,
   auditId?: string,
 ): OutgoingHttpHeaders {
-  const named = new Set<string>();
-  for (const value of [incoming.connection ?? []].flat()) {
-    for (const token of String(value).split(',')) named.add(token.trim().toLowerCase());
-  }
+  const named = namedInConnection(incoming);
   const out: OutgoingHttpHeaders = {};
   for (const [rawName, value] of Object.entries(incoming)) {
     const name = rawName.toLowerCase();
@@ -95,10 +101,7 @@ export function upstreamHeaders(
 
 /** Response headers relayed to the client: hop-by-hop ones removed (HTTP/2 forbids them outright). */
 export function downstreamHeaders(incoming: IncomingHttpHeaders): OutgoingHttpHeaders {
-  const named = new Set<string>();
-  for (const value of [incoming.connection ?? []].flat()) {
-    for (const token of String(value).split(',')) named.add(token.trim().toLowerCase());
-  }
+  const named = namedInConnection(incoming);
   const out: OutgoingHttpHeaders = {};
   for (const [name, value] of Object.entries(incoming)) {
     if (value === undefined || HOP_BY_HOP.has(name) || named.has(name)) continue;

@@ -77,7 +77,7 @@ export class WorkloadIdentitySource extends EventEmitter implements IdentitySour
   /** The stream's last failure, until an update proves it working again. */
   #failing: { error: WorkloadApiError; since: Date } | undefined;
 
-  private constructor(source: X509Source, hint: string | undefined, log: Logger) {
+  private constructor(source: X509Source, hint: string | undefined, log: Logger, who: string) {
     super();
     this.#source = source;
     this.#hint = hint;
@@ -91,7 +91,7 @@ export class WorkloadIdentitySource extends EventEmitter implements IdentitySour
     source.on('withdrawn', (err) => {
       log.error(
         { code: err.code, spiffeId: err.spiffeId, err: { message: err.message } },
-        'the Workload API withdrew the SVID; the proxy has none to present until it is issued again',
+        `the Workload API withdrew the SVID; ${who} has none to present until it is issued again`,
       );
       this.#emitUpdate();
     });
@@ -117,9 +117,16 @@ export class WorkloadIdentitySource extends EventEmitter implements IdentitySour
     address?: string;
     hint?: string;
     logger: Logger;
+    /** Who presents the SVID, for the logs (default "the proxy"). */
+    who?: string;
   }): Promise<WorkloadIdentitySource> {
     const source = await X509Source.create(options.address === undefined ? {} : { address: options.address });
-    const identity = new WorkloadIdentitySource(source, options.hint, options.logger);
+    const identity = new WorkloadIdentitySource(
+      source,
+      options.hint,
+      options.logger,
+      options.who ?? 'the proxy',
+    );
     identity.svid(); // fails now, not at the first handshake, when the hint names no SVID
     return identity;
   }

@@ -9,9 +9,10 @@ import {
   fieldString,
   type HostPort,
   parseConfig,
-  parseHostPort,
+  readAdminListen,
   readConfigFile,
   readLogLevel,
+  readWorkloadApi,
 } from '../config/common.ts';
 import type { YamlReader } from '../config/yaml.ts';
 import type { LogLevel } from '../observability/logger.ts';
@@ -58,8 +59,6 @@ export const DEFAULT_RESYNC_MS = 300_000;
 export const DEFAULT_FLUX_KEY = 'value';
 
 const TOP = ['workloadApi', 'admin', 'logLevel', 'kubernetes', 'resync', 'secrets'] as const;
-const WORKLOAD_API = ['socket', 'hint'] as const;
-const ADMIN = ['listen'] as const;
 const SECRET = ['kind', 'namespace', 'name', 'trustDomain', 'server', 'serverName', 'key'] as const;
 /** RFC 1123 subdomain (a Secret's name) and label (a namespace). */
 const SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
@@ -88,29 +87,11 @@ function readTop(
   const root = r.map(r.doc.contents as Node | null, 0, 'the writer configuration');
   if (root === undefined) return undefined;
   const f = r.fields(root, TOP, 'the writer configuration');
-  const str = (field: Field | undefined, what: string): string | undefined => fieldString(r, field, what);
   const sub = (field: Field | undefined, what: string): YAMLMap | undefined => fieldMap(r, field, what);
 
-  let workloadApi: WriterConfig['workloadApi'] = {};
   const wlMap = sub(f.get('workloadApi'), 'workloadApi');
-  if (wlMap) {
-    const w = r.fields(wlMap, WORKLOAD_API, 'workloadApi');
-    const socket = str(w.get('socket'), 'workloadApi.socket');
-    const hint = str(w.get('hint'), 'workloadApi.hint');
-    workloadApi = { ...(socket ? { socket } : {}), ...(hint ? { hint } : {}) };
-  }
-
-  let admin = DEFAULT_WRITER_ADMIN;
-  const adminMap = sub(f.get('admin'), 'admin');
-  if (adminMap) {
-    const field = r.fields(adminMap, ADMIN, 'admin').get('listen');
-    const text = str(field, 'admin.listen');
-    if (field && text !== undefined) {
-      const parsed = parseHostPort(text);
-      if (typeof parsed === 'string') r.report(field.valueOffset, `admin.listen: ${parsed}`);
-      else admin = parsed;
-    }
-  }
+  const workloadApi = wlMap ? readWorkloadApi(r, wlMap, 'workloadApi') : {};
+  const admin = readAdminListen(r, sub(f.get('admin'), 'admin'), DEFAULT_WRITER_ADMIN);
   const logLevel = readLogLevel(r, f.get('logLevel'));
 
   const kubeField = f.get('kubernetes');

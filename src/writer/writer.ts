@@ -12,8 +12,8 @@ import type { Logger } from 'pino';
 import { type AdminServer, createAdminServer, type ReadinessCheck } from '../admin/server.ts';
 import { WriterMetrics } from '../observability/writer-metrics.ts';
 import { loadUpstreamCredential } from '../proxy/credential.ts';
+import { WorkloadIdentitySource } from '../proxy/source.ts';
 import { isKspError } from '../spiffe/errors.ts';
-import { X509Source } from '../workload/client.ts';
 import type { ManagedSecret, WriterConfig } from './config.ts';
 import { ANNOTATIONS, type Credential, ownedValue, type SecretObject, writtenLeaf } from './content.ts';
 import { WriterError, WriterErrorCode } from './errors.ts';
@@ -69,16 +69,18 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
     throw new WriterError(WriterErrorCode.Config, (err as Error).message, { cause: err });
   }
   const api = new SecretsApi(credential);
-  let source: X509Source;
+  let source: WorkloadIdentitySource;
   try {
-    source = await X509Source.create({
+    source = await WorkloadIdentitySource.create({
       ...(config.workloadApi.socket ? { address: config.workloadApi.socket } : {}),
+      ...(config.workloadApi.hint ? { hint: config.workloadApi.hint } : {}),
+      logger: log,
+      who: 'the writer',
     });
   } catch (err) {
     api.close();
     throw new WriterError(WriterErrorCode.NoSvid, `workloadApi: ${(err as Error).message}`, { cause: err });
   }
-  const hint = config.workloadApi.hint;
   const initialBackoff = options.initialBackoffMs ?? 1000;
   const states: SecretState[] = config.secrets.map((secret) => ({
     secret,
@@ -92,16 +94,16 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
   let closed = false;
 
   const credentialFor = (secret: ManagedSecret): Credential & { version: string } => {
-    let svid: ReturnType<X509Source['svid']>;
+    let svid: ReturnType<WorkloadIdentitySource['svid']>;
     try {
-      svid = source.svid(hint);
+      svid = source.svid();
     } catch (err) {
       throw new WriterError(WriterErrorCode.NoSvid, (err as Error).message, { cause: err });
     }
     const leaf = svid.certificates[0];
     if (leaf === undefined)
       throw new WriterError(WriterErrorCode.NoSvid, 'the X.509-SVID has no certificate');
-    const bundle = source.bundles.getX509Bundle(secret.trustDomain);
+    const bundle = source.bundles().getX509Bundle(secret.trustDomain);
     if (bundle === undefined || bundle.authorities.length === 0) {
       throw new WriterError(
         WriterErrorCode.Secret,
@@ -224,18 +226,11 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
       });
   };
 
+  // A new SVID or bundle; also a withdrawal, after which each sync fails with ERR_WRITER_NO_SVID and the Secrets
+  // keep what they hold.
   source.on('update', () => {
     for (const state of states) sync(state, 'workload API update');
   });
-  source.on('withdrawn', (err) =>
-    log.error(
-      { code: err.code, err: { message: err.message } },
-      'SVID withdrawn: the Secrets keep what they hold',
-    ),
-  );
-  source.on('error', (err) =>
-    log.warn({ err: { message: err.message } }, 'Workload API stream failed; reconnecting'),
-  );
   const resync = setInterval(() => {
     for (const state of states) sync(state, 'resync');
   }, config.resyncMs);
@@ -244,7 +239,7 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
   metrics.read(() => {
     let svidExpiry: Date | undefined;
     try {
-      svidExpiry = source.svid(hint).certificates[0]?.validToDate;
+      svidExpiry = source.svid().certificates[0]?.validToDate;
     } catch {
       svidExpiry = undefined;
     }
@@ -266,12 +261,7 @@ export async function startWriter(config: WriterConfig, options: StartWriterOpti
       host: config.admin.host,
       port: config.admin.port,
       readiness: () => {
-        const checks: ReadinessCheck[] = [];
-        try {
-          checks.push({ name: 'svid', ok: true, detail: source.svid(hint).id.toString() });
-        } catch (err) {
-          checks.push({ name: 'svid', ok: false, detail: (err as Error).message });
-        }
+        const checks: ReadinessCheck[] = [{ name: 'svid', ...source.health() }];
         for (const s of states) {
           // Current means this SVID and the bundle as it is now: a new bundle not written yet is not ready.
           let wanted: string | undefined;
