@@ -135,6 +135,18 @@ export const PEERS = {
     description: 'our Argo CD v3.5.3 cluster Secret probe (db.SecretToCluster, Cluster.RESTConfig)',
     env: { CGO_ENABLED: '0' },
   },
+  // Ghostunnel, an L4 TLS proxy with client-certificate access control, a contender in bench/compare.ts. v1.8.4
+  // with github.com/landlock-lsm/go-landlock replaced: the checksum database refuses the pseudo-version it pins
+  // (see its go.mod). Stamped as its Makefile does. With cgo, as its release images build it: v1.8.4 does not
+  // compile without (its PKCS#11 stub for !cgo has the wrong signature), so a C compiler is needed.
+  ghostunnel: {
+    dir: 'ghostunnel',
+    pkg: 'github.com/ghostunnel/ghostunnel',
+    files: ['go.mod', 'go.sum'],
+    description: 'Ghostunnel v1.8.4',
+    ldflags: '-X main.version=v1.8.4',
+    env: { CGO_ENABLED: '1' },
+  },
 } as const satisfies Record<string, PeerSpec>;
 
 export type PeerName = keyof typeof PEERS;
