@@ -38,6 +38,14 @@ export type UsageGetter = () =>
   | undefined;
 /** When each trust domain's bundle last changed, keyed by trust domain name. */
 export type BundleAgesGetter = () => ReadonlyMap<string, Date>;
+/** What the audit sink reports (src/proxy/audit.ts AuditStats; declared here, the layer below the proxy). */
+export interface AuditStatsLike {
+  readonly bufferedBytes: number;
+  readonly dropped: number;
+  readonly writeErrors: number;
+}
+/** Most cached label children per counter. */
+const CHILD_CACHE = 1024;
 
 /**
  * The proxy's Prometheus metrics, on a registry of their own (never prom-client's global one), so that two
@@ -66,6 +74,10 @@ export class ProxyMetrics {
   readonly #now: () => number;
   #svidExpiry: SvidExpiryGetter = () => undefined;
   #bundleAges: BundleAgesGetter = () => new Map();
+  #audit: () => AuditStatsLike | undefined = () => undefined;
+  /** Per-label children of the request-path counters, so a request does not hash its labels again. */
+  readonly #requestChildren = new Map<number, { inc(): void }>();
+  readonly #decisionChildren = new Map<string, { inc(): void }>();
 
   constructor(options: ProxyMetricsOptions = {}) {
     this.#now = options.now ?? Date.now;
@@ -207,6 +219,39 @@ export class ProxyMetrics {
       (u) => ({ ordinary: u.upstream.ordinary.streams, long_running: u.upstream.longRunning.streams }),
     );
 
+    const auditBuffered: Gauge = new Gauge({
+      name: 'ksp_audit_buffered_bytes',
+      help: 'Bytes of audit Events waiting for the audit destination (bounded by audit.bufferBytes).',
+      registers,
+      collect: () => auditBuffered.set(safely(this.#audit, undefined)?.bufferedBytes ?? 0),
+    });
+    // Counters read from the sink's own totals at each scrape: incremented by what changed since the last one.
+    const auditTotal = (name: string, help: string, read: (s: AuditStatsLike) => number): void => {
+      let reported = 0;
+      const counter: Counter = new Counter({
+        name,
+        help,
+        registers,
+        collect: () => {
+          const stats = safely(this.#audit, undefined);
+          if (stats === undefined) return;
+          const now = read(stats);
+          if (now > reported) counter.inc(now - reported);
+          reported = now;
+        },
+      });
+    };
+    auditTotal(
+      'ksp_audit_events_dropped_total',
+      'Audit Events that did not fit in audit.bufferBytes (or met a failed destination) and were dropped.',
+      (s) => s.dropped,
+    );
+    auditTotal(
+      'ksp_audit_write_errors_total',
+      'Writes to the audit destination that failed (the sink counts as full until a write succeeds).',
+      (s) => s.writeErrors,
+    );
+
     if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'ksp_' });
   }
 
@@ -231,16 +276,34 @@ export class ProxyMetrics {
 
   /** `rule` undefined or '' when no rule matched; `code` is the deny code and is ignored when allowed. */
   decision(rule: string | undefined, allowed: boolean, code = ''): void {
-    this.#decisions.inc({
-      rule: rule ?? '',
-      decision: allowed ? 'allow' : 'deny',
-      code: allowed ? '' : code,
-    });
+    const key = `${allowed ? 'allow' : 'deny'}|${allowed ? '' : code}|${rule ?? ''}`;
+    let child = this.#decisionChildren.get(key);
+    if (child === undefined) {
+      child = this.#decisions.labels({
+        rule: rule ?? '',
+        decision: allowed ? 'allow' : 'deny',
+        code: allowed ? '' : code,
+      });
+      // Rules come and go with policy edits: the cache is bounded like the label set it mirrors.
+      if (this.#decisionChildren.size >= CHILD_CACHE) this.#decisionChildren.clear();
+      this.#decisionChildren.set(key, child);
+    }
+    child.inc();
   }
 
   request(status: number, seconds: number): void {
-    this.#requests.inc({ code: String(status) });
+    let child = this.#requestChildren.get(status);
+    if (child === undefined) {
+      child = this.#requests.labels({ code: String(status) });
+      this.#requestChildren.set(status, child);
+    }
+    child.inc();
     this.#requestDuration.observe(seconds);
+  }
+
+  /** The audit sink's buffer and drop counts, read at each scrape. */
+  setAuditStats(getter: () => AuditStatsLike | undefined): void {
+    this.#audit = getter;
   }
 
   /** A request or connection refused by the limit with this configuration key. */

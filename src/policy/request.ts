@@ -109,13 +109,18 @@ export function requestInfo(method: string, target: string): RequestInfo {
   if (rawQuery.split('&').length > MAX_QUERY_PARAMETERS) {
     fail(`request has more than ${MAX_QUERY_PARAMETERS} query parameters`, target);
   }
-  const pathBytes = unescapeBytes(rawPath, false);
-  if (pathBytes === undefined) fail('request path has a malformed "%" escape', target);
   let path: string;
-  try {
-    path = strictUtf8.decode(pathBytes);
-  } catch {
-    fail('request path is not UTF-8 once decoded', target);
+  if (!rawPath.includes('%')) {
+    // Nothing escaped: the path is the (printable ASCII) target itself.
+    path = rawPath;
+  } else {
+    const pathBytes = unescapeBytes(rawPath, false);
+    if (pathBytes === undefined) fail('request path has a malformed "%" escape', target);
+    try {
+      path = strictUtf8.decode(pathBytes);
+    } catch {
+      fail('request path is not UTF-8 once decoded', target);
+    }
   }
   for (let i = 0; i < path.length; i++) {
     const c = path.charCodeAt(i);

@@ -1,3 +1,4 @@
+import { openSync } from 'node:fs';
 import { type DestinationStream, pino } from 'pino';
 import type { KubeIdentity, RequestInfo } from '../policy/types.ts';
 import { statusReason } from './status.ts';
@@ -79,25 +80,118 @@ export interface AuditEvent {
 /** Where audit Events go: one JSON object per line. */
 export interface AuditSink {
   write(event: AuditEvent): void;
-  /** Flushes and releases the destination. */
-  close(): void;
+  /**
+   * True while the sink cannot take another Event and `audit.overflow` is `refuse`: the request path answers 503
+   * instead of acting unaudited. Absent on sinks that never fill (tests).
+   */
+  full?(): boolean;
+  /** Events buffered and not yet written, events dropped, and bytes buffered (metrics). */
+  stats?(): AuditStats;
+  /** Writes out what is buffered (bounded by `timeoutMs`), then releases the destination. */
+  close(): void | Promise<void>;
 }
+
+export interface AuditStats {
+  readonly bufferedBytes: number;
+  readonly dropped: number;
+  readonly writeErrors: number;
+}
+
+/** What happens to an Event that does not fit in the buffer: the request is refused (503), or the Event dropped. */
+export type AuditOverflow = 'refuse' | 'drop';
+export const AUDIT_OVERFLOWS: readonly AuditOverflow[] = ['refuse', 'drop'];
+
+export interface AuditBufferOptions {
+  /** Most bytes of Events held while the destination is slow (`audit.bufferBytes`, default 8 MiB). */
+  readonly bufferBytes: number;
+  /** `audit.overflow` (default `refuse`). */
+  readonly overflow: AuditOverflow;
+  /** A write to the destination failed (logged by the caller at a limited rate). */
+  readonly onError?: (err: Error) => void;
+}
+
+export const DEFAULT_AUDIT_BUFFER: AuditBufferOptions = { bufferBytes: 8 * 1024 * 1024, overflow: 'refuse' };
+
+/** Under `overflow: refuse`, new requests are refused this close to `bufferBytes` (a quarter of it at most). */
+const AUDIT_RESERVE_BYTES = 16 * 1024;
+
+/** How long `close()` waits for buffered Events to reach the destination. */
+const CLOSE_FLUSH_MS = 5000;
 
 /**
  * The `audit.file` sink: JSON Lines appended to a file, or on stdout for "-", apart from the operational log
- * (stderr). Writes are synchronous, so a line is out before the next request's.
+ * (stderr). Writes never block the event loop: a line goes into a buffer that a background write (SonicBoom, as
+ * pino uses) empties, in order, batching whatever accumulated while the previous write was in flight. The buffer
+ * is bounded by `bufferBytes`; a line that does not fit is dropped and counted (`overflow: drop`), or — the
+ * default, `overflow: refuse` — never produced, because `full()` makes the proxy refuse requests it could not
+ * audit until the destination catches up (from 16 KiB short of the bound, so the requests already admitted
+ * still find room for their Events). A destination that fails to write counts as full, so under `refuse`
+ * nothing is served unaudited. The file is opened at once, so a path that cannot be written is an error at start.
  */
-export function fileAuditSink(file: string): AuditSink {
-  const destination =
-    file === '-'
-      ? pino.destination({ fd: 1, sync: true })
-      : pino.destination({ dest: file, sync: true, append: true, mkdir: false });
-  return streamAuditSink(destination, () => {
-    if (file !== '-') destination.end();
+export function fileAuditSink(file: string, options: AuditBufferOptions = DEFAULT_AUDIT_BUFFER): AuditSink {
+  const fd = file === '-' ? 1 : openSync(file, 'a', 0o600);
+  const destination = pino.destination({ fd, sync: false, minLength: 0 });
+  let buffered = 0;
+  let dropped = 0;
+  let writeErrors = 0;
+  let failed = false;
+  destination.on('write', (n: number) => {
+    buffered = Math.max(0, buffered - n);
+    failed = false;
   });
+  destination.on('error', (err: Error) => {
+    writeErrors++;
+    failed = true;
+    options.onError?.(err);
+  });
+  // Room kept for the Events of requests already admitted when the sink starts refusing new ones.
+  const reserve = Math.min(AUDIT_RESERVE_BYTES, Math.floor(options.bufferBytes / 4));
+  const full = (): boolean => failed || buffered > options.bufferBytes - reserve;
+  let closing: Promise<void> | undefined;
+  return {
+    write: (event) => {
+      const line = `${JSON.stringify(event)}\n`;
+      const bytes = Buffer.byteLength(line);
+      if (failed || buffered + bytes > options.bufferBytes) {
+        // Under `refuse` the request path checked full() first; this is the rare line that still overflows
+        // (a large Event, or one finishing while the buffer filled): dropped and counted either way.
+        dropped++;
+        return;
+      }
+      buffered += bytes;
+      destination.write(line);
+    },
+    full: options.overflow === 'refuse' ? full : () => false,
+    stats: () => ({ bufferedBytes: buffered, dropped, writeErrors }),
+    close: () => {
+      closing ??= new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, CLOSE_FLUSH_MS);
+        timer.unref();
+        const done = (): void => {
+          clearTimeout(timer);
+          resolve();
+        };
+        if (fd === 1) {
+          // stdout stays open for the operational log's neighbours: wait until the buffer is out.
+          const check = (): void => {
+            if (buffered > 0 && !failed) return;
+            destination.off('write', check);
+            done();
+          };
+          destination.on('write', check);
+          check();
+        } else {
+          destination.once('close', done);
+          destination.once('error', done);
+          destination.end();
+        }
+      });
+      return closing;
+    },
+  };
 }
 
-/** Audit Events as JSON lines to any stream (tests, benchmarks). */
+/** Audit Events as JSON lines to any stream (tests, benchmarks); synchronous, unbounded. */
 export function streamAuditSink(stream: DestinationStream, close: () => void = () => {}): AuditSink {
   return {
     write: (event) => {
@@ -111,7 +205,8 @@ export function streamAuditSink(stream: DestinationStream, close: () => void = (
 export function rfc3339Micro(epochMs: number): string {
   const whole = Math.floor(epochMs);
   const micros = Math.floor((epochMs - whole) * 1000);
-  return new Date(whole).toISOString().replace(/Z$/, `${String(micros).padStart(3, '0')}Z`);
+  const iso = new Date(whole).toISOString();
+  return `${iso.slice(0, -1)}${micros < 10 ? '00' : micros < 100 ? '0' : ''}${micros}Z`;
 }
 
 /** The time now in epoch milliseconds, with the sub-millisecond part of the monotonic clock. */

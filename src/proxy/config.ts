@@ -18,6 +18,12 @@ import {
 import type { YamlReader } from '../config/yaml.ts';
 import type { LogLevel } from '../observability/logger.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
+import {
+  AUDIT_OVERFLOWS,
+  type AuditBufferOptions,
+  type AuditOverflow,
+  DEFAULT_AUDIT_BUFFER,
+} from './audit.ts';
 import { ProxyConfigError, ProxyErrorCode } from './errors.ts';
 import { DEFAULT_LIMITS, DEFAULT_TIMEOUTS, type ProxyLimits, type ProxyTimeouts } from './limits.ts';
 
@@ -42,8 +48,11 @@ export interface ProxyConfig {
   readonly limits: ProxyLimits;
   /** `timeouts`; every key has a default. */
   readonly timeouts: ProxyTimeouts;
-  /** `audit.file`: where the audit Events go, a path or "-" for stdout (the default). */
-  readonly audit: { readonly file: string };
+  /**
+   * `audit.file`: where the audit Events go, a path or "-" for stdout (the default); `audit.bufferBytes` and
+   * `audit.overflow`: how much may wait for a slow destination, and what happens beyond that.
+   */
+  readonly audit: { readonly file: string } & AuditBufferOptions;
 }
 
 /**
@@ -113,7 +122,10 @@ const UPSTREAM = [
 ] as const;
 const UPSTREAM_EXPLICIT = ['caFile', 'tokenFile', 'clientCertFile', 'clientKeyFile'] as const;
 const READINESS = ['minSvidRemaining'] as const;
-const AUDIT = ['file'] as const;
+const AUDIT = ['file', 'bufferBytes', 'overflow'] as const;
+/** `audit.bufferBytes`: at least one large Event, at most 1 GiB. */
+const MIN_AUDIT_BUFFER = 64 * 1024;
+const MAX_AUDIT_BUFFER = 1024 * 1024 * 1024;
 /** `audit.file` when absent: stdout, apart from the operational log on stderr. */
 export const DEFAULT_AUDIT_FILE = '-';
 
@@ -225,12 +237,37 @@ function readTop(
   const timeouts = readTimeouts(r, sub(f.get('timeouts'), 'timeouts'), TIMEOUTS, DEFAULT_TIMEOUTS);
 
   let auditFile = DEFAULT_AUDIT_FILE;
+  let { bufferBytes, overflow } = DEFAULT_AUDIT_BUFFER;
   const auditMap = sub(f.get('audit'), 'audit');
   if (auditMap) {
-    const field = r.fields(auditMap, AUDIT, 'audit').get('file');
+    const a = r.fields(auditMap, AUDIT, 'audit');
+    const field = a.get('file');
     const text = str(field, 'audit.file');
     if (field && text === '') r.report(field.valueOffset, 'audit.file is empty (a path, or "-" for stdout)');
     else if (text !== undefined) auditFile = text === '-' ? '-' : (path(text) ?? auditFile);
+    const size = a.get('bufferBytes');
+    if (size) {
+      const value = r.number(
+        size.value,
+        size.valueOffset,
+        'audit.bufferBytes',
+        MIN_AUDIT_BUFFER,
+        MAX_AUDIT_BUFFER,
+      );
+      if (value !== undefined && !Number.isInteger(value))
+        r.report(size.valueOffset, 'audit.bufferBytes must be a whole number of bytes');
+      else if (value !== undefined) bufferBytes = value;
+    }
+    const mode = a.get('overflow');
+    const modeText = str(mode, 'audit.overflow');
+    if (mode && modeText !== undefined) {
+      if ((AUDIT_OVERFLOWS as readonly string[]).includes(modeText)) overflow = modeText as AuditOverflow;
+      else
+        r.report(
+          mode.valueOffset,
+          `audit.overflow must be one of ${AUDIT_OVERFLOWS.join(', ')} (got ${JSON.stringify(modeText)})`,
+        );
+    }
   }
 
   if (trustDomain === undefined || policyFile === undefined || upstream === undefined) return undefined;
@@ -245,7 +282,7 @@ function readTop(
     logLevel,
     limits,
     timeouts,
-    audit: { file: auditFile },
+    audit: { file: auditFile, bufferBytes, overflow },
   };
 }
 

@@ -79,32 +79,53 @@ export function upstreamHeaders(
   peerAddress: string | undefined,
   auditId?: string,
 ): OutgoingHttpHeaders {
-  const named = namedInConnection(incoming);
+  const named = incoming.connection === undefined ? undefined : namedInConnection(incoming);
   const out: OutgoingHttpHeaders = {};
-  for (const [rawName, value] of Object.entries(incoming)) {
+  for (const rawName in incoming) {
+    const value = incoming[rawName];
     const name = rawName.toLowerCase();
     if (value === undefined || name.startsWith(':') || name === 'host') continue;
-    if (HOP_BY_HOP.has(name) || named.has(name) || isIdentityHeader(name)) continue;
+    if (HOP_BY_HOP.has(name) || named?.has(name) || isIdentityHeader(name)) continue;
     out[name] = value;
   }
   if (credential.authorization) out.authorization = credential.authorization;
-  out['impersonate-user'] = identity.user;
-  if (identity.groups.length > 0) out['impersonate-group'] = [...identity.groups];
-  if (identity.uid) out['impersonate-uid'] = identity.uid;
-  for (const [key, values] of Object.entries(identity.extra)) {
-    if (values.length > 0) out[`impersonate-extra-${escapeExtraKey(key)}`] = [...values];
+  const impersonation = impersonationHeaders(identity);
+  for (let i = 0; i < impersonation.length; i += 2) {
+    out[impersonation[i] as string] = impersonation[i + 1];
   }
   if (peerAddress) out['x-forwarded-for'] = peerAddress;
   if (auditId) out['audit-id'] = auditId;
   return out;
 }
 
+/**
+ * The Impersonate-* headers of an identity, as name/value pairs, built once per identity object: the policy's
+ * decision (and so its identity) is reused across a connection's requests, so most requests find them here.
+ */
+const impersonationCache = new WeakMap<KubeIdentity, readonly (string | string[])[]>();
+
+function impersonationHeaders(identity: KubeIdentity): readonly (string | string[])[] {
+  let pairs = impersonationCache.get(identity);
+  if (pairs !== undefined) return pairs;
+  // The arrays are shared by every request of the identity: nothing downstream mutates header values.
+  const built: (string | string[])[] = ['impersonate-user', identity.user];
+  if (identity.groups.length > 0) built.push('impersonate-group', [...identity.groups]);
+  if (identity.uid) built.push('impersonate-uid', identity.uid);
+  for (const [key, values] of Object.entries(identity.extra)) {
+    if (values.length > 0) built.push(`impersonate-extra-${escapeExtraKey(key)}`, [...values]);
+  }
+  pairs = Object.freeze(built);
+  impersonationCache.set(identity, pairs);
+  return pairs;
+}
+
 /** Response headers relayed to the client: hop-by-hop ones removed (HTTP/2 forbids them outright). */
 export function downstreamHeaders(incoming: IncomingHttpHeaders): OutgoingHttpHeaders {
-  const named = namedInConnection(incoming);
+  const named = incoming.connection === undefined ? undefined : namedInConnection(incoming);
   const out: OutgoingHttpHeaders = {};
-  for (const [name, value] of Object.entries(incoming)) {
-    if (value === undefined || HOP_BY_HOP.has(name) || named.has(name)) continue;
+  for (const name in incoming) {
+    const value = incoming[name];
+    if (value === undefined || HOP_BY_HOP.has(name) || named?.has(name)) continue;
     out[name] = value;
   }
   return out;
@@ -444,12 +465,10 @@ export class Upstream {
         clearTimeout(timer);
         const status = Number(upstreamHeaders[':status'] ?? 502);
         answeredStatus = status;
-        res.statusCode = status;
-        for (const [name, value] of Object.entries(
-          downstreamHeaders(upstreamHeaders as IncomingHttpHeaders),
-        )) {
-          if (value !== undefined && !name.startsWith(':')) res.setHeader(name, value);
-        }
+        const relayed = downstreamHeaders(upstreamHeaders as IncomingHttpHeaders);
+        delete relayed[':status'];
+        // One call for the whole head (headers set earlier, e.g. Connection: close while draining, stay).
+        (res as ServerResponse).writeHead(status, relayed);
         // Flush the headers now: a watch may send its first event much later.
         if ('flushHeaders' in res && typeof res.flushHeaders === 'function') res.flushHeaders();
         stream.pipe(res as NodeJS.WritableStream);

@@ -57,8 +57,23 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
   try {
     let audit = options.audit;
     if (audit === undefined) {
+      let lastAuditError = 0;
       try {
-        audit = fileAuditSink(config.audit.file);
+        audit = fileAuditSink(config.audit.file, {
+          bufferBytes: config.audit.bufferBytes,
+          overflow: config.audit.overflow,
+          onError: (err) => {
+            // At most one line a minute: a broken destination fails every write.
+            if (Date.now() - lastAuditError < 60_000) return;
+            lastAuditError = Date.now();
+            log.error(
+              { file: config.audit.file, overflow: config.audit.overflow, err: { message: err.message } },
+              config.audit.overflow === 'refuse'
+                ? 'audit destination failed: requests are refused (503) until a write succeeds'
+                : 'audit destination failed: audit Events are dropped (audit.overflow: drop) until a write succeeds',
+            );
+          },
+        });
       } catch (err) {
         throw new ProxyError(ProxyErrorCode.Config, `audit.file: ${(err as Error).message}`, {
           cause: err,
@@ -151,6 +166,7 @@ export async function startProxy(config: ProxyConfig, options: StartProxyOptions
     const address = await front.listen(config.listen.port, config.listen.host);
     closers.push(() => front.close());
 
+    metrics.setAuditStats(() => audit.stats?.());
     metrics.setSvidExpiry(() => currentSvid(source)?.certificates[0]?.validToDate);
     metrics.setBundleAges(() => source.bundleChangedAt());
     metrics.setUsage(() => ({ inFlight: front.usage().inFlight, upstream: upstream.usage() }));

@@ -367,14 +367,15 @@ export class ProxyServer {
 
   /**
    * The request path up to forwarding, shared by ordinary and upgrade requests: request target, authentication,
-   * impersonation headers, policy. Returns what to forward, or the refusal to answer.
+   * impersonation headers, policy. Returns what to forward, or the refusal to answer; synchronously, except for
+   * nested impersonation (which may ask kube-apiserver), so an ordinary request costs no extra turn.
    */
-  async #admit(
+  #admit(
     socket: TLSSocket,
     method: string,
     url: string,
     headers: IncomingHttpHeaders,
-  ): Promise<Admission> {
+  ): Admission | Promise<Admission> {
     const userAgent = headers['user-agent'];
     const entry: AuditDraft = {
       auditID: randomUUID(),
@@ -509,11 +510,17 @@ export class ProxyServer {
       return;
     }
     if (this.#connections.draining && state.session === undefined) res.setHeader('connection', 'close');
-    const admission = await this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
+    const admitted = this.#admit(socket, req.method ?? 'GET', req.url ?? '/', req.headers);
+    const admission = admitted instanceof Promise ? await admitted : admitted;
     if (!admission.ok) {
       if (admission.close) this.#connections.closeAfterAnswer(state, res);
       sendStatus(res, admission.status, admission.message);
       this.#auditRefusal(admission);
+      return;
+    }
+    if (this.#auditFull()) {
+      const refusal = this.#refuseAuditFull(admission.entry);
+      sendStatus(res, refusal.status, refusal.message, refusal.headers);
       return;
     }
     const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', admission.longRunning);
@@ -585,6 +592,33 @@ export class ProxyServer {
     return { status: 429, message, headers: { 'retry-after': '1' } };
   }
 
+  /** True while the audit sink cannot take an Event and `audit.overflow` is `refuse`. */
+  #auditFull(): boolean {
+    return this.#options.audit.full?.() === true;
+  }
+
+  /**
+   * An allowed request the proxy cannot audit (`audit.overflow: refuse` and the buffer full, or the destination
+   * failing): 503 with Retry-After, counted under the limit `audit.bufferBytes`, logged at a limited rate. Its own
+   * Event cannot be written either: the count and the log line are its record.
+   */
+  #refuseAuditFull(entry: AuditDraft): { status: 503; message: string; headers: Record<string, string> } {
+    const limit = 'audit.bufferBytes';
+    this.#metrics.limitRefused(limit);
+    this.#metrics.request(503, (performance.now() - entry.started) / 1000);
+    this.#quiet.warn(
+      'audit-full',
+      { auditID: entry.auditID, spiffeId: entry.spiffeId, verb: entry.verb, limit },
+      'request refused: the audit destination is not keeping up (audit.bufferBytes full) or failing; ' +
+        'audit.overflow is refuse',
+    );
+    return {
+      status: 503,
+      message: `kube-svid-proxy: the audit log is not keeping up; request not served unaudited (${limit}); retry later`,
+      headers: { 'retry-after': '1' },
+    };
+  }
+
   /** Refusals before a policy decision by an authenticated client are audited; 401s only at a limited rate. */
   #auditRefusal(admission: Extract<Admission, { ok: false }>): void {
     const { entry, status, outcome } = admission;
@@ -633,6 +667,11 @@ export class ProxyServer {
         ...admission,
         outcome: { ...admission.outcome, ...(upgrade ? { upgrade } : {}) },
       });
+      return;
+    }
+    if (this.#auditFull()) {
+      const refusal = this.#refuseAuditFull(admission.entry);
+      writeRawStatus(socket, refusal.status, refusal.message, refusal.headers);
       return;
     }
     const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', true);

@@ -154,14 +154,37 @@ describe('parseProxyConfig: limits and timeouts', () => {
   });
 
   it('writes audit Events to stdout by default, or to audit.file resolved against the config file', () => {
-    assert.deepEqual(parseProxyConfig(MIN, '/etc/ksp/proxy.yaml').audit, { file: '-' });
+    const buffer = { bufferBytes: 8 * 1024 * 1024, overflow: 'refuse' };
+    assert.deepEqual(parseProxyConfig(MIN, '/etc/ksp/proxy.yaml').audit, { file: '-', ...buffer });
     assert.deepEqual(parseProxyConfig(`${MIN}audit: { file: "-" }\n`, '/etc/ksp/proxy.yaml').audit, {
       file: '-',
+      ...buffer,
     });
     assert.deepEqual(parseProxyConfig(`${MIN}audit: { file: audit.jsonl }\n`, '/etc/ksp/proxy.yaml').audit, {
       file: '/etc/ksp/audit.jsonl',
+      ...buffer,
     });
     assert.throws(() => parseProxyConfig(`${MIN}audit: { path: x }\n`, '/etc/ksp/proxy.yaml'), /path/);
+  });
+
+  it('reads audit.bufferBytes and audit.overflow, and names what is wrong with them', () => {
+    assert.deepEqual(
+      parseProxyConfig(`${MIN}audit: { bufferBytes: 1048576, overflow: drop }\n`, '/etc/ksp/proxy.yaml')
+        .audit,
+      { file: '-', bufferBytes: 1048576, overflow: 'drop' },
+    );
+    assert.throws(
+      () => parseProxyConfig(`${MIN}audit: { overflow: block }\n`, '/etc/ksp/proxy.yaml'),
+      /audit\.overflow must be one of refuse, drop \(got "block"\)/,
+    );
+    assert.throws(
+      () => parseProxyConfig(`${MIN}audit: { bufferBytes: 100 }\n`, '/etc/ksp/proxy.yaml'),
+      /audit\.bufferBytes must be between 65536 and 1073741824, got 100/,
+    );
+    assert.throws(
+      () => parseProxyConfig(`${MIN}audit: { bufferBytes: 100000.5 }\n`, '/etc/ksp/proxy.yaml'),
+      /audit\.bufferBytes must be a whole number of bytes/,
+    );
   });
 
   it('accepts every limits key, and keeps the default of the keys not given', () => {
