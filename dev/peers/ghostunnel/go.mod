@@ -2,7 +2,8 @@ module kube-svid-proxy.invalid/test/peers/ghostunnel
 
 go 1.24.0
 
-// Ghostunnel for bench/compare.ts. v1.8.4 is the newest release that builds here: it pins go-landlock at
+// Ghostunnel for bench/compare.ts. v1.8.4 is the newest release the module proxy serves here (v1.8.5, v1.9.0 and
+// v1.9.1 answer 403, and so does the version list). It pins go-landlock at
 // v0.0.0-20241014143150-479ddab4c04c, which the checksum database (through the module proxy) refuses with a 404,
 // so it is replaced by the oldest later version the proxy and checksum database serve (same API: RODirs, RWDirs,
 // BindTCP, ConnectTCP). Landlock is off unless --use-landlock, which the bench does not pass.
