@@ -115,13 +115,18 @@ export const DEFAULT_AUDIT_BUFFER: AuditBufferOptions = { bufferBytes: 8 * 1024 
 /** Under `overflow: refuse`, new requests are refused this close to `bufferBytes` (a quarter of it at most). */
 const AUDIT_RESERVE_BYTES = 16 * 1024;
 
+/** Longest an Event waits before its batch is written, and the batch size that is written at once. */
+const AUDIT_BATCH_MS = 10;
+const AUDIT_BATCH_BYTES = 64 * 1024;
+
 /** How long `close()` waits for buffered Events to reach the destination. */
 const CLOSE_FLUSH_MS = 5000;
 
 /**
  * The `audit.file` sink: JSON Lines appended to a file, or on stdout for "-", apart from the operational log
- * (stderr). Writes never block the event loop: a line goes into a buffer that a background write (SonicBoom, as
- * pino uses) empties, in order, batching whatever accumulated while the previous write was in flight. The buffer
+ * (stderr). Writes never block the event loop: lines are gathered for at most 10 ms (or 64 KiB) and handed, in
+ * order, to a background writer (SonicBoom, as pino uses), which also batches whatever accumulates while a write is
+ * in flight. The buffer
  * is bounded by `bufferBytes`; a line that does not fit is dropped and counted (`overflow: drop`), or — the
  * default, `overflow: refuse` — never produced, because `full()` makes the proxy refuse requests it could not
  * audit until the destination catches up (from 16 KiB short of the bound, so the requests already admitted
@@ -147,6 +152,16 @@ export function fileAuditSink(file: string, options: AuditBufferOptions = DEFAUL
   // Room kept for the Events of requests already admitted when the sink starts refusing new ones.
   const reserve = Math.min(AUDIT_RESERVE_BYTES, Math.floor(options.bufferBytes / 4));
   const full = (): boolean => failed || buffered > options.bufferBytes - reserve;
+  let batch = '';
+  let timer: NodeJS.Timeout | undefined;
+  const flush = (): void => {
+    clearTimeout(timer);
+    timer = undefined;
+    if (batch === '') return;
+    const text = batch;
+    batch = '';
+    destination.write(text);
+  };
   let closing: Promise<void> | undefined;
   return {
     write: (event) => {
@@ -159,16 +174,24 @@ export function fileAuditSink(file: string, options: AuditBufferOptions = DEFAUL
         return;
       }
       buffered += bytes;
-      destination.write(line);
+      batch += line;
+      // Lines are gathered for AUDIT_BATCH_MS (or AUDIT_BATCH_BYTES) and handed over in one write: one system
+      // call per batch, not per request.
+      if (batch.length >= AUDIT_BATCH_BYTES) flush();
+      else if (timer === undefined) {
+        timer = setTimeout(flush, AUDIT_BATCH_MS);
+        timer.unref();
+      }
     },
     full: options.overflow === 'refuse' ? full : () => false,
     stats: () => ({ bufferedBytes: buffered, dropped, writeErrors }),
     close: () => {
       closing ??= new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, CLOSE_FLUSH_MS);
-        timer.unref();
+        flush();
+        const deadline = setTimeout(resolve, CLOSE_FLUSH_MS);
+        deadline.unref();
         const done = (): void => {
-          clearTimeout(timer);
+          clearTimeout(deadline);
           resolve();
         };
         if (fd === 1) {

@@ -424,17 +424,17 @@ export class Upstream {
     }
     const { session } = pooled;
     const active = pooled;
+    // A request that ended with its headers (HTTP/2 END_STREAM) goes upstream the same way: no body to relay.
+    const bodiless = 'stream' in req && req.stream?.endAfterHeaders === true;
     return new Promise((resolve, reject) => {
       let stream: http2.ClientHttp2Stream;
       try {
-        stream = session.request({
-          ...headers,
-          ':method': req.method ?? 'GET',
-          // Exactly the target the policy judged.
-          ':path': req.url ?? '/',
-          ':authority': this.url.host,
-          ':scheme': 'https',
-        });
+        headers[':method'] = req.method ?? 'GET';
+        // Exactly the target the policy judged.
+        headers[':path'] = req.url ?? '/';
+        headers[':authority'] = this.url.host;
+        headers[':scheme'] = 'https';
+        stream = session.request(headers, { endStream: bodiless });
       } catch (err) {
         reject(upstreamFailure(this.url.origin, err as Error));
         return;
@@ -481,6 +481,7 @@ export class Upstream {
       res.on('close', () => {
         if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
       });
+      if (bodiless) return;
       endUnreadUpload(req);
       (req as NodeJS.ReadableStream).pipe(stream);
     });
