@@ -36,11 +36,51 @@ const MAX_PATH_LENGTH = 8;
 const MAX_SIGNATURE_CHECKS = 100;
 const MAX_PATH_VISITS = 1000;
 
+/**
+ * Signature checks between CA certificates, kept across verifications by the two certificates' SHA-256
+ * fingerprints: the intermediates and roots behind every client are the same, so after the first client only a
+ * new leaf's own link costs a signature check. A verdict depends on the two DER encodings alone. Bounded; the
+ * oldest verdicts go first.
+ */
+export class SignatureMemory {
+  readonly #verdicts = new Map<string, boolean>();
+  readonly #max: number;
+
+  constructor(max = 4096) {
+    this.#max = max;
+  }
+
+  /** Whether `child` verifies under `parent`'s key, from memory or checked now (and remembered). */
+  verified(child: X509Certificate, parent: X509Certificate): boolean {
+    const key = `${child.fingerprint256}>${parent.fingerprint256}`;
+    const known = this.#verdicts.get(key);
+    if (known !== undefined) return known;
+    const verdict = child.verify(parent.publicKey);
+    if (this.#verdicts.size >= this.#max) {
+      const oldest = this.#verdicts.keys().next().value;
+      if (oldest !== undefined) this.#verdicts.delete(oldest);
+    }
+    this.#verdicts.set(key, verdict);
+    return verdict;
+  }
+}
+
+/** What a caller of verifyX509Svid can lend it to save work; never a check skipped. */
+export interface VerifyX509SvidOptions {
+  /** Signature checks between CA certificates remembered across calls. */
+  readonly signatures?: SignatureMemory;
+}
+
 /** Per-verification memory of issuer checks, and the work budget they draw on. */
 class PathSearch {
   readonly #issued = new Map<CertInfo, Map<CertInfo, boolean>>();
+  readonly #signatures: SignatureMemory | undefined;
   #signatureChecks = 0;
   #visits = 0;
+
+  constructor(signatures?: SignatureMemory) {
+    this.#signatures = signatures;
+  }
 
   /** Did `parent` issue `child`? Names, key identifiers and key usage by OpenSSL, then the signature. */
   issued(child: CertInfo, parent: CertInfo): boolean {
@@ -53,9 +93,13 @@ class PathSearch {
     if (hit !== undefined) return hit;
     let result = child.cert.checkIssued(parent.cert);
     if (result) {
+      // Counted whether or not the memory answers, so the budget (and what passes) is the same either way.
       if (++this.#signatureChecks > MAX_SIGNATURE_CHECKS)
         this.#giveUp(`${MAX_SIGNATURE_CHECKS} signature checks`);
-      result = child.cert.verify(parent.cert.publicKey);
+      result =
+        child.isCa && this.#signatures !== undefined
+          ? this.#signatures.verified(child.cert, parent.cert)
+          : child.cert.verify(parent.cert.publicKey);
     }
     known.set(parent, result);
     return result;
@@ -318,6 +362,7 @@ export function verifyX509Svid(
   chain: readonly X509Certificate[],
   bundles: X509BundleSource,
   now: Date = new Date(),
+  options: VerifyX509SvidOptions = {},
 ): VerifiedX509Svid {
   if (Number.isNaN(now.getTime())) throw new RangeError('verifyX509Svid: now is not a valid Date');
   const leafCert = chain[0];
@@ -333,7 +378,7 @@ export function verifyX509Svid(
     );
   }
   const anchors = bundle.authorities.map((c) => inspectOrThrow(c, 'trust anchor'));
-  const path = buildPath(new PathSearch(), leaf, intermediates, anchors, id, now.getTime());
+  const path = buildPath(new PathSearch(options.signatures), leaf, intermediates, anchors, id, now.getTime());
   if (path !== undefined) return { id, verifiedChain: path.map((p) => p.cert) };
 
   // Failure path only: say whether another trust domain's authority signed it (a cross-domain forgery).
@@ -341,7 +386,7 @@ export function verifyX509Svid(
     for (const other of bundles.x509Bundles()) {
       if (other.trustDomain.equals(id.trustDomain)) continue;
       const otherAnchors = other.authorities.map((c) => inspectOrThrow(c, 'trust anchor'));
-      if (reachesAnchor(new PathSearch(), leaf, intermediates, otherAnchors)) {
+      if (reachesAnchor(new PathSearch(options.signatures), leaf, intermediates, otherAnchors)) {
         throw err(
           X509ErrorCode.WrongTrustDomain,
           `${id} claims trust domain "${id.trustDomain}" but was issued by an authority of "${other.trustDomain}"`,
