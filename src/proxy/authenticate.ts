@@ -3,7 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import type { BundleSet } from '../spiffe/bundle.ts';
 import { isSpiffeError } from '../spiffe/errors.ts';
 import type { SpiffeId } from '../spiffe/id.ts';
-import { presentedIntermediates, verifyX509Svid } from '../spiffe/x509svid.ts';
+import { presentedIntermediates, SignatureMemory, verifyX509Svid } from '../spiffe/x509svid.ts';
 import { ProxyError, ProxyErrorCode } from './errors.ts';
 
 /** A refusal by the TLS layer itself (the SPIFFE checks throw SpiffeError). */
@@ -39,6 +39,16 @@ const MAX_REMEMBERED_CHAINS = 10_000;
  * nothing on a resumed session, so a resumed session is checked the same way, at the current time, against the
  * current bundles; its intermediates come from the full handshake that created it, since a resumed session
  * carries only the leaf.
+ *
+ * Why OpenSSL's verdict (`socket.authorized`) buys nothing here: it proves that some chain from the leaf reaches
+ * some certificate of the TLS context's store, and nothing tells which. The store holds Node's default roots
+ * besides `ca`; OpenSSL takes an issuer from the store before the certificates the client sent, matching by name
+ * and key identifier only, so another trust domain's root named like our intermediate signs for it while the
+ * chain Node reports runs through the intermediate; and a certificate that is itself in the store gets no
+ * signature check at all. (authenticate.test.ts shows each against a real handshake.) So the leaf's signature,
+ * the one check a never-seen client brings, is verified here on the path built from our bundles; everything that
+ * repeats is remembered: the extension facts and signature checks of CA certificates by fingerprint
+ * (certinfo.ts, SignatureMemory), and whole results by chain and trust generation.
  */
 export class Authenticator {
   readonly #intermediates = new Map<string, readonly X509Certificate[]>();
@@ -48,6 +58,8 @@ export class Authenticator {
    * by the chain's validity, and any bundle change (a new generation) misses.
    */
   readonly #verified = new Map<string, Omit<PeerIdentity, 'resumed'>>();
+  /** Intermediate-to-authority signature checks: done once per intermediate, not once per client. */
+  readonly #signatures = new SignatureMemory();
 
   authenticate(socket: TLSSocket, trust: TrustState, now = new Date()): PeerIdentity {
     const leaf = socket.getPeerX509Certificate();
@@ -55,19 +67,22 @@ export class Authenticator {
       throw new TlsAuthError(ProxyErrorCode.NoClientCertificate, 'the client presented no certificate');
     }
     const resumed = socket.isSessionReused();
+    // What the client sent after its leaf, or, when Node shows none, what it sent with this leaf before: a
+    // resumed session carries the leaf alone, and Node 24.21 shows the chain to the first call only (and to none
+    // when OpenSSL's own verification passed: nodejs/node#65579, fixed in 24.22). More intermediates than the
+    // client sent this time only offer more paths, each checked in full.
     let intermediates: readonly X509Certificate[] = presentedIntermediates(leaf);
-    if (intermediates.length > 0 || !resumed) {
-      this.#remember(leaf.fingerprint256, intermediates);
-    } else {
-      intermediates = this.#intermediates.get(leaf.fingerprint256) ?? [];
-    }
+    if (intermediates.length > 0) this.#remember(leaf.fingerprint256, intermediates);
+    else intermediates = this.#intermediates.get(leaf.fingerprint256) ?? [];
     const key = `${trust.generation}|${leaf.fingerprint256}|${intermediates.map((c) => c.fingerprint256).join('|')}`;
     const cached = this.#verified.get(key);
     if (cached !== undefined && now.getTime() < cached.validUntil.getTime()) {
       // It passed every check when verified; since then only expiry can change that, which validUntil covers.
       return { ...cached, resumed };
     }
-    const { id, verifiedChain } = verifyX509Svid([leaf, ...intermediates], trust.bundles, now);
+    const { id, verifiedChain } = verifyX509Svid([leaf, ...intermediates], trust.bundles, now, {
+      signatures: this.#signatures,
+    });
     const validUntil = new Date(Math.min(...verifiedChain.map((c) => c.validToDate.getTime())));
     const verified = { id, leaf, verifiedChain, validUntil, generation: trust.generation };
     bounded(this.#verified, key, verified);

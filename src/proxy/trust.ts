@@ -1,8 +1,8 @@
 /**
  * What the front door trusts and presents: the bundles of the trust domains clients may come from (ours and those
  * the policy names), recomputed only when the bundles or the policy change, and the TLS context new handshakes
- * get (the current SVID, the CA names). A change that removes an authority also replaces the session ticket
- * keys, so no session resumes under the old trust. Request handling lives in server.ts.
+ * get (the current SVID). A change that removes an authority also replaces the session ticket keys, so no
+ * session resumes under the old trust. Request handling lives in server.ts.
  */
 import { constants as cryptoConstants, randomBytes } from 'node:crypto';
 import type { SecureContextOptions } from 'node:tls';
@@ -80,8 +80,10 @@ export class ServingTrust {
       secureOptions: cryptoConstants.SSL_OP_NO_RENEGOTIATION,
       cert: svid.certificates.map((c) => c.toString()).join(''),
       key: svid.privateKey.export({ format: 'pem', type: 'pkcs8' }).toString(),
-      // Only offered to clients as acceptable CA names; the decision is ours.
-      ca: this.#state.bundles.allX509Authorities().map((c) => c.toString()),
+      // No `ca`: the Authenticator decides, against the bundles of the client's own trust domain, and cannot use
+      // OpenSSL's verdict (authenticate.ts says why). With our authorities in its store, OpenSSL would only check
+      // the same signatures once more on every handshake, and Node would then hand over no intermediates (Node
+      // 24.21, nodejs/node#65579). Clients see no CA names: SPIFFE clients present their SVID regardless.
     };
   }
 
@@ -153,7 +155,7 @@ export class ServingTrust {
     }
   }
 
-  /** A new secure context for new handshakes (current SVID and CA names); none while there is no SVID. */
+  /** A new secure context for new handshakes (the current SVID); none while there is no SVID. */
   #install(): void {
     const svid = this.#svid();
     if (svid !== undefined) this.#target?.setSecureContext(this.#contextOptions(svid));
