@@ -12,6 +12,8 @@ export interface PolicyWatcher {
   readonly current: Policy;
   /** 1 for the initial load, then +1 on every change of `current`. */
   readonly generation: number;
+  /** The file's text `current` was parsed from (handed to the proxy's worker processes, which parse it again). */
+  readonly text: string;
   /** Re-reads the file now (tests, SIGHUP); resolves once handled. */
   reload(): Promise<void>;
   /** Stops watching. Idempotent. */
@@ -48,9 +50,14 @@ function asPolicyError(file: string, err: Error, prefix = ''): PolicyError {
 export async function watchPolicy(file: string, options: WatchPolicyOptions = {}): Promise<PolicyWatcher> {
   const { debounceMs = 200, pollIntervalMs = 5000, onChange, onRecover, onError } = options;
   let watched: WatchedFile<Policy>;
+  const texts = new WeakMap<Policy, string>();
   try {
     watched = await watchFile(file, {
-      parse: (text) => parsePolicy(text, { file }),
+      parse: (text) => {
+        const policy = parsePolicy(text, { file });
+        texts.set(policy, text);
+        return policy;
+      },
       debounceMs,
       pollIntervalMs,
       ...(onChange !== undefined && { onChange }),
@@ -70,6 +77,9 @@ export async function watchPolicy(file: string, options: WatchPolicyOptions = {}
     },
     get generation() {
       return watched.generation;
+    },
+    get text() {
+      return texts.get(watched.current) ?? '';
     },
     reload: () => watched.reload(),
     close: () => watched.close(),
