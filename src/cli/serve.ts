@@ -1,6 +1,6 @@
 import { createLogger } from '../observability/logger.ts';
 import { loadProxyConfig } from '../proxy/config.ts';
-import { startProxy } from '../proxy/proxy.ts';
+import { startProxyWorkers } from '../proxy/proxy.ts';
 import { holdSighup, runUntilSignal, serviceFlags } from './common.ts';
 
 /** Runs the proxy until SIGINT or SIGTERM (drained, then stopped); SIGHUP re-reads its files. */
@@ -9,6 +9,7 @@ export async function serveCommand(args: string[]): Promise<number> {
   holdSighup();
   const config = await loadProxyConfig(flags.config);
   const logger = createLogger({ level: flags.level ?? config.logLevel, name: 'kube-svid-proxy' });
-  const proxy = await startProxy(config, { logger, configFile: flags.config });
+  // `workers` (default: one per CPU) processes serve the data port; with 1, this process does.
+  const proxy = await startProxyWorkers(config, { logger, configFile: flags.config });
   return runUntilSignal(logger, 'proxy', { stop: () => proxy.shutdown(), reload: () => proxy.reload() });
 }

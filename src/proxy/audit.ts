@@ -80,6 +80,8 @@ export interface AuditEvent {
 /** Where audit Events go: one JSON object per line. */
 export interface AuditSink {
   write(event: AuditEvent): void;
+  /** Events already serialised, one JSON line each (from the proxy's workers); default: parsed and written. */
+  writeLines?(lines: string, events: number): void;
   /**
    * True while the sink cannot take another Event and `audit.overflow` is `refuse`: the request path answers 503
    * instead of acting unaudited. Absent on sinks that never fill (tests).
@@ -163,26 +165,27 @@ export function fileAuditSink(file: string, options: AuditBufferOptions = DEFAUL
     destination.write(text);
   };
   let closing: Promise<void> | undefined;
+  const append = (line: string, events: number): void => {
+    const bytes = Buffer.byteLength(line);
+    if (failed || buffered + bytes > options.bufferBytes) {
+      // Under `refuse` the request path checked full() first; this is the rare line that still overflows
+      // (a large Event, or one finishing while the buffer filled): dropped and counted either way.
+      dropped += events;
+      return;
+    }
+    buffered += bytes;
+    batch += line;
+    // Lines are gathered for AUDIT_BATCH_MS (or AUDIT_BATCH_BYTES) and handed over in one write: one system
+    // call per batch, not per request.
+    if (batch.length >= AUDIT_BATCH_BYTES) flush();
+    else if (timer === undefined) {
+      timer = setTimeout(flush, AUDIT_BATCH_MS);
+      timer.unref();
+    }
+  };
   return {
-    write: (event) => {
-      const line = `${JSON.stringify(event)}\n`;
-      const bytes = Buffer.byteLength(line);
-      if (failed || buffered + bytes > options.bufferBytes) {
-        // Under `refuse` the request path checked full() first; this is the rare line that still overflows
-        // (a large Event, or one finishing while the buffer filled): dropped and counted either way.
-        dropped++;
-        return;
-      }
-      buffered += bytes;
-      batch += line;
-      // Lines are gathered for AUDIT_BATCH_MS (or AUDIT_BATCH_BYTES) and handed over in one write: one system
-      // call per batch, not per request.
-      if (batch.length >= AUDIT_BATCH_BYTES) flush();
-      else if (timer === undefined) {
-        timer = setTimeout(flush, AUDIT_BATCH_MS);
-        timer.unref();
-      }
-    },
+    write: (event) => append(`${JSON.stringify(event)}\n`, 1),
+    writeLines: append,
     full: options.overflow === 'refuse' ? full : () => false,
     stats: () => ({ bufferedBytes: buffered, dropped, writeErrors }),
     close: () => {

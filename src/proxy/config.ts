@@ -1,4 +1,5 @@
-import type { Node, YAMLMap } from 'yaml';
+import { availableParallelism } from 'node:os';
+import { isScalar, type Node, type Scalar, type YAMLMap } from 'yaml';
 import {
   type Field,
   fieldMap,
@@ -44,6 +45,12 @@ export interface ProxyConfig {
   /** The proxy reports not-ready when its SVID has less than this left (seconds). */
   readonly minSvidRemainingSeconds: number;
   readonly logLevel: LogLevel;
+  /**
+   * `workers`: processes serving the data port (`auto`, the default: one per CPU the process may use). 1 serves
+   * in the main process; more fork that many workers that share the listener, while the main process keeps the
+   * identity, the policy, the upstream credential, the audit log and the admin port, and hands them over.
+   */
+  readonly workers: number;
   /** What clients can hold (`limits`); every key has a default. */
   readonly limits: ProxyLimits;
   /** `timeouts`; every key has a default. */
@@ -86,6 +93,7 @@ const TOP = [
   'upstream',
   'readiness',
   'logLevel',
+  'workers',
   'limits',
   'timeouts',
   'audit',
@@ -123,6 +131,8 @@ const UPSTREAM = [
 const UPSTREAM_EXPLICIT = ['caFile', 'tokenFile', 'clientCertFile', 'clientKeyFile'] as const;
 const READINESS = ['minSvidRemaining'] as const;
 const AUDIT = ['file', 'bufferBytes', 'overflow'] as const;
+/** Most `workers`: beyond the cores of any machine this runs on, each worker is only memory and handshakes. */
+const MAX_WORKERS = 64;
 /** `audit.bufferBytes`: at least one large Event, at most 1 GiB. */
 const MIN_AUDIT_BUFFER = 64 * 1024;
 const MAX_AUDIT_BUFFER = 1024 * 1024 * 1024;
@@ -233,6 +243,25 @@ function readTop(
 
   const logLevel = readLogLevel(r, f.get('logLevel'));
 
+  let workers = availableParallelism();
+  const workersField = f.get('workers');
+  if (workersField) {
+    const node = workersField.value;
+    const text = isScalar(node) ? (node as Scalar).value : undefined;
+    if (text !== 'auto') {
+      const n = r.number(
+        node,
+        workersField.valueOffset,
+        'workers (a number of processes, or auto)',
+        1,
+        MAX_WORKERS,
+      );
+      if (n !== undefined && !Number.isInteger(n))
+        r.report(workersField.valueOffset, 'workers must be a whole number of processes, or auto');
+      else if (n !== undefined) workers = n;
+    }
+  }
+
   const limits = readLimits(r, sub(f.get('limits'), 'limits'), LIMITS, DEFAULT_LIMITS);
   const timeouts = readTimeouts(r, sub(f.get('timeouts'), 'timeouts'), TIMEOUTS, DEFAULT_TIMEOUTS);
 
@@ -280,6 +309,7 @@ function readTop(
     upstream,
     minSvidRemainingSeconds,
     logLevel,
+    workers,
     limits,
     timeouts,
     audit: { file: auditFile, bufferBytes, overflow },

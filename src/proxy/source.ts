@@ -34,6 +34,7 @@ export interface IdentitySource {
   /** Re-reads what the source reads (SIGHUP). Never throws: a refused file keeps the last good value. */
   reload(): Promise<void>;
   on(event: 'update', listener: () => void): this;
+  off(event: 'update', listener: () => void): this;
   close(): void;
 }
 

@@ -231,7 +231,10 @@ class ServeFiles {
     symlinkSync(this.tokenData, join(this.dir, 'conf', 'token'));
   }
 
-  /** Nine lines: a key appended lands on line 10, which the rejected-reload test names. */
+  /**
+   * Ten lines: a key appended lands on line 11, which the rejected-reload test names. One process (`workers: 1`):
+   * the log lines these tests read come from the one front door; test/integration/workers.test.ts covers workers.
+   */
   config(upstreamPort = this.#upstreamPort, listen = '127.0.0.1:0'): string {
     this.#upstreamPort = upstreamPort;
     return proxyConfigYaml(this.#files, {
@@ -239,7 +242,7 @@ class ServeFiles {
       listen,
       policyFile: 'conf/policy.yaml',
       tokenFile: 'conf/token',
-      extra: 'logLevel: info\ntimeouts: { shutdownDrain: 3s }\n',
+      extra: 'logLevel: info\nworkers: 1\ntimeouts: { shutdownDrain: 3s }\n',
     });
   }
 
@@ -348,7 +351,7 @@ describe('kube-svid-proxy serve: SIGHUP and SIGTERM', { timeout: 120_000 }, () =
       const i = proxy.find(/^configuration file rejected on reload/, start);
       assert.ok(i > start, `expected the rejection after the SIGHUP:\n${proxy.output}`);
       const err = proxy.logs[i]?.err as { message?: string } | undefined;
-      assert.match(err?.message ?? '', /:10:1: unknown key "bogus"/);
+      assert.match(err?.message ?? '', /:11:1: unknown key "bogus"/);
       assert.ok(proxy.running);
       assert.equal((await requestStatus(session, PODS)).status, 200);
 
