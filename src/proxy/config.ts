@@ -1,4 +1,3 @@
-import { availableParallelism } from 'node:os';
 import { isScalar, type Node, type Scalar, type YAMLMap } from 'yaml';
 import {
   type Field,
@@ -16,6 +15,7 @@ import {
   readTrustDomainFiles,
   readWorkloadApi,
 } from '../config/common.ts';
+import { availableCpus } from '../config/cpus.ts';
 import type { YamlReader } from '../config/yaml.ts';
 import type { LogLevel } from '../observability/logger.ts';
 import type { TrustDomain } from '../spiffe/id.ts';
@@ -46,7 +46,8 @@ export interface ProxyConfig {
   readonly minSvidRemainingSeconds: number;
   readonly logLevel: LogLevel;
   /**
-   * `workers`: processes serving the data port (`auto`, the default: one per CPU the process may use). 1 serves
+   * `workers`: processes serving the data port (`auto`, the default: one per CPU the process may use, capped by
+   * the cgroup's CPU quota, see availableCpus). 1 serves
    * in the main process; more fork that many workers that share the listener, while the main process keeps the
    * identity, the policy, the upstream credential, the audit log and the admin port, and hands them over.
    */
@@ -243,7 +244,7 @@ function readTop(
 
   const logLevel = readLogLevel(r, f.get('logLevel'));
 
-  let workers = availableParallelism();
+  let workers = availableCpus();
   const workersField = f.get('workers');
   if (workersField) {
     const node = workersField.value;

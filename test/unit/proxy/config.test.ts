@@ -167,6 +167,25 @@ describe('parseProxyConfig: limits and timeouts', () => {
     assert.throws(() => parseProxyConfig(`${MIN}audit: { path: x }\n`, '/etc/ksp/proxy.yaml'), /path/);
   });
 
+  it('reads workers: a number of processes, or auto (the CPUs available, at least 1)', () => {
+    assert.equal(parseProxyConfig(`${MIN}workers: 3\n`, '/etc/ksp/proxy.yaml').workers, 3);
+    const auto = parseProxyConfig(`${MIN}workers: auto\n`, '/etc/ksp/proxy.yaml').workers;
+    assert.ok(auto >= 1);
+    assert.equal(parseProxyConfig(MIN, '/etc/ksp/proxy.yaml').workers, auto, 'auto is the default');
+    assert.throws(
+      () => parseProxyConfig(`${MIN}workers: 0\n`, '/etc/ksp/proxy.yaml'),
+      /workers.*between 1 and 64/,
+    );
+    assert.throws(
+      () => parseProxyConfig(`${MIN}workers: 1.5\n`, '/etc/ksp/proxy.yaml'),
+      /workers must be a whole number of processes, or auto/,
+    );
+    assert.throws(
+      () => parseProxyConfig(`${MIN}workers: many\n`, '/etc/ksp/proxy.yaml'),
+      /workers.*must be a number/,
+    );
+  });
+
   it('reads audit.bufferBytes and audit.overflow, and names what is wrong with them', () => {
     assert.deepEqual(
       parseProxyConfig(`${MIN}audit: { bufferBytes: 1048576, overflow: drop }\n`, '/etc/ksp/proxy.yaml')
