@@ -60,6 +60,27 @@ export class Authenticator {
   readonly #verified = new Map<string, Omit<PeerIdentity, 'resumed'>>();
   /** Intermediate-to-authority signature checks: done once per intermediate, not once per client. */
   readonly #signatures = new SignatureMemory();
+  readonly #onLearned:
+    | ((leafFingerprint: string, intermediates: readonly X509Certificate[]) => void)
+    | undefined;
+
+  /**
+   * `onLearned`: a client authenticated with intermediates not known for its leaf before (with `workers`, the
+   * other workers are told, so the client's next session resumes on any of them: a resumed session carries the
+   * leaf alone).
+   */
+  constructor(
+    options: {
+      onLearned?: (leafFingerprint: string, intermediates: readonly X509Certificate[]) => void;
+    } = {},
+  ) {
+    this.#onLearned = options.onLearned;
+  }
+
+  /** Intermediates another process saw with this leaf in a full handshake that authenticated. */
+  learn(leafFingerprint: string, intermediates: readonly X509Certificate[]): void {
+    if (intermediates.length > 0) this.#remember(leafFingerprint, intermediates);
+  }
 
   authenticate(socket: TLSSocket, trust: TrustState, now = new Date()): PeerIdentity {
     const leaf = socket.getPeerX509Certificate();
@@ -72,8 +93,10 @@ export class Authenticator {
     // when OpenSSL's own verification passed: nodejs/node#65579, fixed in 24.22). More intermediates than the
     // client sent this time only offer more paths, each checked in full.
     let intermediates: readonly X509Certificate[] = presentedIntermediates(leaf);
+    const known = this.#intermediates.get(leaf.fingerprint256);
+    const learned = intermediates.length > 0 && !sameCertificates(intermediates, known);
     if (intermediates.length > 0) this.#remember(leaf.fingerprint256, intermediates);
-    else intermediates = this.#intermediates.get(leaf.fingerprint256) ?? [];
+    else intermediates = known ?? [];
     const key = `${trust.generation}|${leaf.fingerprint256}|${intermediates.map((c) => c.fingerprint256).join('|')}`;
     const cached = this.#verified.get(key);
     if (cached !== undefined && now.getTime() < cached.validUntil.getTime()) {
@@ -86,12 +109,20 @@ export class Authenticator {
     const validUntil = new Date(Math.min(...verifiedChain.map((c) => c.validToDate.getTime())));
     const verified = { id, leaf, verifiedChain, validUntil, generation: trust.generation };
     bounded(this.#verified, key, verified);
+    // Only what authenticated is passed on: a client that fails cannot make the workers talk.
+    if (learned) this.#onLearned?.(leaf.fingerprint256, intermediates);
     return { ...verified, resumed };
   }
 
   #remember(fingerprint: string, intermediates: readonly X509Certificate[]): void {
     bounded(this.#intermediates, fingerprint, intermediates);
   }
+}
+
+function sameCertificates(a: readonly X509Certificate[], b: readonly X509Certificate[] | undefined): boolean {
+  return (
+    b !== undefined && a.length === b.length && a.every((c, i) => c.fingerprint256 === b[i]?.fingerprint256)
+  );
 }
 
 /** Map insert that keeps at most MAX_REMEMBERED_CHAINS entries, dropping the oldest. */

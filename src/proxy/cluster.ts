@@ -103,6 +103,12 @@ export class WorkerPool {
           case 'audit':
             this.#options.onAudit(message.lines, message.events);
             break;
+          case 'intermediates':
+            // The other workers learn them too, so the client's next session resumes on any of them.
+            for (const other of this.#slots) {
+              if (other !== slot && other.worker?.isConnected()) other.worker.send(message);
+            }
+            break;
           case 'metrics':
           case 'usage':
             this.#pending.get(message.id)?.(message);

@@ -1,4 +1,4 @@
-import { randomUUID } from 'node:crypto';
+import { randomUUID, type X509Certificate } from 'node:crypto';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import http2, { type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
 import type { AddressInfo } from 'node:net';
@@ -54,6 +54,11 @@ export interface ProxyServerOptions {
   readonly limits?: Partial<ProxyLimits>;
   /** Timeouts (defaults: DEFAULT_TIMEOUTS). */
   readonly timeouts?: Partial<ProxyTimeouts>;
+  /** A client authenticated with intermediates not known for its leaf before (workers pass them on). */
+  readonly onIntermediatesLearned?: (
+    leafFingerprint: string,
+    intermediates: readonly X509Certificate[],
+  ) => void;
 }
 
 const DECISION_CACHE_PER_CONNECTION = 64;
@@ -76,7 +81,7 @@ export class ProxyServer {
   readonly server: http2.Http2SecureServer;
   readonly #options: ProxyServerOptions;
   readonly #log: Logger;
-  readonly #authenticator = new Authenticator();
+  readonly #authenticator: Authenticator;
   /** What clients are verified against and what new handshakes present. */
   readonly #serving: ServingTrust;
   readonly #limits: ProxyLimits;
@@ -92,6 +97,9 @@ export class ProxyServer {
   constructor(options: ProxyServerOptions) {
     this.#options = options;
     this.#log = options.logger;
+    this.#authenticator = new Authenticator(
+      options.onIntermediatesLearned ? { onLearned: options.onIntermediatesLearned } : {},
+    );
     this.#metrics = options.metrics ?? new ProxyMetrics({ defaultMetrics: false });
     this.#limits = { ...DEFAULT_LIMITS, ...options.limits };
     this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts };
@@ -161,6 +169,11 @@ export class ProxyServer {
     });
     this.#serving.attach(this.server);
     options.source.on('update', () => this.#onIdentityUpdate());
+  }
+
+  /** Intermediates another worker saw with this leaf (see ProxyServerOptions.onIntermediatesLearned). */
+  learnIntermediates(leafFingerprint: string, intermediates: readonly X509Certificate[]): void {
+    this.#authenticator.learn(leafFingerprint, intermediates);
   }
 
   /** The limits and timeouts in force. */

@@ -65,6 +65,7 @@ export type ToWorker =
   | UpstreamMessage
   | { readonly type: 'ticketKeys'; readonly keys: string }
   | { readonly type: 'auditFull'; readonly full: boolean }
+  | IntermediatesMessage
   | { readonly type: 'metrics'; readonly id: number }
   | { readonly type: 'usage'; readonly id: number }
   | { readonly type: 'drain'; readonly deadlineMs: number };
@@ -85,4 +86,12 @@ export type FromWorker =
   | { readonly type: 'audit'; readonly lines: string; readonly events: number }
   | { readonly type: 'metrics'; readonly id: number; readonly json: unknown }
   | { readonly type: 'usage'; readonly id: number; readonly usage: WorkerUsage }
+  | IntermediatesMessage
   | { readonly type: 'drained' };
+
+/** A client's intermediates (PEM) for its leaf, seen in an authenticated full handshake by one worker. */
+export interface IntermediatesMessage {
+  readonly type: 'intermediates';
+  readonly leaf: string;
+  readonly chain: string;
+}

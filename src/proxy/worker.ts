@@ -12,7 +12,7 @@ import { parsePolicy } from '../policy/parse.ts';
 import type { CompiledPolicy } from '../policy/types.ts';
 import { BundleSet, SpiffeBundle } from '../spiffe/bundle.ts';
 import { TrustDomain } from '../spiffe/id.ts';
-import { parseX509Svid, type X509Svid } from '../spiffe/x509svid.ts';
+import { parseCertificates, parseX509Svid, type X509Svid } from '../spiffe/x509svid.ts';
 import type { AuditEvent, AuditSink } from './audit.ts';
 import { Upstream } from './forward.ts';
 import type { ProxyLimits, ProxyTimeouts } from './limits.ts';
@@ -148,6 +148,8 @@ async function runWorker(init: WorkerInit, send: (message: FromWorker) => void):
     metrics,
     limits: init.limits as Partial<ProxyLimits>,
     timeouts: init.timeouts as Partial<ProxyTimeouts>,
+    onIntermediatesLearned: (leaf, intermediates) =>
+      send({ type: 'intermediates', leaf, chain: intermediates.map((c) => c.toString()).join('') }),
   });
   server.server.setTicketKeys(Buffer.from(init.ticketKeys, 'base64'));
   metrics.setUsage(() => ({ inFlight: server.usage().inFlight, upstream: upstream.usage() }));
@@ -169,6 +171,9 @@ async function runWorker(init: WorkerInit, send: (message: FromWorker) => void):
           break;
         case 'ticketKeys':
           server.server.setTicketKeys(Buffer.from(message.keys, 'base64'));
+          break;
+        case 'intermediates':
+          server.learnIntermediates(message.leaf, parseCertificates(message.chain));
           break;
         case 'auditFull':
           audit.setFull(message.full);

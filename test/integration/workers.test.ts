@@ -147,6 +147,27 @@ describe('workers: 2 processes serving the data port', () => {
     assert.deepEqual(reused, [true, true, true, true, true, true]);
   });
 
+  it('authenticates a resumed session on another worker for a client whose SVID has an intermediate', async () => {
+    const spokeClient = pki.good.clientSpoke;
+    const options = { ...clientTls(pki, spokeClient) };
+    const first = http2.connect(`https://127.0.0.1:${proxy.port}`, options);
+    first.on('error', () => {});
+    const ticket = await new Promise<Buffer>((resolve) => first.socket.once('session', resolve));
+    // No rule names this client: 403 means it was authenticated (a 401 would mean its chain was not known).
+    assert.equal((await requestStatus(first, '/api/v1/namespaces/default/configmaps/d')).status, 403);
+    first.destroy();
+    const statuses: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      const session = http2.connect(`https://127.0.0.1:${proxy.port}`, { ...options, session: ticket });
+      session.on('error', () => {});
+      sessions.push(session);
+      await new Promise((resolve) => session.once('connect', resolve));
+      assert.equal((session.socket as tls.TLSSocket).isSessionReused(), true);
+      statuses.push((await requestStatus(session, '/api/v1/namespaces/default/configmaps/d')).status);
+    }
+    assert.deepEqual(statuses, [403, 403, 403, 403]);
+  });
+
   it('hands a re-read upstream token (SIGHUP) to every worker', async () => {
     const opened = await Promise.all([connect(), connect()]);
     writeFileSync(join(files.dir, files.tokenFile as string), 'rotated-token\n');
