@@ -40,12 +40,13 @@ const MAX_REMEMBERED_CHAINS = 10_000;
  * current bundles; its intermediates come from the full handshake that created it, since a resumed session
  * carries only the leaf.
  *
- * Why OpenSSL's verdict (`socket.authorized`) buys nothing here: it proves that some chain from the leaf reaches
- * some certificate of the TLS context's store, and nothing tells which. The store holds Node's default roots
- * besides `ca`; OpenSSL takes an issuer from the store before the certificates the client sent, matching by name
- * and key identifier only, so another trust domain's root named like our intermediate signs for it while the
- * chain Node reports runs through the intermediate; and a certificate that is itself in the store gets no
- * signature check at all. (authenticate.test.ts shows each against a real handshake.) So the leaf's signature,
+ * Why OpenSSL's verdict (`socket.authorized`) would buy nothing here (and why ServingTrust gives OpenSSL no
+ * `ca` to reach one): it proves that some chain from the leaf reaches some certificate of the TLS context's store,
+ * and nothing tells which. The store holds Node's default roots besides any `ca`; OpenSSL takes an issuer from the
+ * store before the certificates the client sent, matching by name and key identifier only, so another trust
+ * domain's root named like our intermediate signs for it while the chain Node reports runs through the
+ * intermediate; and a certificate that is itself in the store gets no signature check at all.
+ * (authenticate.test.ts plays each against a real handshake.) So the leaf's signature,
  * the one check a never-seen client brings, is verified here on the path built from our bundles; everything that
  * repeats is remembered: the extension facts and signature checks of CA certificates by fingerprint
  * (certinfo.ts, SignatureMemory), and whole results by chain and trust generation.

@@ -357,6 +357,8 @@ export function presentedIntermediates(leaf: X509Certificate): X509Certificate[]
  * Verifies a peer's X.509-SVID chain (leaf first, as presented in TLS) against the bundle of the trust domain
  * *that the leaf claims*, and no other: a CA trusted for another trust domain never vouches for this one.
  * Returns the SPIFFE ID and the verified path, or throws a `SpiffeError` whose code names the rule broken.
+ * `options.signatures` lets a long-lived caller (the proxy's Authenticator) keep CA-to-CA signature checks
+ * between calls; the verdict is the same with or without it.
  */
 export function verifyX509Svid(
   chain: readonly X509Certificate[],
