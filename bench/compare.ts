@@ -8,13 +8,15 @@
 // `proxy-wN` and `nginx-wN`; `--baseline DIR` adds `proxy@baseline`, the proxy of another checkout. Those that
 // forward do so to one upstream STAND-IN (bench/compare/upstream.ts, a fixed 1 KB answer).
 //
-// Server CPU is what the kernel accounts to the contender's whole process tree (/proc: utime + stime of the
-// process and every descendant), read once the tree is quiet before and after each measured loop. The load
-// generator (bench/compare/load.ts) runs in this process; its CPU, and the stand-in's, are reported apart.
-// Rounds interleave the contenders in a rotating order; figures are medians over rounds, latency percentiles
-// over every request of every round.
+// Server CPU is what the kernel accounts to the contender's whole process tree (bench/compare/procfs.ts: every
+// thread of the process and of its descendants), read once the tree is quiet before and after each measured
+// loop. The load generator (bench/compare/load.ts) runs in this process; its CPU, and the stand-in's, are
+// reported apart. Every round starts the contenders afresh and measures idle-connection memory first; rounds
+// interleave the contenders in a rotating order; figures are medians over rounds, latency percentiles over
+// every request of every round.
 //
-// Writes compare.json and compare.md into --out (default bench/results/) and prints the Markdown.
+// Writes compare.json and compare.md into --out (default bench/results/) and prints the Markdown; into the
+// default directory, it also refreshes the copy of the summary in docs/operator/performance.md.
 // Run: npm run bench [-- --quick] [--rounds R] [--baseline DIR] [--only a,b] [--out DIR] [--workers N]
 //      [--handshakes N] [--new-certs N] [--requests N] [--conns 1,10,100] [--idle K] [--warmup N]
 //      [--idle-cpu-ms MS] [--floor-seconds S] [--skip-policy]
@@ -22,7 +24,7 @@
 // contenders are skipped, saying why, unless KSP_REQUIRE_PEERS=1, which makes that a failure.
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { SecureContext } from 'node:tls';
@@ -61,12 +63,15 @@ import {
   type Figure,
   type Row,
   renderMarkdown,
+  renderSummary,
+  spliceSummary,
 } from './compare/report.ts';
 import { machineInfo, percentile, positive } from './stats.ts';
 
 const FULL = { rounds: 3, handshakes: 400, newCerts: 300, requests: 4000, idle: 500, warmup: 200 };
 const QUICK = { rounds: 2, handshakes: 100, newCerts: 60, requests: 1000, idle: 200, warmup: 50 };
 const CONCURRENT_CLIENTS = 16;
+const DEFAULT_OUT = resolve(fileURLToPath(new URL('./results/', import.meta.url)));
 
 const log = (line: string): void => {
   process.stderr.write(`${line}\n`);
@@ -252,7 +257,7 @@ async function main(): Promise<void> {
     baseline: values.baseline === undefined ? null : resolve(values.baseline),
     only: values.only ?? null,
   };
-  const outDir = resolve(values.out ?? fileURLToPath(new URL('./results/', import.meta.url)));
+  const outDir = resolve(values.out ?? DEFAULT_OUT);
   const started = performance.now();
   const machine = machineInfo();
   log(`bench/compare: ${machine.cpu} x${machine.cores}, ${machine.os}, node ${machine.node}`);
@@ -351,8 +356,7 @@ async function main(): Promise<void> {
           ? openClients(kind, port, conns, { ca: '' })
           : openClients(kind, port, conns, { identity, ca });
 
-    log(`warm-up: ${params.warmup} handshakes and ${params.warmup * 5} GETs each`);
-    for (const c of running) {
+    const warmUp = async (c: Running): Promise<void> => {
       const hs = await handshakeLoop({
         port: c.port,
         alpn: c.spec.alpn,
@@ -366,22 +370,14 @@ async function main(): Promise<void> {
         await requestLoop(clients, params.warmup * 5);
         await clients.close();
       }
-    }
+    };
     for (const [kind, port] of directPaths(up)) {
       const clients = await open(kind, port, 10);
       await requestLoop(clients, params.warmup * 5);
       await clients.close();
     }
-
     const idleCpu = new Map<string, number>();
     const processes = new Map<string, number>();
-    for (const c of running) {
-      const before = await settledSample(c.pid);
-      await sleep(params.idleCpuMs);
-      const after = sampleTree(c.pid);
-      idleCpu.set(c.spec.id, (cpuDeltaUs(before, after) * 1000) / params.idleCpuMs);
-      processes.set(c.spec.id, after.processes);
-    }
 
     /** Straight to the stand-in at 1 connection: per-round p50 and p99, every latency, stand-in CPU. */
     const direct = new Map<
@@ -389,8 +385,63 @@ async function main(): Promise<void> {
       { p50: number[]; p99: number[]; latencies: number[]; upstream: number[] }
     >();
     for (let round = 0; round < params.rounds; round++) {
+      // Every round starts from fresh server processes: memory a server kept from earlier loops (free lists,
+      // heaps) would hide what an idle connection costs, and the rounds are then independent samples.
+      if (round > 0) {
+        for (const [i, c] of running.entries()) {
+          await c.stop();
+          // A source found not to know `workers` is started without it again, without the failed first try.
+          const spec =
+            c.spec.family === 'proxy' && c.workers === undefined ? { ...c.spec, workers: undefined } : c.spec;
+          running[i] = await startContender(spec, {
+            files,
+            upstream: up,
+            nginx: nginx ?? 'nginx',
+            ghostunnel,
+          });
+        }
+      }
       const order = running.map((_, i) => running[(i + round) % running.length] as Running);
       log(`round ${round + 1}/${params.rounds}: ${order.map((c) => c.spec.id).join(', ')}`);
+
+      for (const c of order) {
+        // Marginal memory, on a fresh process: the second K idle connections over the first K, so that what the
+        // first connections cost once (buffers, code) is left out.
+        const k = params.idle;
+        const idle = () =>
+          openIdle({
+            port: c.port,
+            h2: c.spec.requests === 'h2',
+            alpn: c.spec.alpn,
+            identity,
+            ca,
+            context: known,
+            k,
+          });
+        const closeFirst = await idle();
+        await sleep(200);
+        const level1 = await settledSample(c.pid);
+        const closeSecond = await idle().catch(async (err: Error) => {
+          await closeFirst();
+          throw new Error(`${c.spec.id}, idle connections: ${err.message}`, { cause: err });
+        });
+        await sleep(200);
+        const level2 = await settledSample(c.pid);
+        await closeSecond();
+        await closeFirst();
+        col.cell('idle.rssKiB', c.spec.id).rounds.push((level2.rssBytes - level1.rssBytes) / k / 1024);
+      }
+
+      for (const c of order) await warmUp(c);
+      if (round === 0) {
+        for (const c of order) {
+          const before = await settledSample(c.pid);
+          await sleep(params.idleCpuMs);
+          const after = sampleTree(c.pid);
+          idleCpu.set(c.spec.id, (cpuDeltaUs(before, after) * 1000) / params.idleCpuMs);
+          processes.set(c.spec.id, after.processes);
+        }
+      }
 
       for (const c of order) {
         const n = params.handshakes;
@@ -497,34 +548,6 @@ async function main(): Promise<void> {
             cell.latencies.push(...result.latenciesMs);
           }
         }
-      }
-
-      for (const c of order) {
-        // Marginal memory: the second K idle connections over the first K, so that memory the server kept
-        // from the loops before (free lists, pools) does not hide what a connection costs.
-        const k = params.idle;
-        const idle = () =>
-          openIdle({
-            port: c.port,
-            h2: c.spec.requests === 'h2',
-            alpn: c.spec.alpn,
-            identity,
-            ca,
-            context: known,
-            k,
-          });
-        const closeFirst = await idle();
-        await sleep(200);
-        const level1 = await settledSample(c.pid);
-        const closeSecond = await idle().catch(async (err: Error) => {
-          await closeFirst();
-          throw new Error(`${c.spec.id}, idle connections: ${err.message}`, { cause: err });
-        });
-        await sleep(200);
-        const level2 = await settledSample(c.pid);
-        await closeSecond();
-        await closeFirst();
-        col.cell('idle.rssKiB', c.spec.id).rounds.push((level2.rssBytes - level1.rssBytes) / k / 1024);
       }
     }
 
@@ -691,9 +714,32 @@ async function main(): Promise<void> {
     await mkdir(outDir, { recursive: true });
     const rounded = (_key: string, v: unknown): unknown =>
       typeof v === 'number' && !Number.isInteger(v) ? Math.round(v * 1000) / 1000 : v;
-    await writeFile(join(outDir, 'compare.json'), `${JSON.stringify(report, rounded, 2)}\n`);
+    const json = join(outDir, 'compare.json');
+    await writeFile(json, `${JSON.stringify(report, rounded, 2)}\n`);
+    // Results in the repository pass `npm run lint`: laid out as Biome formats JSON (short arrays on one line).
+    // (Biome refuses files outside the repository, such as a test's --out.)
+    const repo = resolve(fileURLToPath(new URL('..', import.meta.url)));
+    const biome = join(repo, 'node_modules/.bin/biome');
+    if (outDir.startsWith(`${repo}/`) && existsSync(biome)) {
+      try {
+        execFileSync(biome, ['format', '--write', json], { stdio: 'ignore' });
+      } catch {
+        log(`could not format ${json} with Biome: run npm run format before committing it`);
+      }
+    }
     const markdown = renderMarkdown(report);
     await writeFile(join(outDir, 'compare.md'), markdown);
+    if (outDir === DEFAULT_OUT) {
+      // The operator's page shows the committed results: keep its copy of the summary the same.
+      const page = fileURLToPath(new URL('../docs/operator/performance.md', import.meta.url));
+      const updated = existsSync(page)
+        ? spliceSummary(await readFile(page, 'utf8'), renderSummary(report))
+        : undefined;
+      if (updated !== undefined) {
+        await writeFile(page, updated);
+        log(`updated the summary in ${page}`);
+      }
+    }
     process.stdout.write(markdown);
     log(`wrote ${join(outDir, 'compare.json')} and compare.md (${report.totalSeconds.toFixed(0)} s)`);
   } finally {

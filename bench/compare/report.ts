@@ -88,11 +88,29 @@ function table(header: string[], lines: string[][]): string {
 /** The proxy column the peers are compared with: workers 1 from this checkout. */
 export const PROXY = 'proxy';
 
-export function renderMarkdown(r: CompareReport): string {
+/** Where compare.md's summary (header, main table, ratios) sits; docs/operator/performance.md holds a copy. */
+export const SUMMARY_BEGIN = '<!-- bench/compare.ts summary: begin -->';
+export const SUMMARY_END = '<!-- bench/compare.ts summary: end -->';
+
+/** `doc` with the text between the summary markers replaced by `summary`; undefined if it has no markers. */
+export function spliceSummary(doc: string, summary: string): string | undefined {
+  const begin = doc.indexOf(SUMMARY_BEGIN);
+  const end = doc.indexOf(SUMMARY_END);
+  if (begin < 0 || end < begin) return undefined;
+  return `${doc.slice(0, begin + SUMMARY_BEGIN.length)}\n${summary}\n${doc.slice(end)}`;
+}
+
+/** The text between the summary markers, or undefined. */
+export function summaryOf(doc: string): string | undefined {
+  const begin = doc.indexOf(SUMMARY_BEGIN);
+  const end = doc.indexOf(SUMMARY_END);
+  return begin < 0 || end < begin ? undefined : doc.slice(begin + SUMMARY_BEGIN.length, end).trim();
+}
+
+/** When and where it ran, the table of figures with ratios to each row's reference, the proxy's ratio per peer. */
+export function renderSummary(r: CompareReport): string {
   const ids = r.contenders.map((c) => c.id);
   const out: string[] = [];
-  out.push('# Side by side: kube-svid-proxy, bare node:tls, a minimal Node HTTP/2 proxy, nginx, Ghostunnel');
-  out.push('');
   out.push(
     `${r.date.slice(0, 19).replace('T', ' ')} UTC, \`npm run bench${r.params.quick ? ' -- --quick' : ''}\` ` +
       `(${r.params.rounds} rounds, contenders interleaved in a rotating order). ` +
@@ -107,7 +125,8 @@ export function renderMarkdown(r: CompareReport): string {
   out.push(
     'Every contender is its own process (tree) on loopback with the same certificates: the spoke SVID (P-256 ' +
       'leaf + intermediate) as server certificate, a client certificate from the hub root required, TLS 1.3. ' +
-      'Server CPU is the kernel’s account (utime + stime) of the whole process tree, master and workers; the ' +
+      'Server CPU is the kernel’s account of the whole process tree’s time on CPU (every thread of the master ' +
+      'and its workers, from /proc); the ' +
       'load generator (one Node process) and the upstream stand-in are counted apart. Figures: median over ' +
       'rounds; latency percentiles over every request of every round. In brackets: the ratio to the row’s ' +
       'reference (bare `tls` for handshakes and memory, `h2-min` for requests).',
@@ -122,7 +141,7 @@ export function renderMarkdown(r: CompareReport): string {
   for (const row of r.rows) {
     const ref = row.values[row.reference]?.value;
     lines.push([
-      `${row.label} (${row.unit})${row.reference === '' ? '' : `, ÷ ${row.reference}`}`,
+      `${row.label} (${row.unit})${ref === undefined ? '' : `, ÷ ${row.reference}`}`,
       ...ids.map((id) => {
         const f = row.values[id];
         if (f === undefined) return '—';
@@ -130,7 +149,7 @@ export function renderMarkdown(r: CompareReport): string {
           f.resumedShare !== undefined && f.resumedShare < 1
             ? ` [${Math.round(f.resumedShare * 100)}% resumed]`
             : '';
-        const rel = row.reference === '' || id === row.reference ? '' : ` (${ratio(f.value, ref)})`;
+        const rel = ref === undefined || id === row.reference ? '' : ` (${ratio(f.value, ref)})`;
         return `${fmt(f.value, row.unit)}${rel}${share}`;
       }),
     ]);
@@ -140,7 +159,7 @@ export function renderMarkdown(r: CompareReport): string {
 
   const peers = ids.filter((id) => id !== PROXY);
   if (ids.includes(PROXY) && peers.length > 0) {
-    out.push(`## The proxy relative to each peer (${PROXY} ÷ peer; below 1× is the proxy doing better)`);
+    out.push(`**The proxy relative to each peer** (${PROXY} ÷ peer; below 1× the proxy does better):`);
     out.push('');
     const ratioLines = r.rows.map((row) => [
       row.label,
@@ -149,7 +168,18 @@ export function renderMarkdown(r: CompareReport): string {
     out.push(table(['', ...peers], ratioLines));
     out.push('');
   }
+  return out.join('\n').trim();
+}
 
+export function renderMarkdown(r: CompareReport): string {
+  const ids = r.contenders.map((c) => c.id);
+  const out: string[] = [];
+  out.push('# Side by side: kube-svid-proxy, bare node:tls, a minimal Node HTTP/2 proxy, nginx, Ghostunnel');
+  out.push('');
+  out.push(SUMMARY_BEGIN);
+  out.push(renderSummary(r));
+  out.push(SUMMARY_END);
+  out.push('');
   out.push('## Load generator and upstream stand-in CPU (µs per operation, not in the figures above)');
   out.push('');
   const side = r.rows.filter((row) => Object.values(row.values).some((f) => f.clientCpuUs !== undefined));

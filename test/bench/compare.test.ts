@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { promisify } from 'node:util';
 import { findNginx } from '../../bench/compare/contenders.ts';
-import type { CompareReport } from '../../bench/compare/report.ts';
+import { type CompareReport, summaryOf } from '../../bench/compare/report.ts';
 import { peer, peersRequired } from '../../dev/peers/peers.ts';
 
 const run = promisify(execFile);
@@ -102,5 +102,15 @@ describe('bench/compare.ts with tiny counts', { skip }, () => {
 
     const markdown = readFileSync(join(out, 'compare.md'), 'utf8');
     for (const id of ids) assert.ok(markdown.includes(`| ${id} |`) || markdown.includes(` ${id} |`), id);
+  });
+});
+
+describe('docs/operator/performance.md', () => {
+  it('shows the summary of the committed bench/results/compare.md, unchanged', () => {
+    const root = join(import.meta.dirname, '../..');
+    const page = summaryOf(readFileSync(join(root, 'docs/operator/performance.md'), 'utf8'));
+    const results = summaryOf(readFileSync(join(root, 'bench/results/compare.md'), 'utf8'));
+    assert.ok(results !== undefined && results !== '', 'bench/results/compare.md has a summary');
+    assert.equal(page, results, 'run `npm run bench` (it rewrites both), or copy the summary over');
   });
 });
