@@ -110,6 +110,8 @@ export interface AuditBufferOptions {
   readonly overflow: AuditOverflow;
   /** A write to the destination failed (logged by the caller at a limited rate). */
   readonly onError?: (err: Error) => void;
+  /** `full()` changed (the proxy's workers are told). */
+  readonly onFullChange?: (full: boolean) => void;
 }
 
 export const DEFAULT_AUDIT_BUFFER: AuditBufferOptions = { bufferBytes: 8 * 1024 * 1024, overflow: 'refuse' };
@@ -145,15 +147,25 @@ export function fileAuditSink(file: string, options: AuditBufferOptions = DEFAUL
   destination.on('write', (n: number) => {
     buffered = Math.max(0, buffered - n);
     failed = false;
+    noticeFull();
   });
   destination.on('error', (err: Error) => {
     writeErrors++;
     failed = true;
     options.onError?.(err);
+    noticeFull();
   });
   // Room kept for the Events of requests already admitted when the sink starts refusing new ones.
   const reserve = Math.min(AUDIT_RESERVE_BYTES, Math.floor(options.bufferBytes / 4));
   const full = (): boolean => failed || buffered > options.bufferBytes - reserve;
+  let wasFull = false;
+  const noticeFull = (): void => {
+    if (options.overflow !== 'refuse' || options.onFullChange === undefined) return;
+    const now = full();
+    if (now === wasFull) return;
+    wasFull = now;
+    options.onFullChange(now);
+  };
   let batch = '';
   let timer: NodeJS.Timeout | undefined;
   const flush = (): void => {
@@ -175,6 +187,7 @@ export function fileAuditSink(file: string, options: AuditBufferOptions = DEFAUL
     }
     buffered += bytes;
     batch += line;
+    noticeFull();
     // Lines are gathered for AUDIT_BATCH_MS (or AUDIT_BATCH_BYTES) and handed over in one write: one system
     // call per batch, not per request.
     if (batch.length >= AUDIT_BATCH_BYTES) flush();

@@ -52,7 +52,8 @@ export class WorkerPool {
     const exec = fileURLToPath(
       new URL(`./worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url),
     );
-    cluster.setupPrimary({ exec, args: [], silent: false });
+    // Structured clone, not JSON: audit batches are strings of JSON, which JSON would escape a second time.
+    cluster.setupPrimary({ exec, args: [], silent: false, serialization: 'advanced' });
   }
 
   get port(): number {

@@ -107,12 +107,17 @@ async function start(
   const closers: (() => unknown)[] = [];
   try {
     let audit = options.audit;
+    /** Told when the file sink's full() changes; a sink given by the caller is polled instead. */
+    const auditFullListeners = new Set<(full: boolean) => void>();
     if (audit === undefined) {
       let lastAuditError = 0;
       try {
         audit = fileAuditSink(config.audit.file, {
           bufferBytes: config.audit.bufferBytes,
           overflow: config.audit.overflow,
+          onFullChange: (full) => {
+            for (const listener of auditFullListeners) listener(full);
+          },
           onError: (err) => {
             // At most one line a minute: a broken destination fails every write.
             if (Date.now() - lastAuditError < 60_000) return;
@@ -213,6 +218,7 @@ async function start(
         credential: () => credential,
         log,
         audit: sink,
+        auditFullListeners: options.audit === undefined ? auditFullListeners : undefined,
       });
       front = pool;
     }
@@ -453,7 +459,7 @@ interface WorkerFrontDoor extends FrontDoor {
   readonly pool: WorkerPool;
 }
 
-/** How often the main process looks for a rotated upstream token and for a change in the audit sink's state. */
+/** How often the main process looks for a rotated upstream token, and at the state of an audit sink it was given. */
 const TOKEN_CHECK_MS = 1000;
 const AUDIT_STATE_CHECK_MS = 50;
 
@@ -463,7 +469,12 @@ const AUDIT_STATE_CHECK_MS = 50;
  */
 async function workerFrontDoor(
   config: ProxyConfig,
-  state: FrontDoorState & { readonly count: number; readonly credential: () => UpstreamCredential },
+  state: FrontDoorState & {
+    readonly count: number;
+    readonly credential: () => UpstreamCredential;
+    /** Where to hear of the audit sink's full() changing; undefined: poll it. */
+    readonly auditFullListeners: Set<(full: boolean) => void> | undefined;
+  },
 ): Promise<WorkerFrontDoor> {
   const { source, policy, log, audit } = state;
   const identity = (): IdentityMessage => identityMessage(source);
@@ -536,16 +547,20 @@ async function workerFrontDoor(
   }, TOKEN_CHECK_MS);
   tokenTimer.unref();
   let auditFull = false;
-  const auditTimer = setInterval(() => {
-    const full = audit.full?.() === true;
+  const onAuditFull = (full: boolean): void => {
     if (full === auditFull) return;
     auditFull = full;
     pool.broadcast({ type: 'auditFull', full });
-  }, AUDIT_STATE_CHECK_MS);
-  auditTimer.unref();
+  };
+  state.auditFullListeners?.add(onAuditFull);
+  const auditTimer =
+    state.auditFullListeners === undefined
+      ? setInterval(() => onAuditFull(audit.full?.() === true), AUDIT_STATE_CHECK_MS).unref()
+      : undefined;
   const stop = (): void => {
     clearInterval(tokenTimer);
     clearInterval(auditTimer);
+    state.auditFullListeners?.delete(onAuditFull);
     source.off('update', onIdentity);
   };
   try {
