@@ -191,7 +191,10 @@ export class ClientConnections {
   }
 
   /** After a refused authentication, end the connection once the answer is out. */
-  closeAfterAnswer(state: ConnectionState, res: ServerResponse | Http2ServerResponse): void {
+  closeAfterAnswer(
+    state: ConnectionState,
+    res: ServerResponse | Http2ServerResponse | http2.ServerHttp2Stream,
+  ): void {
     state.closing = true;
     if (state.session === undefined) (res as ServerResponse).setHeader?.('connection', 'close');
     res.once('finish', () => {

@@ -5,7 +5,7 @@ import type {
   RequestOptions,
   ServerResponse,
 } from 'node:http';
-import type { Http2ServerRequest, Http2ServerResponse } from 'node:http2';
+import type { Http2ServerRequest, Http2ServerResponse, ServerHttp2Stream } from 'node:http2';
 import http2 from 'node:http2';
 import https from 'node:https';
 import type { Duplex } from 'node:stream';
@@ -148,6 +148,18 @@ export interface UpstreamOptions {
   readonly maxSessions?: number;
   /** HTTP/2 sessions to kube-apiserver for long-running requests (default 16), apart from ordinary ones. */
   readonly maxLongRunningSessions?: number;
+}
+
+/** Where an answer from kube-apiserver goes: an HTTP/1.1 response, or an HTTP/2 stream. */
+interface Downstream {
+  /** The request body to relay upstream; undefined when the request has none (HTTP/2 END_STREAM). */
+  readonly body: NodeJS.ReadableStream | undefined;
+  /** The client's HTTP/2 stream, if any: an upload still coming after the answer is reset (endUnreadUpload). */
+  readonly stream: ServerHttp2Stream | undefined;
+  /** Sends the response head; returns where the body goes. */
+  respond(status: number, headers: OutgoingHttpHeaders): NodeJS.WritableStream;
+  destroy(): void;
+  onClose(listener: () => void): void;
 }
 
 /** A failed forward: `ERR_PROXY_LIMIT` when a limit refused it (`limit` names the key), else `ERR_UPSTREAM`. */
@@ -380,6 +392,7 @@ export class Upstream {
     });
   }
 
+  /** An HTTP/1.1 request (or an HTTP/2 one through the compatibility API), answered on `res`. */
   forward(
     req: IncomingMessage | Http2ServerRequest,
     res: ServerResponse | Http2ServerResponse,
@@ -395,13 +408,74 @@ export class Upstream {
       peerAddress,
       options.auditId,
     );
-    return this.#forwardHttp2(req, res, headers, options);
+    return this.#forwardHttp2(
+      req.method ?? 'GET',
+      req.url ?? '/',
+      headers,
+      {
+        // A request that ended with its headers (HTTP/2 END_STREAM) goes upstream the same way: no body to relay.
+        body:
+          'stream' in req && req.stream?.endAfterHeaders === true
+            ? undefined
+            : (req as NodeJS.ReadableStream),
+        stream: 'stream' in req ? req.stream : undefined,
+        respond: (status, relayed) => {
+          // One call for the whole head (headers set earlier, e.g. Connection: close while draining, stay).
+          (res as ServerResponse).writeHead(status, relayed);
+          // Flush the headers now: a watch may send its first event much later.
+          if ('flushHeaders' in res && typeof res.flushHeaders === 'function') res.flushHeaders();
+          return res as NodeJS.WritableStream;
+        },
+        destroy: () => res.destroy(),
+        onClose: (listener) => res.on('close', listener),
+      },
+      options,
+    );
+  }
+
+  /**
+   * An HTTP/2 stream, answered on the stream itself (no compatibility objects: the proxy's HTTP/2 hot path).
+   * `headers` are the stream's, pseudo-headers included (they are never forwarded as such).
+   */
+  forwardStream(
+    stream: ServerHttp2Stream,
+    headers: IncomingHttpHeaders,
+    identity: KubeIdentity,
+    peerAddress: string | undefined,
+    options: { longRunning?: boolean; auditId?: string } = {},
+  ): Promise<number> {
+    const authorization = this.#options.authorization();
+    const outgoing = upstreamHeaders(
+      headers,
+      identity,
+      authorization ? { authorization } : {},
+      peerAddress,
+      options.auditId,
+    );
+    return this.#forwardHttp2(
+      String(headers[':method'] ?? 'GET'),
+      String(headers[':path'] ?? '/'),
+      outgoing,
+      {
+        body: stream.endAfterHeaders ? undefined : stream,
+        stream,
+        respond: (status, relayed) => {
+          relayed[':status'] = status;
+          stream.respond(relayed);
+          return stream;
+        },
+        destroy: () => stream.destroy(),
+        onClose: (listener) => stream.on('close', listener),
+      },
+      options,
+    );
   }
 
   #forwardHttp2(
-    req: IncomingMessage | Http2ServerRequest,
-    res: ServerResponse | Http2ServerResponse,
+    method: string,
+    target: string,
     headers: OutgoingHttpHeaders,
+    downstream: Downstream,
     options: { longRunning?: boolean },
   ): Promise<number> {
     if (this.#closed) return Promise.reject(new UpstreamError(503, 'the proxy is shutting down'));
@@ -424,14 +498,13 @@ export class Upstream {
     }
     const { session } = pooled;
     const active = pooled;
-    // A request that ended with its headers (HTTP/2 END_STREAM) goes upstream the same way: no body to relay.
-    const bodiless = 'stream' in req && req.stream?.endAfterHeaders === true;
+    const bodiless = downstream.body === undefined;
     return new Promise((resolve, reject) => {
       let stream: http2.ClientHttp2Stream;
       try {
-        headers[':method'] = req.method ?? 'GET';
+        headers[':method'] = method;
         // Exactly the target the policy judged.
-        headers[':path'] = req.url ?? '/';
+        headers[':path'] = target;
         headers[':authority'] = this.url.host;
         headers[':scheme'] = 'https';
         stream = session.request(headers, { endStream: bodiless });
@@ -467,23 +540,19 @@ export class Upstream {
         answeredStatus = status;
         const relayed = downstreamHeaders(upstreamHeaders as IncomingHttpHeaders);
         delete relayed[':status'];
-        // One call for the whole head (headers set earlier, e.g. Connection: close while draining, stay).
-        (res as ServerResponse).writeHead(status, relayed);
-        // Flush the headers now: a watch may send its first event much later.
-        if ('flushHeaders' in res && typeof res.flushHeaders === 'function') res.flushHeaders();
-        stream.pipe(res as NodeJS.WritableStream);
+        stream.pipe(downstream.respond(status, relayed));
         stream.on('end', () => resolve(status));
       });
       stream.on('error', (err) => {
         if (!answered) reject(upstreamFailure(this.url.origin, err));
-        else (res as NodeJS.WritableStream & { destroy(): void }).destroy();
+        else downstream.destroy();
       });
-      res.on('close', () => {
+      downstream.onClose(() => {
         if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
       });
-      if (bodiless) return;
-      endUnreadUpload(req);
-      (req as NodeJS.ReadableStream).pipe(stream);
+      if (downstream.body === undefined) return;
+      endUnreadUpload(downstream.stream);
+      downstream.body.pipe(stream);
     });
   }
 
@@ -652,9 +721,8 @@ export class Upstream {
  * than left hanging: on HTTP/2 the stream is reset with NO_ERROR once the answer is sent (RFC 9113 §8.1: the
  * client stops sending); on HTTP/1.1 node:http reads and discards what is left, or closes the connection.
  */
-function endUnreadUpload(req: IncomingMessage | Http2ServerRequest): void {
-  if (!('stream' in req) || req.stream === undefined || req.stream.endAfterHeaders) return;
-  const stream = req.stream;
+function endUnreadUpload(stream: ServerHttp2Stream | undefined): void {
+  if (stream === undefined || stream.endAfterHeaders) return;
   // 'finish' means nghttp2 holds the last DATA frame, not that it was sent, and a RST_STREAM would overtake it:
   // give the answer time to leave, then reset only a stream whose client half is still open.
   stream.once('finish', () => {

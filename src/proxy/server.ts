@@ -1,6 +1,6 @@
 import { randomUUID, type X509Certificate } from 'node:crypto';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
-import http2, { type Http2ServerRequest, type Http2ServerResponse } from 'node:http2';
+import http2, { type Http2ServerRequest, type Http2ServerResponse, type ServerHttp2Stream } from 'node:http2';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
@@ -37,7 +37,7 @@ import {
 } from './limits.ts';
 import { mayImpersonate } from './sar.ts';
 import type { IdentitySource } from './source.ts';
-import { sendStatus, writeRawStatus } from './status.ts';
+import { respondStatus, sendStatus, writeRawStatus } from './status.ts';
 import { type PolicyHolder, ServingTrust } from './trust.ts';
 
 export interface ProxyServerOptions {
@@ -165,6 +165,20 @@ export class ProxyServer {
       this.#onRequest(req, res).catch((err: Error) => {
         this.#log.error({ err: { message: err.message } }, 'request handling failed');
         sendStatus(res, 500, 'kube-svid-proxy: internal error');
+      });
+    });
+    // HTTP/2 streams are served on the stream API (#onStream), without the compatibility layer's request and
+    // response objects: the 'request' listener above is there for HTTP/1.1, and adding it made Node install a
+    // compatibility 'stream' listener that would serve every HTTP/2 stream a second time. It goes.
+    for (const listener of this.server.listeners('stream')) {
+      this.server.off('stream', listener as (...args: unknown[]) => void);
+    }
+    this.server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
+      // A client's reset is the stream's close, handled there; no 'error' may go unheard.
+      stream.on('error', () => {});
+      this.#onStream(stream, headers).catch((err: Error) => {
+        this.#log.error({ err: { message: err.message } }, 'request handling failed');
+        respondStatus(stream, 500, 'kube-svid-proxy: internal error');
       });
     });
     this.#serving.attach(this.server);
@@ -555,6 +569,59 @@ export class ProxyServer {
     } catch (err) {
       const failure = this.#forwardingFailed(err, 'forwarding failed', admission.entry);
       sendStatus(res, failure.status, failure.message, failure.headers);
+    }
+  }
+
+  /** An HTTP/2 request: the same steps as #onRequest, on the stream itself. */
+  async #onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): Promise<void> {
+    const socket = stream.session?.socket as TLSSocket | undefined;
+    if (socket === undefined) {
+      stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      return;
+    }
+    const state = this.#connections.get(socket);
+    if (state.closing) {
+      // The 401 went out and the connection is closing: later requests get no answer and no log line.
+      stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      return;
+    }
+    const admitted = this.#admit(
+      socket,
+      String(headers[':method'] ?? 'GET'),
+      String(headers[':path'] ?? '/'),
+      headers,
+    );
+    const admission = admitted instanceof Promise ? await admitted : admitted;
+    if (!admission.ok) {
+      if (admission.close) this.#connections.closeAfterAnswer(state, stream);
+      respondStatus(stream, admission.status, admission.message);
+      this.#auditRefusal(admission);
+      return;
+    }
+    if (this.#auditFull()) {
+      const refusal = this.#refuseAuditFull(admission.entry);
+      respondStatus(stream, refusal.status, refusal.message, refusal.headers);
+      return;
+    }
+    const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', admission.longRunning);
+    if ('limit' in slot) {
+      const refusal = this.#refuseLimit(admission.entry, slot.limit, slot.max);
+      respondStatus(stream, refusal.status, refusal.message, refusal.headers);
+      return;
+    }
+    stream.once('close', slot.release);
+    try {
+      const status = await this.#options.upstream.forwardStream(
+        stream,
+        headers,
+        admission.identity,
+        socket.remoteAddress,
+        { longRunning: admission.longRunning, auditId: admission.entry.auditID },
+      );
+      this.#audit(admission.entry, status, allowed(admission.entry));
+    } catch (err) {
+      const failure = this.#forwardingFailed(err, 'forwarding failed', admission.entry);
+      respondStatus(stream, failure.status, failure.message, failure.headers);
     }
   }
 

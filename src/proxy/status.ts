@@ -1,5 +1,5 @@
 import { type ServerResponse, STATUS_CODES } from 'node:http';
-import type { Http2ServerResponse } from 'node:http2';
+import http2, { type Http2ServerResponse, type ServerHttp2Stream } from 'node:http2';
 import type { Duplex } from 'node:stream';
 
 /** kube-apiserver's StatusReason for each status the proxy itself produces. */
@@ -53,6 +53,28 @@ export function sendStatus(
   res.setHeader('cache-control', 'no-store');
   for (const [name, value] of Object.entries(headers)) res.setHeader(name, value);
   res.end(body);
+}
+
+/** `sendStatus` on an HTTP/2 stream (the proxy's HTTP/2 path, without compatibility objects). */
+export function respondStatus(
+  stream: ServerHttp2Stream,
+  code: number,
+  message: string,
+  headers: Record<string, string> = {},
+): void {
+  if (stream.headersSent || stream.destroyed) {
+    if (!stream.destroyed) stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR);
+    return;
+  }
+  const body = kubeStatus(code, message);
+  stream.respond({
+    ...headers,
+    ':status': code,
+    'content-type': 'application/json',
+    'content-length': Buffer.byteLength(body),
+    'cache-control': 'no-store',
+  });
+  stream.end(body);
 }
 
 /** A Kubernetes Status as a whole HTTP/1.1 response on a raw socket (the upgrade path), then close. */
