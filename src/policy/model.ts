@@ -24,10 +24,11 @@
 import { compareStrings } from '../config/compare.ts';
 import { quote } from '../config/yaml.ts';
 import type { SpiffeId } from '../spiffe/id.ts';
+import { CompiledIdentity, SERVICE_ACCOUNT_PREFIX } from './identity.ts';
 import { limitRefusal, type RequestLimits, type ResourceMatcher } from './limits.ts';
 import { type ImpersonationAllowance, nestedDecision } from './nested.ts';
-import { patternMatches } from './pattern.ts';
-import { expandTemplate, type IdentityTemplates, type Template } from './template.ts';
+import { PatternIndex } from './pattern-index.ts';
+import type { IdentityTemplates } from './template.ts';
 import {
   type CompiledPolicy,
   type Decision,
@@ -69,50 +70,15 @@ export interface Rule extends PolicyRule {
   readonly resourceMatchers?: readonly ResourceMatcher[];
 }
 
-function unique(values: string[]): string[] {
-  return [...new Set(values)];
+/** What the lookups hold: a rule with its identity templates compiled. */
+interface Entry {
+  readonly rule: Rule;
+  readonly trustDomain: string;
+  readonly segments: readonly string[];
+  readonly identity: CompiledIdentity;
 }
 
-/** The identity a rule maps an ID to, or a problem when a template needs a segment the ID lacks. */
-function buildIdentity(rule: PolicyRule, id: SpiffeId): KubeIdentity | string {
-  const expand = (template: Template, what: string): string => {
-    const value = expandTemplate(template, id);
-    if (typeof value !== 'string') {
-      throw new MissingSegment(
-        `rule ${quote(rule.name)} maps ${what} with {segment:${value.missing}}, but ${id.toString()} has ` +
-          `${id.segments.length} path segment${id.segments.length === 1 ? '' : 's'}`,
-      );
-    }
-    return value;
-  };
-  try {
-    const user = expand(rule.identity.user, 'the user');
-    if (user === '') return `rule ${quote(rule.name)} maps ${id.toString()} to an empty user`;
-    if (user.startsWith(SERVICE_ACCOUNT_PREFIX)) {
-      return `rule ${quote(rule.name)} maps ${id.toString()} to ${quote(user)}, a service account: the proxy never impersonates service accounts`;
-    }
-    const groups = unique(rule.identity.groups.map((g) => expand(g, 'a group')));
-    const uid = rule.identity.uid === undefined ? undefined : expand(rule.identity.uid, 'the uid');
-    const extra: Record<string, readonly string[]> = {};
-    for (const [key, templates] of Object.entries(rule.identity.extra)) {
-      extra[key] = Object.freeze(unique(templates.map((t) => expand(t, `extra ${quote(key)}`))));
-    }
-    return Object.freeze({
-      user,
-      groups: Object.freeze(groups),
-      ...(uid !== undefined && { uid }),
-      extra: Object.freeze(extra),
-    });
-  } catch (err) {
-    if (err instanceof MissingSegment) return err.message;
-    throw err;
-  }
-}
-
-class MissingSegment extends Error {}
-
-/** Users named so are service accounts to kube-apiserver's impersonation filter; the policy never maps to one. */
-export const SERVICE_ACCOUNT_PREFIX = 'system:serviceaccount:';
+export { SERVICE_ACCOUNT_PREFIX };
 
 /** A validated policy. Immutable. */
 export class Policy implements CompiledPolicy {
@@ -120,29 +86,36 @@ export class Policy implements CompiledPolicy {
   readonly trustDomains: readonly string[];
   /** Every rule, in file order. */
   readonly rules: readonly PolicyRule[];
-  readonly #exact: ReadonlyMap<string, Rule>;
-  readonly #patterns: readonly Rule[];
-  readonly #byTrustDomain: ReadonlyMap<string, Rule>;
+  readonly #exact: ReadonlyMap<string, Entry>;
+  readonly #patterns: PatternIndex<Entry>;
+  readonly #byTrustDomain: ReadonlyMap<string, Entry>;
+  readonly #named: ReadonlySet<string>;
 
   /** @internal use `parsePolicy`; the rules are assumed valid (unique names, IDs, patterns, trust domains). */
   constructor(file: string, rules: readonly Rule[]) {
     this.file = file;
     this.rules = Object.freeze([...rules]);
-    this.trustDomains = Object.freeze(unique(rules.map((r) => r.trustDomain)).sort(compareStrings));
-    const exact = new Map<string, Rule>();
-    const byTrustDomain = new Map<string, Rule>();
-    const patterns: Rule[] = [];
+    this.#named = new Set(rules.map((r) => r.trustDomain));
+    this.trustDomains = Object.freeze([...this.#named].sort(compareStrings));
+    const exact = new Map<string, Entry>();
+    const byTrustDomain = new Map<string, Entry>();
+    const patterns: Entry[] = [];
     for (const rule of rules) {
-      if (rule.kind === 'id') {
-        if (!exact.has(rule.match)) exact.set(rule.match, rule);
-      } else if (rule.kind === 'pattern') {
-        patterns.push(rule);
-      } else if (!byTrustDomain.has(rule.trustDomain)) {
-        byTrustDomain.set(rule.trustDomain, rule);
-      }
+      // A rule that can never be used (a repeated ID or trust domain) is not compiled.
+      const map = rule.kind === 'id' ? exact : rule.kind === 'trustDomain' ? byTrustDomain : undefined;
+      const key = rule.kind === 'id' ? rule.match : rule.trustDomain;
+      if (map?.has(key)) continue;
+      const entry: Entry = {
+        rule,
+        trustDomain: rule.trustDomain,
+        segments: rule.segments,
+        identity: new CompiledIdentity(rule),
+      };
+      if (map === undefined) patterns.push(entry);
+      else map.set(key, entry);
     }
     this.#exact = exact;
-    this.#patterns = patterns;
+    this.#patterns = new PatternIndex(patterns);
     this.#byTrustDomain = byTrustDomain;
   }
 
@@ -153,26 +126,31 @@ export class Policy implements CompiledPolicy {
     return counts;
   }
 
-  /** The first rule (by precedence) whose match accepts the ID, or undefined. IDs without a path match none. */
-  ruleFor(id: SpiffeId): PolicyRule | undefined {
+  /**
+   * The first rule by precedence. Each kind is looked up, not scanned: exact IDs and trust domains in maps,
+   * patterns in a segment trie that answers the first matching pattern in file order (`pattern-index.ts`).
+   */
+  #entryFor(id: SpiffeId): Entry | undefined {
     if (id.isRoot) return undefined;
     const exact = this.#exact.get(id.toString());
     if (exact !== undefined) return exact;
-    if (this.#patterns.length > 0) {
-      const segments = id.segments;
-      for (const rule of this.#patterns) {
-        if (rule.trustDomain === id.trustDomain.name && patternMatches(rule.segments, segments)) return rule;
-      }
-    }
-    return this.#byTrustDomain.get(id.trustDomain.name);
+    const domain = id.trustDomain.name;
+    return this.#patterns.first(domain, id.path) ?? this.#byTrustDomain.get(domain);
+  }
+
+  /** The first rule (by precedence) whose match accepts the ID, or undefined. IDs without a path match none. */
+  ruleFor(id: SpiffeId): PolicyRule | undefined {
+    return this.#entryFor(id)?.rule;
   }
 
   /** The matching rule and the identity it maps the ID to (or why it cannot); undefined when no rule matches. */
   resolve(id: SpiffeId): Resolution | undefined {
-    const rule = this.ruleFor(id);
-    if (rule === undefined) return undefined;
-    const identity = buildIdentity(rule, id);
-    return typeof identity === 'string' ? { rule, problem: identity } : { rule, identity };
+    const entry = this.#entryFor(id);
+    if (entry === undefined) return undefined;
+    const identity = entry.identity.make(id);
+    return typeof identity === 'string'
+      ? { rule: entry.rule, problem: identity }
+      : { rule: entry.rule, identity };
   }
 
   match(id: SpiffeId): { rule: string; identity: KubeIdentity } | undefined {
@@ -185,12 +163,13 @@ export class Policy implements CompiledPolicy {
   noRuleReason(id: SpiffeId): string {
     if (id.isRoot) return `${id.toString()} has no path: it names a trust domain, and no rule matches it`;
     const domain = id.trustDomain.name;
-    const named = this.trustDomains.includes(domain);
+    const named = this.#named.has(domain);
     return `no rule matches ${id.toString()}${named ? '' : ` (no rule names trust domain ${quote(domain)})`}; deny by default`;
   }
 
   decide(id: SpiffeId, request: RequestInfo): Decision {
-    return this.#decide(id, this.resolve(id), request);
+    const entry = this.#entryFor(id);
+    return this.#decide(id, entry, entry?.identity.make(id), request);
   }
 
   decideNested(
@@ -198,25 +177,30 @@ export class Policy implements CompiledPolicy {
     request: RequestInfo,
     requested: NestedImpersonationRequest,
   ): NestedPolicyDecision {
-    const resolution = this.resolve(id);
-    const decision = this.#decide(id, resolution, request);
+    const entry = this.#entryFor(id);
+    const decision = this.#decide(id, entry, entry?.identity.make(id), request);
     if (!decision.allowed) return decision;
-    // An allowed decision always comes from a resolution.
-    const nested = nestedDecision(resolution?.rule ?? { name: decision.rule }, requested);
+    // An allowed decision always comes from a rule.
+    const nested = nestedDecision(entry?.rule ?? { name: decision.rule }, requested);
     if (!nested.allowed)
       return { allowed: false, rule: decision.rule, code: nested.code, reason: nested.reason };
     return { ...decision, nested: nested.impersonated };
   }
 
-  #decide(id: SpiffeId, resolution: Resolution | undefined, request: RequestInfo): Decision {
-    if (resolution === undefined) {
+  #decide(
+    id: SpiffeId,
+    entry: Entry | undefined,
+    identity: KubeIdentity | string | undefined,
+    request: RequestInfo,
+  ): Decision {
+    if (entry === undefined || identity === undefined) {
       return { allowed: false, code: PolicyDenyCode.NoRule, reason: this.noRuleReason(id) };
     }
-    const rule = resolution.rule.name;
-    if (!('identity' in resolution)) {
-      return { allowed: false, rule, code: PolicyDenyCode.Identity, reason: resolution.problem };
+    const rule = entry.rule.name;
+    if (typeof identity === 'string') {
+      return { allowed: false, rule, code: PolicyDenyCode.Identity, reason: identity };
     }
-    const refusal = limitRefusal(resolution.rule, request);
+    const refusal = limitRefusal(entry.rule, request);
     if (refusal !== undefined) {
       return {
         allowed: false,
@@ -225,6 +209,6 @@ export class Policy implements CompiledPolicy {
         reason: `rule ${quote(rule)}: ${refusal}`,
       };
     }
-    return { allowed: true, rule, identity: resolution.identity };
+    return { allowed: true, rule, identity };
   }
 }

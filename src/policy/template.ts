@@ -28,10 +28,25 @@ export interface IdentityTemplates {
   readonly extra: Readonly<Record<string, readonly Template[]>>;
 }
 
+/**
+ * Path segment `index` of a SPIFFE ID path (`/a/b`), as `path.slice(1).split('/')[index]` gives it, without
+ * splitting the whole path: decisions read one or two segments of an ID, once each.
+ */
+export function pathSegment(path: string, index: number): string | undefined {
+  if (path.length === 0) return undefined;
+  let start = 1;
+  for (let i = 0; i < index; i++) {
+    const slash = path.indexOf('/', start);
+    if (slash < 0) return undefined;
+    start = slash + 1;
+  }
+  const end = path.indexOf('/', start);
+  return end < 0 ? path.slice(start) : path.slice(start, end);
+}
+
 /** Expands a template for an ID; `{ missing }` names a `{segment:N}` the ID does not have. */
 export function expandTemplate(template: Template, id: SpiffeId): string | { readonly missing: number } {
   let out = '';
-  let segments: string[] | undefined;
   for (const part of template.parts) {
     switch (part.kind) {
       case 'text':
@@ -47,8 +62,7 @@ export function expandTemplate(template: Template, id: SpiffeId): string | { rea
         out += id.path.slice(1);
         break;
       case 'segment': {
-        segments ??= id.segments;
-        const segment = segments[part.index];
+        const segment = pathSegment(id.path, part.index);
         if (segment === undefined) return { missing: part.index };
         out += segment;
         break;
