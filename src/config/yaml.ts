@@ -243,7 +243,7 @@ export function readYaml(text: string, what: string): { reader: YamlReader; ok: 
   const lines = new LineCounter();
   let doc: Document.Parsed;
   try {
-    doc = parseDocument(text, { keepSourceTokens: true, lineCounter: lines, prettyErrors: false });
+    doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
   } catch (err) {
     const reader = new YamlReader(parseDocument(''), lines);
     reader.problems.push({ line: 1, column: 1, message: `cannot parse YAML: ${(err as Error).message}` });
