@@ -563,6 +563,8 @@ async function workerFrontDoor(
     state.auditFullListeners?.delete(onAuditFull);
     source.off('update', onIdentity);
   };
+  /** Each worker's open connections at the last readiness check (how evenly the kernel spreads them). */
+  let lastConnections: number[] = [];
   try {
     await pool.start();
   } catch (err) {
@@ -575,6 +577,7 @@ async function workerFrontDoor(
     port: pool.port,
     usage: async () => {
       const all = await pool.usage();
+      lastConnections = all.map((u) => u.connections);
       const sum = (pick: (u: WorkerUsage) => ReturnType<Upstream['usage']>['ordinary']) => {
         const out = { sessions: 0, streams: 0, capacity: 0, max: 0 };
         for (const u of all) {
@@ -606,7 +609,9 @@ async function workerFrontDoor(
       {
         name: 'workers',
         ok: pool.listening === pool.count,
-        detail: `${pool.listening}/${pool.count} workers listening on the data port`,
+        detail:
+          `${pool.listening}/${pool.count} workers listening on the data port` +
+          (lastConnections.length > 0 ? ` (connections per worker: ${lastConnections.join(', ')})` : ''),
       },
     ],
     drain: async (ms) => {

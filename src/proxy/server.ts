@@ -230,10 +230,15 @@ export class ProxyServer {
     return this.#serving.state;
   }
 
-  async listen(port: number, host = '0.0.0.0'): Promise<AddressInfo> {
+  /**
+   * `reusePort` (the workers): a listening socket of this process's own on the shared port (SO_REUSEPORT), the
+   * kernel spreading new connections over the workers' sockets; no connection passes through the main process.
+   */
+  async listen(port: number, host = '0.0.0.0', options: { reusePort?: boolean } = {}): Promise<AddressInfo> {
     await new Promise<void>((resolve, reject) => {
       this.server.once('error', reject);
-      this.server.listen(port, host, () => {
+      const shared = options.reusePort === true ? { reusePort: true, exclusive: true } : {};
+      this.server.listen({ port, host, ...shared }, () => {
         this.server.off('error', reject);
         resolve();
       });

@@ -212,7 +212,7 @@ async function runWorker(init: WorkerInit, send: (message: FromWorker) => void):
       process.exit(1);
     }
   });
-  const address = await server.listen(init.listen.port, init.listen.host);
+  const address = await server.listen(init.listen.port, init.listen.host, { reusePort: true });
   send({ type: 'listening', port: address.port });
 }
 

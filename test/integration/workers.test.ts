@@ -83,31 +83,33 @@ describe('workers: 2 processes serving the data port', () => {
   }
 
   it('serves every connection, audits every request in the main process, and sums both workers in /metrics', async () => {
-    const opened = await Promise.all([connect(), connect(), connect(), connect()]);
+    // The kernel spreads connections over the workers' sockets by address: 16 reach both (all on one: 2 in 65,536).
+    const opened = await Promise.all(Array.from({ length: 16 }, () => connect()));
     for (const session of opened) {
       assert.equal((await requestStatus(session, '/api/v1/namespaces/default/configmaps/a')).status, 200);
     }
-    await until('the audit Events', () => audit.events.length >= 4);
-    assert.deepEqual(
-      audit.events.map((e) => e.impersonatedUser?.username),
-      ['argocd', 'argocd', 'argocd', 'argocd'],
-    );
+    await until('the audit Events', () => audit.events.length >= 16);
+    assert.deepEqual(new Set(audit.events.map((e) => e.impersonatedUser?.username)), new Set(['argocd']));
     const res = await fetch(`http://127.0.0.1:${proxy.admin.address.port}/metrics`);
     const text = await res.text();
-    assert.match(text, /ksp_requests_total\{code="200"\} 4\b/);
-    assert.match(text, /ksp_open_connections 4\b/);
+    assert.match(text, /ksp_requests_total\{code="200"\} 16\b/);
+    assert.match(text, /ksp_open_connections 16\b/);
     assert.match(text, /ksp_policy_generation 1\b/);
     const ready = (await (await fetch(`http://127.0.0.1:${proxy.admin.address.port}/readyz`)).json()) as {
       checks: { name: string; ok: boolean; detail: string }[];
     };
-    assert.deepEqual(
-      ready.checks.find((c) => c.name === 'workers'),
-      { name: 'workers', ok: true, detail: '2/2 workers listening on the data port' },
+    const workers = ready.checks.find((c) => c.name === 'workers');
+    assert.equal(workers?.ok, true);
+    const spread = /2\/2 workers listening on the data port \(connections per worker: (\d+), (\d+)\)/.exec(
+      workers?.detail ?? '',
     );
+    assert.ok(spread, workers?.detail);
+    assert.equal(Number(spread[1]) + Number(spread[2]), 16);
+    assert.ok(Number(spread[1]) > 0 && Number(spread[2]) > 0, `both workers serve: ${workers?.detail}`);
   });
 
   it('hands a policy edit to every worker: each open connection maps the next request with the new rule', async () => {
-    const opened = await Promise.all([connect(), connect(), connect(), connect()]);
+    const opened = await Promise.all(Array.from({ length: 16 }, () => connect()));
     writeFileSync(join(files.dir, 'policy.yaml'), rule('argocd-edited'));
     await until('the edit in the main process', async () => {
       const text = await (await fetch(`http://127.0.0.1:${proxy.admin.address.port}/metrics`)).text();
@@ -117,7 +119,8 @@ describe('workers: 2 processes serving the data port', () => {
     for (const session of opened) {
       assert.equal((await requestStatus(session, '/api/v1/namespaces/default/configmaps/b')).status, 200);
     }
-    assert.deepEqual(users, ['argocd-edited', 'argocd-edited', 'argocd-edited', 'argocd-edited']);
+    assert.equal(users.length, 16);
+    assert.deepEqual(new Set(users), new Set(['argocd-edited']));
   });
 
   it('resumes a TLS session on whichever worker takes the next connection (shared ticket keys)', async () => {
@@ -134,8 +137,8 @@ describe('workers: 2 processes serving the data port', () => {
     });
     first.destroy();
     const reused: boolean[] = [];
-    // Connections go to the workers in turn: six reach both more than once.
-    for (let i = 0; i < 6; i++) {
+    // The kernel spreads connections by address: sixteen reach both workers (all on one: 2 in 65,536).
+    for (let i = 0; i < 16; i++) {
       const socket = tls.connect({ ...options, session });
       await new Promise<void>((resolve, reject) => {
         socket.once('secureConnect', resolve);
@@ -144,7 +147,7 @@ describe('workers: 2 processes serving the data port', () => {
       reused.push(socket.isSessionReused());
       socket.destroy();
     }
-    assert.deepEqual(reused, [true, true, true, true, true, true]);
+    assert.deepEqual(new Set(reused), new Set([true]));
   });
 
   it('authenticates a resumed session on another worker for a client whose SVID has an intermediate', async () => {
@@ -157,7 +160,7 @@ describe('workers: 2 processes serving the data port', () => {
     assert.equal((await requestStatus(first, '/api/v1/namespaces/default/configmaps/d')).status, 403);
     first.destroy();
     const statuses: number[] = [];
-    for (let i = 0; i < 4; i++) {
+    for (let i = 0; i < 16; i++) {
       const session = http2.connect(`https://127.0.0.1:${proxy.port}`, { ...options, session: ticket });
       session.on('error', () => {});
       sessions.push(session);
@@ -165,7 +168,7 @@ describe('workers: 2 processes serving the data port', () => {
       assert.equal((session.socket as tls.TLSSocket).isSessionReused(), true);
       statuses.push((await requestStatus(session, '/api/v1/namespaces/default/configmaps/d')).status);
     }
-    assert.deepEqual(statuses, [403, 403, 403, 403]);
+    assert.deepEqual(new Set(statuses), new Set([403]));
   });
 
   it('hands a re-read upstream token (SIGHUP) to every worker', async () => {
