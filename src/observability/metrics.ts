@@ -78,6 +78,7 @@ export class ProxyMetrics {
   /** Per-label children of the request-path counters, so a request does not hash its labels again. */
   readonly #requestChildren = new Map<number, { inc(): void }>();
   readonly #decisionChildren = new Map<string, { inc(): void }>();
+  readonly #handshakeChildren = new Map<HandshakeResult, { inc(): void }>();
 
   constructor(options: ProxyMetricsOptions = {}) {
     this.#now = options.now ?? Date.now;
@@ -266,7 +267,12 @@ export class ProxyMetrics {
 
   /** `seconds` is the handshake's duration when it was measured (not for probes and TLS failures). */
   handshake(result: HandshakeResult, seconds?: number): void {
-    this.#handshakes.inc({ result });
+    let child = this.#handshakeChildren.get(result);
+    if (child === undefined) {
+      child = this.#handshakes.labels({ result });
+      this.#handshakeChildren.set(result, child);
+    }
+    child.inc();
     if (seconds !== undefined) this.#handshakeDuration.observe(seconds);
   }
 

@@ -319,14 +319,15 @@ export class ProxyServer {
       state.identity = this.#authenticator.authenticate(socket, this.trust);
       metrics.handshake('ok', seconds);
       if (state.active === 0) this.#connections.arm(state, this.#timeouts.idleMs, 'idle');
-      this.#log.debug(
-        {
-          spiffeId: state.identity.id.toString(),
-          resumed: state.identity.resumed,
-          peer: socket.remoteAddress,
-        },
-        'client authenticated',
-      );
+      if (this.#log.isLevelEnabled('debug'))
+        this.#log.debug(
+          {
+            spiffeId: state.identity.id.toString(),
+            resumed: state.identity.resumed,
+            peer: socket.remoteAddress,
+          },
+          'client authenticated',
+        );
     } catch (err) {
       metrics.handshake('refused', seconds);
       this.#refuseAuthentication(socket, state, err);
