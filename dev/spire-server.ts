@@ -1,13 +1,17 @@
 /**
  * A real SPIRE server (v1.13.3, the `spire-server` peer of dev/peers/peers.ts) on loopback, for tests: its own
- * CA in memory, a sqlite datastore in a temporary directory, the server API on a free loopback port (SPIRE
- * refuses port 0), the admin API on a UNIX socket, optionally a bundle endpoint (https_spiffe or https_web) and
- * federation relationships. Every helper drives SPIRE's own CLI against that socket, so what a test sees is what
- * an operator would.
+ * CA with its keys on disk (KeyManager "disk") and a sqlite datastore, both in the given directory, the server API
+ * on a free loopback port (SPIRE refuses port 0), the admin API on a UNIX socket, the join_token node attestor
+ * (and k8s_psat on request), optionally a bundle endpoint (https_spiffe or https_web) and federation
+ * relationships. Every helper drives SPIRE's own CLI against that socket, so what a test sees is what an operator
+ * would. `pause`/`resume` (or `restart`) stop the process and bring it back on the same ports with the same
+ * datastore, keys and so CA, as after an operator's restart.
  *
  *   const server = await startSpireServer({ binary: peer('spire-server').path, trustDomain: 'hub.test', dir });
  *   await server.bundleShow();              // the trust domain's SPIFFE bundle (JWK Set)
  *   await server.rotateX509Authority();     // localauthority x509 prepare + activate
+ *   const token = await server.createJoinToken();
+ *   await server.restart();
  *   await server.stop();
  *
  * Facts of SPIRE 1.13.3 this relies on (from its source):
@@ -15,6 +19,13 @@
  *   here first; a lost race (`address already in use`) restarts the server on new ports.
  * - the sqlite datastore exists only in a cgo build (the peer is built with CGO_ENABLED=1).
  * - `serving_cert_file` of the https_web profile fails to parse without `file_sync_interval`, so it is always set.
+ * - With KeyManager "memory" every start makes a new CA; "disk" keeps the keys in a JSON file, and the datastore
+ *   keeps the CA journal naming them, so a restart goes on with the same authorities and agents stay valid.
+ * - Agents' authorized entries (GetAuthorizedEntries, BatchNewX509SVID, NewJWTSVID) come from a cache the server
+ *   reloads every 5 s (`experimental.cache_reload_interval`): an entry created by the CLI reaches agents after up
+ *   to that long.
+ * - AttestAgent and RenewAgent are rate limited to 1 a second per client IP (`ratelimit.attestation`); the
+ *   server makes a caller wait rather than refuse.
  * - Go's crypto/x509 reads SSL_CERT_FILE on Linux: pass it in `extraEnv` so that SPIRE's https_web fetcher trusts
  *   a test Web-PKI root. The https_spiffe fetcher instead trusts the bundle SPIRE holds for the endpoint SPIFFE
  *   ID's trust domain (set it first with `bundleSet`, or `federation create -trustDomainBundlePath`).
@@ -74,6 +85,46 @@ export interface SpireServerOptions {
   readonly logLevel?: 'DEBUG' | 'INFO' | 'WARN' | 'ERROR';
   /** How long to wait for `healthcheck` to pass; default 30 s. */
   readonly startTimeoutMs?: number;
+  /**
+   * `experimental.cache_reload_interval` (SPIRE's default 5s): how soon agents see entry changes. Setting it makes
+   * the server log that experimental features are on.
+   */
+  readonly cacheReloadInterval?: string;
+  /** Node attestors besides join_token (always configured). */
+  readonly nodeAttestors?: {
+    /** `NodeAttestor "k8s_psat"`, keyed by cluster name (the `cluster` of the agent's attestation data). */
+    readonly k8sPsat?: {
+      readonly clusters: Readonly<
+        Record<
+          string,
+          {
+            /** `namespace:name` of the agents' service accounts. */
+            readonly serviceAccountAllowList: readonly string[];
+            /** A kubeconfig for that cluster's API server (TokenReview, pods and nodes get). */
+            readonly kubeConfigFile: string;
+            /** The token audiences accepted; SPIRE's default is `["spire-server"]`. */
+            readonly audience?: readonly string[];
+          }
+        >
+      >;
+    };
+  };
+}
+
+/** What `createEntry` registers (`entry create`); a workload entry unless `parentId` is the server's ID. */
+export interface EntrySpec {
+  readonly spiffeId: string;
+  readonly parentId: string;
+  /** `type:value`, e.g. `unix:uid:1000`, at least one. */
+  readonly selectors: readonly string[];
+  /** Seconds. */
+  readonly x509SvidTtl?: number;
+  /** Seconds. */
+  readonly jwtSvidTtl?: number;
+  /** Trust domains (names or `spiffe://` IDs); SPIRE must already hold a bundle for each. */
+  readonly federatesWith?: readonly string[];
+  readonly dnsNames?: readonly string[];
+  readonly hint?: string;
 }
 
 /** A failed CLI run: its exit code and both outputs. */
@@ -158,8 +209,30 @@ export interface SpireServer {
   rotateX509Authority(): Promise<string>;
   /** The same for the JWT authority (`localauthority jwt prepare|activate`); returns the new key ID. */
   rotateJwtAuthority(): Promise<string>;
+  /**
+   * `token generate -output json [-spiffeID …] [-ttl …]`: a join token (one use). With `spiffeId`, SPIRE also
+   * registers that ID for the agent that attests with it. `ttlSeconds` defaults to SPIRE's 600.
+   */
+  createJoinToken(spiffeId?: string, ttlSeconds?: number): Promise<string>;
+  /** `entry create … -output json`: the new entry's ID. */
+  createEntry(entry: EntrySpec): Promise<string>;
+  /** `entry delete -entryID …`. */
+  deleteEntry(id: string): Promise<void>;
+  /** `agent ban -spiffeID …`: the agent's calls are refused from now on, and it cannot attest again. */
+  banAgent(spiffeId: string): Promise<void>;
+  /** `agent evict -spiffeID …`: the attested agent is forgotten; it may attest again. */
+  evictAgent(spiffeId: string): Promise<void>;
   /** The last lines of the server's log. */
   logTail(lines?: number): string;
+  /**
+   * Stops the server's process (as `stop`) but keeps everything else: `resume` brings it back on the same ports,
+   * with the same datastore and keys.
+   */
+  pause(): Promise<void>;
+  /** Starts the server again after `pause`, resolving when healthy. */
+  resume(): Promise<void>;
+  /** `pause` then `resume`. */
+  restart(): Promise<void>;
   /** SIGTERM to the server's process group (SIGKILL after 10 s); resolves when it has exited. */
   stop(): Promise<void>;
 }
@@ -251,6 +324,25 @@ export function serverConfig(
     for (const r of o.federatesWith ?? []) federation.push(federatesWithBlock(r));
     federation.push('  }');
   }
+  const k8sPsat = o.nodeAttestors?.k8sPsat;
+  const nodeAttestors =
+    k8sPsat === undefined
+      ? []
+      : [
+          '  NodeAttestor "k8s_psat" {',
+          '    plugin_data {',
+          '      clusters = {',
+          ...Object.entries(k8sPsat.clusters).flatMap(([name, c]) => [
+            `        ${hcl(name)} = {`,
+            `          service_account_allow_list = [${c.serviceAccountAllowList.map(hcl).join(', ')}]`,
+            `          kube_config_file = ${hcl(c.kubeConfigFile)}`,
+            ...(c.audience === undefined ? [] : [`          audience = [${c.audience.map(hcl).join(', ')}]`]),
+            '        }',
+          ]),
+          '      }',
+          '    }',
+          '  }',
+        ];
   return `${[
     'server {',
     '  bind_address = "127.0.0.1"',
@@ -263,6 +355,9 @@ export function serverConfig(
     ...optional('default_x509_svid_ttl', o.x509SvidTtl),
     ...optional('default_jwt_svid_ttl', o.jwtSvidTtl),
     ...federation,
+    ...(o.cacheReloadInterval === undefined
+      ? []
+      : ['  experimental {', `    cache_reload_interval = ${hcl(o.cacheReloadInterval)}`, '  }']),
     '}',
     '',
     'plugins {',
@@ -272,12 +367,15 @@ export function serverConfig(
     `      connection_string = ${hcl(join(paths.dataDir, 'datastore.sqlite3'))}`,
     '    }',
     '  }',
-    '  KeyManager "memory" {',
-    '    plugin_data {}',
+    '  KeyManager "disk" {',
+    '    plugin_data {',
+    `      keys_path = ${hcl(join(paths.dataDir, 'keys.json'))}`,
+    '    }',
     '  }',
     '  NodeAttestor "join_token" {',
     '    plugin_data {}',
     '  }',
+    ...nodeAttestors,
     '}',
   ].join('\n')}\n`;
 }
@@ -390,15 +488,12 @@ export async function startSpireServer(o: SpireServerOptions): Promise<SpireServ
     if (socketDir !== undefined) rmSync(socketDir, { recursive: true, force: true });
   };
 
-  for (let attempt = 1; ; attempt++) {
-    const [server, bundleEndpoint] = await freePorts(o.bundleEndpoint === undefined ? 1 : 2);
-    if (server === undefined) throw new Error('no free port');
-    ports = bundleEndpoint === undefined ? { server } : { server, bundleEndpoint };
-    writeFileSync(configFile, serverConfig(o, { dataDir, socketPath }, ports));
-    // A fresh datastore each attempt: a failed start may have written a CA journal.
-    rmSync(dataDir, { recursive: true, force: true });
-    mkdirSync(dataDir, { recursive: true });
-    const logFd = openSync(logFile, 'w');
+  /**
+   * Spawns the server with the configuration file as it is and waits until it is healthy. Resolves to undefined
+   * then, or to why it did not start (the process stopped, the log's tail kept in `log`).
+   */
+  const launch = async (logFlags: 'w' | 'a'): Promise<{ reason: string; log: string } | undefined> => {
+    const logFd = openSync(logFile, logFlags);
     let running: ChildProcess;
     try {
       running = spawn(o.binary, ['run', '-config', configFile], {
@@ -424,21 +519,34 @@ export async function startSpireServer(o: SpireServerOptions): Promise<SpireServ
     });
 
     const deadline = Date.now() + timeoutMs;
-    let healthy = false;
     while (!hasExited && Date.now() < deadline) {
-      if (await health()) {
-        healthy = true;
-        break;
-      }
+      if (await health()) return undefined;
       await sleep(200);
     }
-    if (healthy) break;
     const log = tail(logFile);
     await stopChild();
-    if (hasExited && /address already in use/.test(log) && attempt < 3) continue;
+    return {
+      reason: hasExited
+        ? `exited (${running.exitCode ?? running.signalCode})`
+        : `was not healthy after ${timeoutMs} ms`,
+      log,
+    };
+  };
+
+  for (let attempt = 1; ; attempt++) {
+    const [server, bundleEndpoint] = await freePorts(o.bundleEndpoint === undefined ? 1 : 2);
+    if (server === undefined) throw new Error('no free port');
+    ports = bundleEndpoint === undefined ? { server } : { server, bundleEndpoint };
+    writeFileSync(configFile, serverConfig(o, { dataDir, socketPath }, ports));
+    // A fresh datastore and keys each attempt: a failed start may have written a CA journal.
+    rmSync(dataDir, { recursive: true, force: true });
+    mkdirSync(dataDir, { recursive: true });
+    const failed = await launch('w');
+    if (failed === undefined) break;
+    if (/address already in use/.test(failed.log) && attempt < 3) continue;
     await cleanup();
     throw new Error(
-      `spire-server for ${trustDomain} ${hasExited ? `exited (${running.exitCode ?? running.signalCode})` : `was not healthy after ${timeoutMs} ms`} during startup; config ${configFile}; log tail:\n${log}`,
+      `spire-server for ${trustDomain} ${failed.reason} during startup; config ${configFile}; log tail:\n${failed.log}`,
     );
   }
 
@@ -473,6 +581,23 @@ export async function startSpireServer(o: SpireServerOptions): Promise<SpireServ
 
   const bundleEndpointPort = ports.bundleEndpoint;
   let stopped: Promise<void> | undefined;
+
+  const pause = async (): Promise<void> => {
+    if (stopped !== undefined) throw new Error('spire-server was stopped');
+    await stopChild();
+  };
+  const resume = async (): Promise<void> => {
+    if (stopped !== undefined) throw new Error('spire-server was stopped');
+    if (child !== undefined && child.exitCode === null && child.signalCode === null)
+      throw new Error('spire-server is running: pause it first');
+    // The same configuration file, so the same ports; the datastore and keys are kept.
+    const failed = await launch('a');
+    if (failed !== undefined) {
+      throw new Error(
+        `spire-server for ${trustDomain} ${failed.reason} when started again; config ${configFile}; log tail:\n${failed.log}`,
+      );
+    }
+  };
 
   return {
     trustDomain,
@@ -573,7 +698,66 @@ export async function startSpireServer(o: SpireServerOptions): Promise<SpireServ
     jwtAuthorities: () => authorities('jwt'),
     rotateX509Authority: () => rotate('x509'),
     rotateJwtAuthority: () => rotate('jwt'),
+    async createJoinToken(spiffeId, ttlSeconds) {
+      const { stdout } = await cli([
+        'token',
+        'generate',
+        '-output',
+        'json',
+        ...(spiffeId === undefined ? [] : ['-spiffeID', spiffeId]),
+        ...(ttlSeconds === undefined ? [] : ['-ttl', String(ttlSeconds)]),
+      ]);
+      const value = (JSON.parse(stdout) as { value?: string }).value;
+      if (!value) throw new Error(`token generate returned no token: ${stdout}`);
+      return value;
+    },
+
+    async createEntry(e) {
+      const { stdout } = await cli([
+        'entry',
+        'create',
+        '-output',
+        'json',
+        '-spiffeID',
+        e.spiffeId,
+        '-parentID',
+        e.parentId,
+        ...e.selectors.flatMap((s) => ['-selector', s]),
+        ...(e.x509SvidTtl === undefined ? [] : ['-x509SVIDTTL', String(e.x509SvidTtl)]),
+        ...(e.jwtSvidTtl === undefined ? [] : ['-jwtSVIDTTL', String(e.jwtSvidTtl)]),
+        ...(e.federatesWith ?? []).flatMap((td) => ['-federatesWith', id(td)]),
+        ...(e.dnsNames ?? []).flatMap((d) => ['-dns', d]),
+        ...(e.hint === undefined ? [] : ['-hint', e.hint]),
+      ]);
+      const result = (
+        JSON.parse(stdout) as {
+          results?: { status?: { code?: number; message?: string }; entry?: { id?: string } }[];
+        }
+      ).results?.[0];
+      if (!result?.entry?.id || (result.status?.code ?? 0) !== 0)
+        throw new Error(`entry create did not create the entry: ${stdout}`);
+      return result.entry.id;
+    },
+
+    async deleteEntry(entryId) {
+      await cli(['entry', 'delete', '-entryID', entryId]);
+    },
+
+    async banAgent(spiffeId) {
+      await cli(['agent', 'ban', '-spiffeID', spiffeId]);
+    },
+
+    async evictAgent(spiffeId) {
+      await cli(['agent', 'evict', '-spiffeID', spiffeId]);
+    },
+
     logTail: (lines) => tail(logFile, lines),
+    pause,
+    resume,
+    async restart() {
+      await pause();
+      await resume();
+    },
 
     stop() {
       stopped ??= cleanup();
