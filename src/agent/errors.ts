@@ -33,6 +33,18 @@ export const AgentErrorCode = {
    * another user, a server that answers on it, or a socket whose liveness cannot be told.
    */
   SocketInUse: 'ERR_AGENT_SOCKET_IN_USE',
+  /**
+   * The SPIRE server could not be reached, or a call to it failed (unavailable, timed out, an answer that does
+   * not parse). The agent keeps serving what it holds and retries.
+   */
+  Upstream: 'ERR_AGENT_UPSTREAM',
+  /**
+   * The SPIRE server did not prove it is `spiffe://<trust domain>/spire/server` under the bundle the agent
+   * holds (bootstrap bundle at first contact), or refused the agent's attestation evidence.
+   */
+  UpstreamAuth: 'ERR_AGENT_UPSTREAM_AUTH',
+  /** The SPIRE server no longer accepts this agent (banned, or evicted without a way to attest again). */
+  Banned: 'ERR_AGENT_BANNED',
 } as const;
 
 export type AgentErrorCode = (typeof AgentErrorCode)[keyof typeof AgentErrorCode];
