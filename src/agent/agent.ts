@@ -615,7 +615,8 @@ export class WorkloadAgent implements WorkloadApiBackend {
   }
 }
 
-function makeAttestors(options: AgentOptions['attestors']): readonly WorkloadAttestor[] {
+/** The unix attestor always, the k8s attestor when configured. */
+export function makeAttestors(options: AgentOptions['attestors']): readonly WorkloadAttestor[] {
   const attestors: WorkloadAttestor[] = [new UnixAttestor(options?.unix ?? {})];
   if (options?.k8s) attestors.push(new K8sAttestor(options.k8s));
   return attestors;
