@@ -17,16 +17,33 @@ import type { K8sAttestorOptions } from './attestors/k8s.ts';
 import type { UnixAttestorOptions } from './attestors/unix.ts';
 import { DEFAULT_CA_TTL_SECONDS } from './ca.ts';
 import { type FederationSettings, readFederation } from './config-federation.ts';
+import { CA_ONLY_KEYS, readIssuer, readSpire, SERVER_DECIDES_SVID_KEYS } from './config-spire.ts';
 import { AgentErrorCode, FileProblemsError } from './errors.ts';
 import { DEFAULT_X509_SVID_TTL_SECONDS } from './issuer.ts';
 import { isKeyType, KEY_TYPES, type KeyType } from './keys.ts';
+import type { SpireAgentSettings, SpireSettings } from './spire/agent.ts';
 
 export const DEFAULT_AGENT_SOCKET = '/run/kube-svid-proxy/agent.sock';
 /** Where the agent keeps its CA and federated bundles unless `stateDir` says otherwise. */
 export const DEFAULT_STATE_DIR = '/var/lib/kube-svid-proxy/agent';
 
-/** AgentOptions without the logger, plus the log level. */
-export type AgentConfig = Omit<AgentOptions, 'logger'> & { readonly logLevel: LogLevel };
+/** AgentOptions without the logger, plus the log level: the agent with its embedded CA (`issuer: ca`). */
+export type AgentConfig = Omit<AgentOptions, 'logger'> & {
+  readonly logLevel: LogLevel;
+  readonly issuer?: 'ca';
+};
+
+/** The agent whose issuer is a SPIRE server (`issuer: spire`). */
+export type SpireAgentConfig = SpireAgentSettings & { readonly logLevel: LogLevel; readonly issuer: 'spire' };
+
+/** What agent.yaml configures: one agent or the other. */
+export type AnyAgentConfig = AgentConfig | SpireAgentConfig;
+
+/** Values from the command line that stand in for keys of the file. */
+export interface AgentFlags {
+  /** --join-token: the one-time token of `spire.nodeAttestor.joinToken`. */
+  readonly joinToken?: string;
+}
 
 export class ConfigError extends FileProblemsError {
   constructor(file: string, problems: readonly YamlProblem[]) {
@@ -48,6 +65,8 @@ const TOP = [
   'attestors',
   'federation',
   'admin',
+  'issuer',
+  'spire',
 ] as const;
 const ADMIN = ['listen'] as const;
 const CA = ['keyType', 'ttl', 'upstream'] as const;
@@ -72,18 +91,43 @@ const MAX_WATCH_POLL_SECONDS = 86400;
 /** The rotation schedule activates a new CA at 5/6 of the old one's life; SVIDs must fit in the last sixth. */
 const SVID_FRACTION_OF_CA = 1 / 6;
 
+/** agent.yaml of either issuer. */
+export function parseAnyAgentConfig(
+  text: string,
+  file: string,
+  env: NodeJS.ProcessEnv = process.env,
+  flags: AgentFlags = {},
+): AnyAgentConfig {
+  return parseConfig(
+    text,
+    file,
+    'the agent configuration',
+    (r, path) => readTop(r, path, env, flags),
+    (f, problems) => new ConfigError(f, problems),
+  );
+}
+
+export async function loadAnyAgentConfig(
+  file: string,
+  env: NodeJS.ProcessEnv = process.env,
+  flags: AgentFlags = {},
+): Promise<AnyAgentConfig> {
+  return parseAnyAgentConfig(await readConfigFile(file, AgentErrorCode.Config), file, env, flags);
+}
+
+/** agent.yaml of the embedded-CA agent; a file with `issuer: spire` is refused. */
 export function parseAgentConfig(
   text: string,
   file: string,
   env: NodeJS.ProcessEnv = process.env,
 ): AgentConfig {
-  return parseConfig(
-    text,
-    file,
-    'the agent configuration',
-    (r, path) => readTop(r, path, env),
-    (f, problems) => new ConfigError(f, problems),
-  );
+  const config = parseAnyAgentConfig(text, file, env);
+  if (config.issuer === 'spire') {
+    throw new ConfigError(file, [
+      { line: 1, column: 1, message: 'issuer: spire configures the SPIRE-backed agent, not the embedded CA' },
+    ]);
+  }
+  return config;
 }
 
 export async function loadAgentConfig(
@@ -97,15 +141,43 @@ function readTop(
   r: YamlReader,
   path: (value: string | undefined) => string | undefined,
   env: NodeJS.ProcessEnv,
-): AgentConfig | undefined {
+  flags: AgentFlags,
+): AnyAgentConfig | undefined {
   const root = r.map(r.doc.contents as Node | null, 0, 'the agent configuration');
   if (root === undefined) return undefined;
   const f = r.fields(root, TOP, 'the agent configuration');
   const str = (field: Field | undefined, what: string): string | undefined => fieldString(r, field, what);
 
   const trustDomain = readTrustDomain(r, root, f.get('trustDomain'));
+  const issuerField = f.get('issuer');
+  const issuer = readIssuer(r, issuerField);
+  const spireField = f.get('spire');
+  let spire: SpireSettings | undefined;
+  if (issuer === 'spire') {
+    if (spireField === undefined) {
+      r.report(
+        issuerField?.keyOffset ?? 0,
+        'issuer: spire needs a spire section (serverAddress, bootstrapBundle, nodeAttestor)',
+      );
+    } else spire = readSpire(r, spireField, path, flags.joinToken);
+    for (const [key, why] of CA_ONLY_KEYS) {
+      const field = f.get(key);
+      if (field) r.report(field.keyOffset, `${key} does not apply with issuer: spire: ${why}`);
+    }
+  } else if (spireField !== undefined) {
+    r.report(
+      spireField.keyOffset,
+      'a spire section needs issuer: spire (the embedded CA is the issuer otherwise)',
+    );
+  } else if (flags.joinToken !== undefined) {
+    r.report(
+      issuerField?.keyOffset ?? 0,
+      '--join-token is for issuer: spire (a join token attests to a SPIRE server)',
+    );
+  }
   const entriesField = f.get('entriesFile');
-  if (entriesField === undefined) r.report(r.offsetOf(root, 0), 'missing required key "entriesFile"');
+  if (entriesField === undefined && issuer !== 'spire')
+    r.report(r.offsetOf(root, 0), 'missing required key "entriesFile"');
   const entriesFile = path(str(entriesField, 'entriesFile'));
   const socketPath = path(str(f.get('socketPath'), 'socketPath')) ?? DEFAULT_AGENT_SOCKET;
   const stateDir = path(str(f.get('stateDir'), 'stateDir (a directory path)')) ?? DEFAULT_STATE_DIR;
@@ -181,6 +253,16 @@ function readTop(
   let x509TtlGiven = false;
   if (svidMap) {
     const s = r.fields(svidMap, SVID, 'svid');
+    if (issuer === 'spire') {
+      for (const key of SERVER_DECIDES_SVID_KEYS) {
+        const field = s.get(key);
+        if (field)
+          r.report(
+            field.keyOffset,
+            `svid.${key} does not apply with issuer: spire: the SPIRE server decides it (the entry's ttl, or its default)`,
+          );
+      }
+    }
     const x = s.get('x509Ttl');
     x509TtlGiven = x !== undefined;
     const j = s.get('jwtTtl');
@@ -204,7 +286,7 @@ function readTop(
     };
   }
   // Without svid.x509Ttl the default SVID lifetime applies, and it too must fit in a sixth of ca.ttl.
-  if (!x509TtlGiven && caTtl * SVID_FRACTION_OF_CA < DEFAULT_X509_SVID_TTL_SECONDS) {
+  if (issuer !== 'spire' && !x509TtlGiven && caTtl * SVID_FRACTION_OF_CA < DEFAULT_X509_SVID_TTL_SECONDS) {
     r.report(caTtlOffset, 'ca.ttl is under 6h: set svid.x509Ttl to at most a sixth of it');
   }
 
@@ -302,7 +384,22 @@ function readTop(
     );
   }
 
-  if (trustDomain === undefined || entriesFile === undefined) return undefined;
+  if (issuer === 'spire') {
+    if (trustDomain === undefined || spire === undefined) return undefined;
+    return {
+      issuer: 'spire',
+      trustDomain,
+      socketPath,
+      ...(socketMode !== undefined ? { socketMode } : {}),
+      stateDir,
+      logLevel,
+      spire,
+      ...(svid.keyType ? { svid: { keyType: svid.keyType } } : {}),
+      attestors: { unix, ...(k8s ? { k8s } : {}) },
+      ...(admin ? { admin } : {}),
+    };
+  }
+  if (trustDomain === undefined || entriesFile === undefined || issuer === undefined) return undefined;
   return {
     trustDomain,
     socketPath,

@@ -79,6 +79,8 @@ export interface SignalHandlers {
   readonly stop: () => Promise<void>;
   /** SIGHUP: re-read every file the service reads. Must not throw for a bad file (keep the last good). */
   readonly reload?: () => Promise<void>;
+  /** Resolves when the service stopped being able to serve on its own (a SPIRE server banned the agent). */
+  readonly fatal?: Promise<Error>;
 }
 
 /**
@@ -104,16 +106,24 @@ export async function runUntilSignal(
   };
   process.on('SIGHUP', onHup);
   process.off('SIGHUP', ignoreHup);
-  const signal = await new Promise<NodeJS.Signals>((resolve) => {
-    const onSignal = (s: NodeJS.Signals): void => {
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-      resolve(s);
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
-  logger.info({ signal }, `${what}: stopping`);
+  let onSignal: ((s: NodeJS.Signals) => void) | undefined;
+  const stopped = await Promise.race([
+    new Promise<{ signal: NodeJS.Signals }>((resolve) => {
+      onSignal = (s: NodeJS.Signals): void => resolve({ signal: s });
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
+    }),
+    ...(handlers.fatal ? [handlers.fatal.then((error) => ({ error }))] : []),
+  ]);
+  if (onSignal) {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+  if ('signal' in stopped) logger.info({ signal: stopped.signal }, `${what}: stopping`);
+  else {
+    const e = stopped.error as Error & { code?: string };
+    logger.error({ err: { code: e.code, message: e.message } }, `${what}: cannot go on; stopping`);
+  }
   // A reload has nothing to do on a service that is stopping.
   process.off('SIGHUP', onHup);
   holdSighup();
@@ -130,11 +140,12 @@ export async function runUntilSignal(
     process.off('SIGTERM', force);
   }
   logger.info(`${what} stopped`);
+  const code = 'signal' in stopped ? EXIT.ok : EXIT.refused;
   // Everything was closed; a handle something forgot (a client socket, a timer) must not keep a stopped service
   // alive. Logs are written synchronously, so nothing is lost by exiting.
   setTimeout(() => {
     logger.warn(`${what}: handles still open 2s after stopping; exiting anyway`);
-    process.exit(EXIT.ok);
+    process.exit(code);
   }, 2000).unref();
-  return EXIT.ok;
+  return code;
 }

@@ -5,9 +5,10 @@ export const SERVE_USAGE = `  serve --config FILE [--log-level LEVEL]
         kube-apiserver with impersonation headers, and an admin port (/healthz, /readyz, /metrics).
 `;
 
-export const AGENT_USAGE = `  agent --config FILE [--log-level LEVEL]
-        Run the bundled Workload API agent: a local CA for one trust domain, caller attestation (unix, k8s),
-        registration entries from a YAML file (hot reload), SVIDs rotated at half-life. Stops on SIGINT/SIGTERM.
+export const AGENT_USAGE = `  agent --config FILE [--log-level LEVEL] [--join-token TOKEN]
+        Run the bundled Workload API agent: caller attestation (unix, k8s) and SVIDs rotated at half-life, issued
+        by its embedded CA from a YAML entries file (issuer: ca), or by a SPIRE server it attests to (issuer:
+        spire; --join-token for the first attestation). Stops on SIGINT/SIGTERM.
 `;
 
 export const API_USAGE = `  api fetch x509 [--socket ADDR] [--write DIR] [--json] [--timeout DURATION]
@@ -142,12 +143,23 @@ export const COMMANDS: Readonly<Record<string, CommandHelp>> = {
     examples: ['kube-svid-proxy serve --config examples/proxy/proxy.yaml'],
   },
   agent: {
-    synopsis: ['agent --config FILE [--log-level LEVEL]'],
+    synopsis: ['agent --config FILE [--log-level LEVEL] [--join-token TOKEN]'],
     summary:
-      'Run the bundled Workload API agent: a local CA for one trust domain, caller attestation, registration ' +
-      'entries; SIGHUP re-reads its files, SIGINT/SIGTERM stops it.',
-    flags: [['-c, --config FILE', 'the agent configuration (YAML); required'], LOG_LEVEL_FLAG],
-    examples: ['kube-svid-proxy agent --config examples/agent/agent.yaml'],
+      'Run the bundled Workload API agent: caller attestation and SVIDs from its embedded CA (issuer: ca) or ' +
+      'from a SPIRE server (issuer: spire); SIGHUP re-reads its files, SIGINT/SIGTERM stops it.',
+    flags: [
+      ['-c, --config FILE', 'the agent configuration (YAML); required'],
+      LOG_LEVEL_FLAG,
+      [
+        '--join-token TOKEN',
+        'issuer: spire: the one-time join token (spire-server token generate) for the first attestation; ' +
+          'overrides spire.nodeAttestor.joinToken',
+      ],
+    ],
+    examples: [
+      'kube-svid-proxy agent --config examples/agent/agent.yaml',
+      'kube-svid-proxy agent --config examples/agent/agent-spire.yaml --join-token "$(cat token)"',
+    ],
   },
   api: {
     synopsis: ['api fetch x509|jwt|bundles [flags]', 'api validate jwt [flags]'],
