@@ -15,6 +15,16 @@ export interface RelationshipReading {
   readonly hasBundle: boolean;
 }
 
+/** The SPIRE upstream (issuer: spire) as the metrics read it at scrape time. */
+export interface SpireReading {
+  readonly lastSync?: Date;
+  readonly agentExpiresAt?: Date;
+  readonly consecutiveFailures: number;
+  readonly entries: number;
+  readonly svids: number;
+  readonly bundleSequence?: bigint;
+}
+
 export interface AgentMetricsOptions {
   /** Process and Node.js metrics, prefixed `ksp_`. Default true. */
   defaultMetrics?: boolean;
@@ -33,6 +43,9 @@ export class AgentMetrics {
   readonly #now: () => number;
   #relationships: () => readonly RelationshipReading[] = () => [];
   #ca: () => { generation: number; notAfter: Date; sequence?: bigint } | undefined = () => undefined;
+  #spire: () => SpireReading | undefined = () => undefined;
+  #spireSyncs: Counter<'result'> | undefined;
+  #spireSyncErrors: Counter<'code'> | undefined;
 
   constructor(options: AgentMetricsOptions = {}) {
     this.#now = options.now ?? Date.now;
@@ -103,6 +116,94 @@ export class AgentMetrics {
       },
     });
     new Gauge({
+      name: 'ksp_agent_bundle_sequence',
+      help: 'spiffe_sequence of our own trust bundle (what the bundle endpoint serves, or the SPIRE server sent); increases on every change.',
+      registers,
+      collect() {
+        this.reset();
+        // With issuer: spire, the sequence of the bundle the server sent.
+        const sequence = self.#ca()?.sequence ?? self.#spire()?.bundleSequence;
+        if (sequence !== undefined) this.set(Number(sequence));
+      },
+    });
+    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'ksp_' });
+  }
+
+  /**
+   * The SPIRE upstream's series (issuer: spire): registered here, not in the constructor, so that an agent with
+   * the embedded CA exports none of them.
+   */
+  readSpire(getter: () => SpireReading | undefined): void {
+    this.#spire = getter;
+    const registers = [this.registry];
+    const self = this;
+    this.#spireSyncs = new Counter({
+      name: 'ksp_agent_spire_syncs_total',
+      help: 'Syncs with the SPIRE server (entries, bundles, due SVIDs), by result (ok, error).',
+      labelNames: ['result'],
+      registers,
+    });
+    this.#spireSyncs.inc({ result: 'ok' }, 0);
+    this.#spireSyncs.inc({ result: 'error' }, 0);
+    this.#spireSyncErrors = new Counter({
+      name: 'ksp_agent_spire_sync_errors_total',
+      help: 'Failed syncs with the SPIRE server, by error code (ERR_AGENT_UPSTREAM, ERR_AGENT_UPSTREAM_AUTH, ERR_AGENT_BANNED).',
+      labelNames: ['code'],
+      registers,
+    });
+    const gauge = (name: string, help: string, read: (r: SpireReading) => number | undefined): void => {
+      new Gauge({
+        name,
+        help,
+        registers,
+        collect() {
+          this.reset();
+          const r = self.#spire();
+          const value = r === undefined ? undefined : read(r);
+          if (value !== undefined) this.set(value);
+        },
+      });
+    };
+    gauge(
+      'ksp_agent_spire_last_sync_timestamp_seconds',
+      'When the last sync with the SPIRE server succeeded, Unix time; absent before the first.',
+      (r) => (r.lastSync ? r.lastSync.getTime() / 1000 : undefined),
+    );
+    gauge(
+      'ksp_agent_spire_consecutive_failures',
+      'Failed syncs with the SPIRE server since the last success (0 while all is well).',
+      (r) => r.consecutiveFailures,
+    );
+    gauge(
+      'ksp_agent_spire_agent_svid_expiry_timestamp_seconds',
+      "When the agent's own SVID expires, Unix time; absent before attestation.",
+      (r) => (r.agentExpiresAt ? r.agentExpiresAt.getTime() / 1000 : undefined),
+    );
+    gauge(
+      'ksp_agent_spire_entries',
+      'Registration entries the SPIRE server authorized this agent for.',
+      (r) => r.entries,
+    );
+    gauge('ksp_agent_spire_x509_svids', 'X.509-SVIDs held for those entries.', (r) => r.svids);
+  }
+
+  /** One sync with the SPIRE server ended: ok, or failed with this code. */
+  spireSynced(code?: string): void {
+    this.#spireSyncs?.inc({ result: code === undefined ? 'ok' : 'error' });
+    if (code !== undefined) this.#spireSyncErrors?.inc({ code });
+  }
+
+  /** Where the federation gauges read from at scrape time. */
+  readRelationships(getter: () => readonly RelationshipReading[]): void {
+    this.#relationships = getter;
+  }
+
+  /** Where the CA gauges read from at scrape time. */
+  readCa(getter: () => { generation: number; notAfter: Date; sequence?: bigint } | undefined): void {
+    this.#ca = getter;
+    const registers = [this.registry];
+    const self = this;
+    new Gauge({
       name: 'ksp_agent_ca_expiry_timestamp_seconds',
       help: 'When the CA generation that signs now expires, Unix time.',
       registers,
@@ -122,27 +223,6 @@ export class AgentMetrics {
         if (ca) this.set(ca.generation);
       },
     });
-    new Gauge({
-      name: 'ksp_agent_bundle_sequence',
-      help: 'spiffe_sequence of our own trust bundle (what the bundle endpoint serves); increases on every change.',
-      registers,
-      collect() {
-        this.reset();
-        const sequence = self.#ca()?.sequence;
-        if (sequence !== undefined) this.set(Number(sequence));
-      },
-    });
-    if (options.defaultMetrics ?? true) collectDefaultMetrics({ register: registry, prefix: 'ksp_' });
-  }
-
-  /** Where the federation gauges read from at scrape time. */
-  readRelationships(getter: () => readonly RelationshipReading[]): void {
-    this.#relationships = getter;
-  }
-
-  /** Where the CA gauges read from at scrape time. */
-  readCa(getter: () => { generation: number; notAfter: Date; sequence?: bigint } | undefined): void {
-    this.#ca = getter;
   }
 
   /** Counts one fetch; `code` for errors. */

@@ -6,8 +6,9 @@
  * and a ban. Without Go this suite skips, saying why; with KSP_REQUIRE_PEERS=1 (CI) a missing peer fails instead.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import type { X509Certificate } from 'node:crypto';
+import { once } from 'node:events';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,6 +25,7 @@ import { BundleSet, SpiffeBundle } from '../../src/spiffe/bundle.ts';
 import { TrustDomain } from '../../src/spiffe/id.ts';
 import { verifyJwtSvid } from '../../src/spiffe/jwtsvid.ts';
 import { parseCertificates, verifyX509Svid } from '../../src/spiffe/x509svid.ts';
+import { CLI, cliEnv } from '../helpers/cli.ts';
 
 // Never execFileSync here: the agent answers from this process's event loop.
 const run = promisify(execFile);
@@ -47,7 +49,7 @@ const OTHER = TrustDomain.parse('other.test');
 const log = pino({ level: process.env.KSP_TEST_LOG ?? 'silent' });
 
 async function waitFor<T>(
-  what: string,
+  what: string | (() => string),
   check: () => Promise<T | undefined> | T | undefined,
   ms = 60_000,
 ): Promise<T> {
@@ -62,7 +64,8 @@ async function waitFor<T>(
     }
     await sleep(250);
   }
-  throw new Error(`timed out waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+  const said = typeof what === 'string' ? what : what();
+  throw new Error(`timed out waiting for ${said}${last ? `: ${(last as Error).message}` : ''}`);
 }
 
 interface FetchedSvid {
@@ -162,6 +165,12 @@ describe('our agent with a SPIRE server as its issuer (join_token, real spire-se
 
   it('attests with the join token and serves the entry SVID: spire-agent api fetch x509 reads it', async () => {
     assert.equal(agent.upstream.status().agentId, agentId);
+    const metrics = await agent.metrics.metrics();
+    assert.match(metrics, /^ksp_agent_spire_entries 1$/m);
+    assert.match(metrics, /^ksp_agent_spire_x509_svids 1$/m);
+    assert.match(metrics, /^ksp_agent_spire_syncs_total\{result="ok"\} [1-9]/m);
+    assert.match(metrics, /^ksp_agent_spire_consecutive_failures 0$/m);
+    assert.doesNotMatch(metrics, /ksp_agent_ca_generation \d/, 'no CA of our own');
     const fetched = await fetchX509();
     assert.equal(fetched.svids.length, 1);
     const [svid] = fetched.svids;
@@ -274,6 +283,10 @@ describe('our agent with a SPIRE server as its issuer (join_token, real spire-se
       assert.equal(during.svids[0]?.spiffe_id, `spiffe://${TD.name}/workload`);
       assert.equal(during.svids[0]?.x509_svid, held, 'the very SVID held before the outage');
       assert.equal(agent.readiness().ready, true, 'a dark server alone does not make the agent unready');
+      assert.match(
+        await agent.metrics.metrics(),
+        /^ksp_agent_spire_sync_errors_total\{code="ERR_AGENT_UPSTREAM"\} [1-9]/m,
+      );
     } finally {
       await server.resume();
     }
@@ -297,6 +310,84 @@ describe('our agent with a SPIRE server as its issuer (join_token, real spire-se
     await waitFor('the entry SVID after the restart', () => agent.upstream.x509For(entryId));
     assert.equal(agent.upstream.status().agentId, agentId);
     assert.equal((await fetchX509()).svids[0]?.spiffe_id, `spiffe://${TD.name}/workload`);
+  });
+
+  it('the agent command: agent.yaml with issuer: spire and --join-token; a ban exits with status 1', async () => {
+    const cliToken = await server.createJoinToken();
+    const cliAgentId = `spiffe://${TD.name}/spire/agent/join_token/${cliToken}`;
+    const cliEntry = await server.createEntry({
+      spiffeId: `spiffe://${TD.name}/from-cli`,
+      parentId: cliAgentId,
+      selectors: [`unix:uid:${uid}`],
+    });
+    const cliDir = join(dir, 'cli');
+    mkdirSync(join(cliDir, 'sock'), { recursive: true, mode: 0o755 });
+    const cliSocket = join(cliDir, 'sock', 'agent.sock');
+    // The server's CA rotated in an earlier test: its SVID is now signed by the new root, so the bundle written
+    // at the start would no longer authenticate it (ERR_AGENT_UPSTREAM_AUTH). Bootstrap with the current one.
+    const bootstrap = join(cliDir, 'bootstrap.pem');
+    writeFileSync(bootstrap, await server.bundleShow('pem'));
+    const config = join(cliDir, 'agent.yaml');
+    writeFileSync(
+      config,
+      [
+        `trustDomain: ${TD.name}`,
+        'issuer: spire',
+        'spire:',
+        `  serverAddress: 127.0.0.1:${server.serverPort}`,
+        `  bootstrapBundle: ${bootstrap}`,
+        '  nodeAttestor:',
+        '    joinToken:',
+        '  syncInterval: 1s',
+        `socketPath: ${cliSocket}`,
+        `stateDir: ${join(cliDir, 'state')}`,
+        '',
+      ].join('\n'),
+    );
+    const child = spawn(process.execPath, [CLI, 'agent', '--config', config, '--join-token', cliToken], {
+      env: cliEnv(),
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let output = '';
+    child.stdout.on('data', (d: Buffer) => {
+      output += d.toString();
+    });
+    child.stderr.on('data', (d: Buffer) => {
+      output += d.toString();
+    });
+    const exited = once(child, 'exit') as Promise<[number | null, NodeJS.Signals | null]>;
+    try {
+      const fetched = await waitFor(
+        `the SVID through the agent command (its output: ${output.slice(-3000)})`,
+        async () => {
+          const { stdout } = await run(spireAgent, [
+            'api',
+            'fetch',
+            'x509',
+            '-socketPath',
+            cliSocket,
+            '-output',
+            'json',
+          ]);
+          const f = JSON.parse(stdout) as Fetched;
+          return f.svids.find((v) => v.spiffe_id === `spiffe://${TD.name}/from-cli`);
+        },
+      );
+      assert.ok(fetched);
+      // The token is spent once attestation succeeded; it lives on only inside the agent's SPIFFE ID.
+      assert.ok(
+        !output.replaceAll(`join_token/${cliToken}`, '').includes(cliToken),
+        'the join token is logged only as part of the agent ID',
+      );
+      assert.doesNotMatch(output, /sync with the SPIRE server failed/, 'a clean first sync');
+      await server.banAgent(cliAgentId);
+      const [code] = await exited;
+      assert.equal(code, 1, output);
+      assert.match(output, /ERR_AGENT_BANNED/);
+    } finally {
+      child.kill('SIGKILL');
+      await server.deleteEntry(cliEntry);
+    }
   });
 
   it('stops, and forgets its SVID, when the server bans it', async () => {

@@ -114,6 +114,18 @@ export class SpireAgent implements WorkloadApiBackend {
     });
     this.#events.setMaxListeners(0);
     upstream.on('change', () => this.#events.emit('change'));
+    this.metrics.readSpire(() => {
+      const s = upstream.status();
+      return {
+        ...(s.lastSync ? { lastSync: s.lastSync } : {}),
+        ...(s.agentExpiresAt ? { agentExpiresAt: s.agentExpiresAt } : {}),
+        consecutiveFailures: s.consecutiveFailures,
+        entries: s.entries,
+        svids: s.svids,
+        ...(upstream.bundle.sequence !== undefined ? { bundleSequence: upstream.bundle.sequence } : {}),
+      };
+    });
+    upstream.on('synced', (err) => this.metrics.spireSynced(err?.code));
     this.stopped = new Promise((resolve) => upstream.once('banned', resolve));
   }
 

@@ -83,6 +83,8 @@ interface UpstreamEvents {
   change: [];
   /** The server no longer accepts this agent; the loop has stopped. */
   banned: [AgentError];
+  /** A sync ended: undefined when it succeeded, else why it failed. */
+  synced: [AgentError | undefined];
 }
 
 /** What `status()` reports (readiness, logs). */
@@ -102,6 +104,8 @@ const BUNDLE_STATE_FILE = 'spire-bundle.json';
 const DEFAULT_SYNC_MS = 5000;
 const DEFAULT_MAX_BACKOFF_MS = 60_000;
 const FIRST_BACKOFF_MS = 1000;
+/** How long a replaced session stays open for the calls still using it (each has a 30 s deadline). */
+const RETIRED_SESSION_MS = 35_000;
 /** BatchNewX509SVID requests per call. */
 const BATCH = 50;
 /** The fraction of an SVID's life that may be cut from half-life to spread renewals. */
@@ -134,6 +138,8 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
   #bundleFetched = false;
   #agent: AgentSvid | undefined;
   #session: SpireSession | undefined;
+  /** Sessions replaced by a newer one, closed once calls in flight on them are done. */
+  readonly #retired = new Set<SpireSession>();
   #entries: readonly ServedEntry[] = [];
   readonly #svids = new Map<string, HeldSvid>();
   readonly #federated = new Map<string, SpiffeBundle>();
@@ -282,6 +288,8 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
     await this.#running?.catch(() => undefined);
     this.#session?.close();
     this.#session = undefined;
+    for (const old of this.#retired) old.close();
+    this.#retired.clear();
   }
 
   // The loop
@@ -296,6 +304,7 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
           () => {
             this.#failures = 0;
             this.#lastError = undefined;
+            this.emit('synced', undefined);
             this.#schedule(this.#syncMs);
           },
           (err: unknown) => this.#failed(err),
@@ -316,6 +325,7 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
     const error = isAgentError(err)
       ? err
       : new AgentError(AgentErrorCode.Upstream, (err as Error).message, { cause: err });
+    this.emit('synced', error);
     if (error.code === AgentErrorCode.Banned) {
       this.#banned = true;
       this.#lastError = error;
@@ -489,9 +499,19 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
     }
   }
 
+  /**
+   * The next call opens a new session (a new bundle or agent SVID). The old one is closed a little later, not at
+   * once: a sync or a JWT-SVID request may still be using it.
+   */
   #dropSession(): void {
-    this.#session?.close();
+    const old = this.#session;
     this.#session = undefined;
+    if (old === undefined) return;
+    this.#retired.add(old);
+    setTimeout(() => {
+      this.#retired.delete(old);
+      old.close();
+    }, RETIRED_SESSION_MS).unref();
   }
 
   #setEntries(entries: readonly SpireEntry[]): boolean {

@@ -71,4 +71,33 @@ describe('AgentMetrics', () => {
     assert.equal(sample(text, 'ksp_agent_ca_expiry_timestamp_seconds'), String(T0 / 1000));
     assert.equal(sample(text, 'ksp_agent_bundle_sequence'), '12');
   });
+
+  it('reports the SPIRE upstream with issuer: spire, and no CA series of its own', async () => {
+    const metrics = new AgentMetrics({ defaultMetrics: false });
+    metrics.readSpire(() => ({
+      lastSync: new Date(T0),
+      agentExpiresAt: new Date(T0 + 3_600_000),
+      consecutiveFailures: 2,
+      entries: 3,
+      svids: 2,
+      bundleSequence: 7n,
+    }));
+    metrics.spireSynced();
+    metrics.spireSynced('ERR_AGENT_UPSTREAM');
+    metrics.spireSynced('ERR_AGENT_UPSTREAM');
+    const text = await metrics.metrics();
+    assert.equal(sample(text, 'ksp_agent_spire_last_sync_timestamp_seconds'), String(T0 / 1000));
+    assert.equal(
+      sample(text, 'ksp_agent_spire_agent_svid_expiry_timestamp_seconds'),
+      String(T0 / 1000 + 3600),
+    );
+    assert.equal(sample(text, 'ksp_agent_spire_consecutive_failures'), '2');
+    assert.equal(sample(text, 'ksp_agent_spire_entries'), '3');
+    assert.equal(sample(text, 'ksp_agent_spire_x509_svids'), '2');
+    assert.equal(sample(text, 'ksp_agent_bundle_sequence'), '7');
+    assert.equal(sample(text, 'ksp_agent_spire_syncs_total{result="ok"}'), '1');
+    assert.equal(sample(text, 'ksp_agent_spire_syncs_total{result="error"}'), '2');
+    assert.equal(sample(text, 'ksp_agent_spire_sync_errors_total{code="ERR_AGENT_UPSTREAM"}'), '2');
+    assert.doesNotMatch(text, /ksp_agent_ca_/);
+  });
 });
