@@ -106,6 +106,11 @@ const DEFAULT_MAX_BACKOFF_MS = 60_000;
 const FIRST_BACKOFF_MS = 1000;
 /** How long a replaced session stays open for the calls still using it (each has a 30 s deadline). */
 const RETIRED_SESSION_MS = 35_000;
+/**
+ * JWT-SVIDs kept for reuse (entry × audience set). A caller that asks for ever new audiences only makes the
+ * oldest fall out; each miss is a call to the server, as with SPIRE's agent.
+ */
+export const MAX_CACHED_JWT_SVIDS = 1000;
 /** BatchNewX509SVID requests per call. */
 const BATCH = 50;
 /** The fraction of an SVID's life that may be cut from half-life to spread renewals. */
@@ -143,7 +148,9 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
   #entries: readonly ServedEntry[] = [];
   readonly #svids = new Map<string, HeldSvid>();
   readonly #federated = new Map<string, SpiffeBundle>();
+  /** By entry and sorted audience, oldest first; at most MAX_CACHED_JWT_SVIDS. */
   readonly #jwt = new Map<string, { svid: JwtSvid; refreshAt: number }>();
+  readonly #jwtMinting = new Map<string, Promise<JwtSvid>>();
   #lastSync: Date | undefined;
   #failures = 0;
   #lastError: AgentError | undefined;
@@ -240,28 +247,16 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
     const now = this.#now().getTime();
     const cached = this.#jwt.get(key);
     if (cached !== undefined && now < cached.refreshAt) return cached.svid;
+    // Callers asking at once for the same entry and audience share one call to the server.
+    let minting = this.#jwtMinting.get(key);
+    if (minting === undefined) {
+      minting = this.#mintJwt(served, audience, key).finally(() => this.#jwtMinting.delete(key));
+      this.#jwtMinting.set(key, minting);
+    }
     try {
-      const agent = this.#agent;
-      if (agent === undefined) {
-        throw new AgentError(AgentErrorCode.Upstream, 'not attested to the SPIRE server yet');
-      }
-      this.#session ??= this.#o.connector.session(this.#bundle, agent);
-      const session = this.#session;
-      const minted = await session.newJwtSvid(served.entry.id, audience, this.#abort.signal);
-      const parsed = parseJwtSvidInsecure(minted.token);
-      if (!parsed.id.equals(served.entry.spiffeId)) {
-        throw new AgentError(
-          AgentErrorCode.Upstream,
-          `the server minted a JWT-SVID for ${parsed.id}, not ${served.entry.spiffeId}`,
-        );
-      }
-      const hint = served.entry.hint;
-      const svid: JwtSvid = hint === '' ? parsed : { ...parsed, hint };
-      const issued = (parsed.issuedAt ?? new Date(now)).getTime();
-      this.#jwt.set(key, { svid, refreshAt: issued + (parsed.expiry.getTime() - issued) / 2 });
-      return svid;
+      return await minting;
     } catch (err) {
-      if (cached !== undefined && cached.svid.expiry.getTime() > now) {
+      if (cached !== undefined && cached.svid.expiry.getTime() > this.#now().getTime()) {
         this.#log.warn(
           { spiffeId: served.entry.spiffeId.toString(), err: errInfo(err) },
           'JWT-SVID could not be renewed; serving the cached one',
@@ -270,6 +265,37 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
       }
       throw err;
     }
+  }
+
+  async #mintJwt(served: ServedEntry, audience: readonly string[], key: string): Promise<JwtSvid> {
+    const agent = this.#agent;
+    if (agent === undefined) {
+      throw new AgentError(AgentErrorCode.Upstream, 'not attested to the SPIRE server yet');
+    }
+    this.#session ??= this.#o.connector.session(this.#bundle, agent);
+    const minted = await this.#session.newJwtSvid(served.entry.id, audience, this.#abort.signal);
+    const parsed = parseJwtSvidInsecure(minted.token);
+    const now = this.#now().getTime();
+    const problem = !parsed.id.equals(served.entry.spiffeId)
+      ? `for ${parsed.id}, not ${served.entry.spiffeId}`
+      : audience.some((a) => !parsed.audience.includes(a))
+        ? `for the audience ${JSON.stringify(parsed.audience)}, not ${JSON.stringify(audience)}`
+        : parsed.expiry.getTime() <= now
+          ? `that expired at ${parsed.expiry.toISOString()}`
+          : undefined;
+    if (problem !== undefined) {
+      throw new AgentError(AgentErrorCode.Upstream, `the server minted a JWT-SVID ${problem}`);
+    }
+    const hint = served.entry.hint;
+    const svid: JwtSvid = hint === '' ? parsed : { ...parsed, hint };
+    const issued = Math.min(now, (parsed.issuedAt ?? new Date(now)).getTime());
+    if (this.#jwt.size >= MAX_CACHED_JWT_SVIDS && !this.#jwt.has(key)) {
+      const oldest = this.#jwt.keys().next().value;
+      if (oldest !== undefined) this.#jwt.delete(oldest);
+    }
+    this.#jwt.delete(key);
+    this.#jwt.set(key, { svid, refreshAt: issued + (parsed.expiry.getTime() - issued) / 2 });
+    return svid;
   }
 
   /** Runs a sync now (SIGHUP, tests); resolves when it ended, whatever its outcome. */

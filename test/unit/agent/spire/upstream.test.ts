@@ -82,6 +82,8 @@ class StandInServer {
   agentTtlSeconds = 3600;
   tokens = new Set(['t1']);
   svidTtlSeconds = 3600;
+  /** Mint JWT-SVIDs for this audience instead of the one asked for (a misbehaving server). */
+  jwtAudience: string[] | undefined;
 
   async init(): Promise<void> {
     this.signer = await LocalCa.create({ trustDomain: TD });
@@ -144,7 +146,7 @@ class StandInServer {
           if (e === undefined) throw new AgentError(AgentErrorCode.Upstream, 'stand-in: no entry');
           const minted = await mintJwtSvid({
             id: e.spiffeId,
-            audience,
+            audience: this.jwtAudience ?? audience,
             signer: this.signer.jwtSigner().signer,
             ttlSeconds: 300,
           });
@@ -385,6 +387,24 @@ describe('SpireUpstream (stand-in SPIRE server)', () => {
     server.down = false;
     const d = await up.jwtFor(served, ['kube']);
     assert.notEqual(d.token, a.token);
+    await up.close();
+  });
+
+  it('asks the server once for callers wanting the same JWT-SVID at once, and refuses one for another audience', async () => {
+    const { server, start } = await setup('jwt-once');
+    const up = await start();
+    await up.syncNow();
+    const [served] = up.match(new Set(['unix:uid:1000']));
+    assert.ok(served);
+    const all = await Promise.all([1, 2, 3, 4].map(() => up.jwtFor(served, ['a', 'b'])));
+    assert.equal(server.calls.jwt, 1);
+    assert.ok(all.every((j) => j === all[0]));
+    server.jwtAudience = ['someone-else'];
+    await assert.rejects(up.jwtFor(served, ['c']), (err: AgentError) => {
+      assert.equal(err.code, AgentErrorCode.Upstream);
+      assert.match(err.message, /for the audience \["someone-else"\], not \["c"\]/);
+      return true;
+    });
     await up.close();
   });
 
