@@ -24,7 +24,8 @@ export async function agentCommand(args: string[]): Promise<number> {
       reload: () =>
         agent.reload(async () => {
           const next = await reread();
-          return next.issuer === 'spire' ? next : config;
+          if (next.issuer !== 'spire') throw new UsageError('issuer changed to ca: that needs a restart');
+          return next;
         }),
       fatal: agent.stopped,
     });
