@@ -210,6 +210,11 @@ export interface SpireServer {
   /** The same for the JWT authority (`localauthority jwt prepare|activate`); returns the new key ID. */
   rotateJwtAuthority(): Promise<string>;
   /**
+   * `localauthority x509 taint -authorityID <id>`: marks the old X.509 authority (one a rotation replaced)
+   * tainted in the bundle, telling agents to move their SVIDs off it. SPIRE refuses to taint the active one.
+   */
+  taintX509Authority(authorityId: string): Promise<void>;
+  /**
    * `token generate -output json [-spiffeID …] [-ttl …]`: a join token (one use). With `spiffeId`, SPIRE also
    * registers that ID for the agent that attests with it. `ttlSeconds` defaults to SPIRE's 600.
    */
@@ -697,6 +702,9 @@ export async function startSpireServer(o: SpireServerOptions): Promise<SpireServ
     x509Authorities: () => authorities('x509'),
     jwtAuthorities: () => authorities('jwt'),
     rotateX509Authority: () => rotate('x509'),
+    taintX509Authority: async (authorityId: string) => {
+      await cli(['localauthority', 'x509', 'taint', '-authorityID', authorityId, '-output', 'json']);
+    },
     rotateJwtAuthority: () => rotate('jwt'),
     async createJoinToken(spiffeId, ttlSeconds) {
       const { stdout } = await cli([

@@ -252,6 +252,32 @@ describe('our agent with a SPIRE server as its issuer (join_token, real spire-se
     );
   });
 
+  it('moves an SVID off a root the server taints, long before its half-life', async () => {
+    const long = await server.createEntry({
+      spiffeId: `spiffe://${TD.name}/long-lived`,
+      parentId: agentId,
+      selectors: [`unix:uid:${uid}`],
+      hint: 'long',
+      x509SvidTtl: 3600,
+    });
+    const first = await waitFor('the long-lived SVID', () => agent.upstream.x509For(long));
+    const before = new Set((await serverBundle()).x509Authorities.map((c) => c.fingerprint256));
+    await server.rotateX509Authority();
+    const old = (await server.x509Authorities()).old;
+    assert.ok(old, 'the authority the rotation replaced');
+    await server.taintX509Authority(old.authorityId);
+    const newRoot = (await serverBundle()).x509Authorities.find((c) => !before.has(c.fingerprint256));
+    assert.ok(newRoot);
+    // Half-life is 30 minutes away: only the taint can move it now.
+    const moved = await waitFor('the long-lived SVID under the new root', () => {
+      const held = agent.upstream.x509For(long);
+      const top = held && parseCertificates(held.chainDer).at(-1);
+      return top && held !== first && top.verify(newRoot.publicKey) ? held : undefined;
+    });
+    assert.equal(moved.id.toString(), `spiffe://${TD.name}/long-lived`);
+    await server.deleteEntry(long);
+  });
+
   it('carries an entry deletion to the caller', async () => {
     const second = await server.createEntry({
       spiffeId: `spiffe://${TD.name}/second`,

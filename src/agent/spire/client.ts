@@ -861,6 +861,7 @@ class Session implements SpireSession {
   readonly #agentId: SpiffeId;
   readonly #unary: UnaryCall;
   readonly close: () => void;
+  #tainted: ReadonlySet<string> = new Set();
 
   constructor(trustDomain: TrustDomain, agentId: SpiffeId, unary: UnaryCall, close: () => void) {
     this.#trustDomain = trustDomain;
@@ -909,7 +910,22 @@ class Session implements SpireSession {
   }
 
   bundle(signal?: AbortSignal): Promise<SpiffeBundle> {
-    return this.#unary(rpc.getBundle, {}, (r) => bundleOf(r, this.#trustDomain), signal);
+    return this.#unary(
+      rpc.getBundle,
+      {},
+      (r) => {
+        const bundle = bundleOf(r, this.#trustDomain);
+        this.#tainted = new Set(
+          r.x509_authorities.filter((a) => a.tainted).map((a) => new X509Certificate(a.asn1).fingerprint256),
+        );
+        return bundle;
+      },
+      signal,
+    );
+  }
+
+  taintedX509Authorities(): ReadonlySet<string> {
+    return this.#tainted;
   }
 
   async federatedBundle(trustDomain: string, signal?: AbortSignal): Promise<SpiffeBundle | undefined> {

@@ -90,6 +90,11 @@ export interface SpireSession {
   newJwtSvid(entryId: string, audience: readonly string[], signal?: AbortSignal): Promise<MintedJwtSvid>;
   /** bundle.v1.Bundle/GetBundle: the server's own trust domain. */
   bundle(signal?: AbortSignal): Promise<SpiffeBundle>;
+  /**
+   * SHA-256 fingerprints (as X509Certificate.fingerprint256) of the X.509 authorities the last `bundle()` answer
+   * marked tainted (`localauthority x509 taint`: a key to stop trusting soon). SVIDs under them are re-minted.
+   */
+  taintedX509Authorities(): ReadonlySet<string>;
   /** bundle.v1.Bundle/GetFederatedBundle; undefined when the server has none (NotFound). */
   federatedBundle(trustDomain: string, signal?: AbortSignal): Promise<SpiffeBundle | undefined>;
   /** agent.v1.Agent/RenewAgent with a CSR of a fresh key: the renewed agent SVID's chain. */

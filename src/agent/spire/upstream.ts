@@ -145,6 +145,8 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
   #session: SpireSession | undefined;
   /** Sessions replaced by a newer one, closed once calls in flight on them are done. */
   readonly #retired = new Set<SpireSession>();
+  /** Roots the last GetBundle marked tainted (fingerprints): SVIDs, ours included, move off them. */
+  #tainted: ReadonlySet<string> = new Set();
   #entries: readonly ServedEntry[] = [];
   readonly #svids = new Map<string, HeldSvid>();
   readonly #federated = new Map<string, SpiffeBundle>();
@@ -391,6 +393,8 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
       entries = await session.authorizedEntries(signal);
     }
     const bundle = await session.bundle(signal);
+    const tainted = session.taintedX509Authorities();
+    this.#tainted = tainted;
     if (!bundle.trustDomain.equals(this.trustDomain)) {
       throw new AgentError(
         AgentErrorCode.Upstream,
@@ -429,7 +433,7 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
     const now = this.#now().getTime();
     if (agent === undefined || agent.expiresAt.getTime() <= now) {
       await this.#attest(signal);
-    } else if (now >= this.#renewAt(agent)) {
+    } else if (now >= this.#renewAt(agent) || !anchoredIn(agent.certificates, this.#trustedRoots())) {
       await this.#renew(signal);
     }
     if (this.#session === undefined) {
@@ -437,6 +441,14 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
       this.#session = this.#o.connector.session(this.#bundle, current);
     }
     return this.#session;
+  }
+
+  /** The bundle's roots less those the server tainted (all of them, should it have tainted every one). */
+  #trustedRoots(): readonly X509Certificate[] {
+    const all = this.#bundle.x509Authorities;
+    const untainted = all.filter((r) => !this.#tainted.has(r.fingerprint256));
+    // The server never taints the authority that signs; should every root be tainted, taint changes nothing.
+    return untainted.length > 0 ? untainted : all;
   }
 
   #renewAt(agent: AgentSvid): number {
@@ -597,10 +609,13 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
     return changed;
   }
 
-  /** Mints what is missing, stale (half-life, jittered), for an edited entry, or under a root no longer trusted. */
+  /**
+   * Mints what is missing, stale (half-life, jittered), for an edited entry, or under a root no longer trusted:
+   * gone from the bundle, or tainted by the server (its key is being retired, so SVIDs move off it now).
+   */
   async #syncSvids(session: SpireSession, signal: AbortSignal): Promise<boolean> {
     const now = this.#now().getTime();
-    const roots = this.#bundle.x509Authorities;
+    const roots = this.#trustedRoots();
     const due = this.#entries.filter(({ entry }) => {
       const held = this.#svids.get(entry.id);
       return (

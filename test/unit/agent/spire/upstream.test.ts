@@ -84,6 +84,8 @@ class StandInServer {
   svidTtlSeconds = 3600;
   /** Mint JWT-SVIDs for this audience instead of the one asked for (a misbehaving server). */
   jwtAudience: string[] | undefined;
+  /** Fingerprints of the roots GetBundle marks tainted. */
+  tainted = new Set<string>();
 
   async init(): Promise<void> {
     this.signer = await LocalCa.create({ trustDomain: TD });
@@ -166,6 +168,7 @@ class StandInServer {
           this.#gate();
           return this.federated.get(name);
         },
+        taintedX509Authorities: () => this.tainted,
         renewAgent: async (csr) => {
           this.calls.renew++;
           this.#gate();
@@ -310,6 +313,39 @@ describe('SpireUpstream (stand-in SPIRE server)', () => {
     const fresh = up.x509For('e1');
     assert.ok(fresh && fresh !== old);
     verifyX509Svid(parseCertificates(fresh.chainDer), up.bundle);
+    await up.close();
+  });
+
+  it('moves SVIDs off a root the server taints, before their half-life', async () => {
+    const { server, start } = await setup('taint');
+    const up = await start();
+    await up.syncNow();
+    const old = up.x509For('e1');
+    const oldRoot = server.bundle.x509Authorities[0];
+    assert.ok(old && oldRoot);
+    const next = await LocalCa.create({ trustDomain: TD });
+    server.signer = next;
+    server.bundle = new SpiffeBundle(TD, {
+      x509Authorities: [oldRoot, ...next.bundle.x509Authorities],
+      sequence: 2n,
+    });
+    await up.syncNow();
+    assert.equal(up.x509For('e1'), old, 'a second root alone changes nothing');
+    server.tainted = new Set([oldRoot.fingerprint256]);
+    await up.syncNow();
+    const fresh = up.x509For('e1');
+    assert.ok(fresh && fresh !== old);
+    const top = parseCertificates(fresh.chainDer).at(-1);
+    assert.ok(
+      top?.verify(next.bundle.x509Authorities[0]?.publicKey as KeyObject),
+      'signed under the new root',
+    );
+    assert.equal(server.calls.renew, 0);
+    await up.syncNow();
+    assert.equal(up.x509For('e1'), fresh, 'no re-mint loop once off the tainted root');
+    assert.equal(server.calls.renew, 1, "the agent's own SVID, under the tainted root too, was renewed");
+    await up.syncNow();
+    assert.equal(server.calls.renew, 1, 'and only once');
     await up.close();
   });
 
