@@ -551,18 +551,9 @@ export class ProxyServer {
       this.#auditRefusal(admission);
       return;
     }
-    if (this.#auditFull()) {
-      const refusal = this.#refuseAuditFull(admission.entry);
-      sendStatus(res, refusal.status, refusal.message, refusal.headers);
-      return;
-    }
-    const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', admission.longRunning);
-    if ('limit' in slot) {
-      const refusal = this.#refuseLimit(admission.entry, slot.limit, slot.max);
-      sendStatus(res, refusal.status, refusal.message, refusal.headers);
-      return;
-    }
-    res.once('close', slot.release);
+    const release = this.#hold(admission.entry, admission.longRunning, res, sendStatus);
+    if (release === undefined) return;
+    res.once('close', release);
     try {
       const status = await this.#options.upstream.forward(
         req,
@@ -604,18 +595,9 @@ export class ProxyServer {
       this.#auditRefusal(admission);
       return;
     }
-    if (this.#auditFull()) {
-      const refusal = this.#refuseAuditFull(admission.entry);
-      respondStatus(stream, refusal.status, refusal.message, refusal.headers);
-      return;
-    }
-    const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', admission.longRunning);
-    if ('limit' in slot) {
-      const refusal = this.#refuseLimit(admission.entry, slot.limit, slot.max);
-      respondStatus(stream, refusal.status, refusal.message, refusal.headers);
-      return;
-    }
-    stream.once('close', slot.release);
+    const release = this.#hold(admission.entry, admission.longRunning, stream, respondStatus);
+    if (release === undefined) return;
+    stream.once('close', release);
     try {
       const status = await this.#options.upstream.forwardStream(
         stream,
@@ -676,6 +658,32 @@ export class ProxyServer {
       'retry later';
     this.#audit(entry, 429, { ...allowed(entry, upgrade), code: ProxyErrorCode.Limit, limit }, message);
     return { status: 429, message, headers: { 'retry-after': '1' } };
+  }
+
+  /**
+   * The checks between admission and forwarding, the same for every kind of request: the audit log can take the
+   * Event, and the client is under its limits. A refusal is answered here, with `answer` on `target` (a module
+   * function, so nothing is allocated per request), and undefined returned; else the slot's release.
+   */
+  #hold<T>(
+    entry: AuditDraft,
+    longRunning: boolean,
+    target: T,
+    answer: (target: T, status: number, message: string, headers: Record<string, string>) => void,
+    upgrade?: string,
+  ): (() => void) | undefined {
+    if (this.#auditFull()) {
+      const refusal = this.#refuseAuditFull(entry);
+      answer(target, refusal.status, refusal.message, refusal.headers);
+      return undefined;
+    }
+    const slot = this.#counters.acquire(entry.spiffeId ?? '', longRunning);
+    if ('limit' in slot) {
+      const refusal = this.#refuseLimit(entry, slot.limit, slot.max, upgrade);
+      answer(target, refusal.status, refusal.message, refusal.headers);
+      return undefined;
+    }
+    return slot.release;
   }
 
   /** True while the audit sink cannot take an Event and `audit.overflow` is `refuse`. */
@@ -755,18 +763,9 @@ export class ProxyServer {
       });
       return;
     }
-    if (this.#auditFull()) {
-      const refusal = this.#refuseAuditFull(admission.entry);
-      writeRawStatus(socket, refusal.status, refusal.message, refusal.headers);
-      return;
-    }
-    const slot = this.#counters.acquire(admission.entry.spiffeId ?? '', true);
-    if ('limit' in slot) {
-      const refusal = this.#refuseLimit(admission.entry, slot.limit, slot.max, upgrade);
-      writeRawStatus(socket, refusal.status, refusal.message, refusal.headers);
-      return;
-    }
-    socket.once('close', slot.release);
+    const release = this.#hold(admission.entry, true, socket, writeRawStatus, upgrade);
+    if (release === undefined) return;
+    socket.once('close', release);
     // From here the connection carries one tunnel or one relayed refusal, then ends: never idle-closed.
     this.#connections.tunnel(state);
     try {
