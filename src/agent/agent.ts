@@ -573,10 +573,7 @@ export class WorkloadAgent implements WorkloadApiBackend {
   // WorkloadApiBackend
 
   async attest(caller: PeerCredentials, signal: AbortSignal): Promise<ReadonlySet<string>> {
-    const results = await Promise.all(this.#attestors.map((a) => a.attest(caller, signal)));
-    const selectors = new Set(results.flat().map(formatSelector));
-    this.#log.debug({ pid: caller.pid, uid: caller.uid, selectors: [...selectors] }, 'caller attested');
-    return selectors;
+    return attestCaller(this.#attestors, caller, signal, this.#log);
   }
 
   async state(selectors: ReadonlySet<string>): Promise<WorkloadState> {
@@ -613,6 +610,19 @@ export class WorkloadAgent implements WorkloadApiBackend {
       .map((name) => this.#federated.get(name))
       .filter((b): b is SpiffeBundle => b !== undefined);
   }
+}
+
+/** A caller's selectors (`type:value`) from every attestor; throws to refuse it. */
+export async function attestCaller(
+  attestors: readonly WorkloadAttestor[],
+  caller: PeerCredentials,
+  signal: AbortSignal,
+  log: Logger,
+): Promise<ReadonlySet<string>> {
+  const results = await Promise.all(attestors.map((a) => a.attest(caller, signal)));
+  const selectors = new Set(results.flat().map(formatSelector));
+  log.debug({ pid: caller.pid, uid: caller.uid, selectors: [...selectors] }, 'caller attested');
+  return selectors;
 }
 
 /** The unix attestor always, the k8s attestor when configured. */

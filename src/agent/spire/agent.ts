@@ -19,13 +19,12 @@ import { BundleSet } from '../../spiffe/bundle.ts';
 import type { SpiffeId, TrustDomain } from '../../spiffe/id.ts';
 import { type JwtSvid, verifyJwtSvid } from '../../spiffe/jwtsvid.ts';
 import type { AgentOptions } from '../agent.ts';
-import { makeAttestors } from '../agent.ts';
+import { attestCaller, makeAttestors } from '../agent.ts';
 import type { WorkloadAttestor } from '../attestors/types.ts';
 import { AgentError, AgentErrorCode } from '../errors.ts';
 import type { KeyType } from '../keys.ts';
 import type { PeerCredentials } from '../peercred.ts';
 import { assertPeerCredAvailable } from '../peercred.ts';
-import { formatSelector } from '../selectors.ts';
 import {
   type ServedX509Svid,
   type WorkloadApiBackend,
@@ -252,10 +251,7 @@ export class SpireAgent implements WorkloadApiBackend {
   // WorkloadApiBackend
 
   async attest(caller: PeerCredentials, signal: AbortSignal): Promise<ReadonlySet<string>> {
-    const results = await Promise.all(this.#attestors.map((a) => a.attest(caller, signal)));
-    const selectors = new Set(results.flat().map(formatSelector));
-    this.#log.debug({ pid: caller.pid, uid: caller.uid, selectors: [...selectors] }, 'caller attested');
-    return selectors;
+    return attestCaller(this.#attestors, caller, signal, this.#log);
   }
 
   async state(selectors: ReadonlySet<string>): Promise<WorkloadState> {

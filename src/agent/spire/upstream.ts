@@ -68,11 +68,11 @@ export interface ServedEntry {
   readonly selectors: readonly Selector[];
 }
 
+/** An entry's X.509-SVID, kept by entry ID. */
 interface HeldSvid {
-  readonly entryId: string;
+  /** The entry's revision it was minted for: an edit re-mints. */
   readonly revision: bigint;
   readonly served: ServedX509Svid;
-  readonly notBefore: Date;
   readonly rotateAt: Date;
   /** Leaf first, as the server sent it: a rotation re-mints when its top is no longer under a bundle root. */
   readonly chain: readonly X509Certificate[];
@@ -659,10 +659,8 @@ export class SpireUpstream extends EventEmitter<UpstreamEvents> {
         const jitter = life > 0 ? randomInt(0, Math.max(1, Math.floor(life * JITTER))) : 0;
         const replaced = this.#svids.has(entry.id);
         this.#svids.set(entry.id, {
-          entryId: entry.id,
           revision: entry.revisionNumber,
           chain: svid.certificates,
-          notBefore,
           rotateAt: new Date(notBefore.getTime() + life / 2 - jitter),
           served: {
             id: entry.spiffeId,
